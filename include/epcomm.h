@@ -1,0 +1,152 @@
+/*
+ * epcomm: expert-parallel communication for Mixture-of-Experts models.
+ *
+ * The public C API (C11). Every function returns an ep_status_t; on failure, ep_last_error() returns a
+ * message for the calling thread that names the argument or the rank and stage involved.
+ *
+ * Only what works is declared here. See README.md for the status of each mode.
+ */
+#ifndef EPCOMM_H
+#define EPCOMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define EP_API __attribute__((visibility("default")))
+#else
+#define EP_API
+#endif
+
+#define EP_VERSION_MAJOR 0
+#define EP_VERSION_MINOR 1
+#define EP_VERSION_PATCH 0
+#define EP_VERSION_CODE (EP_VERSION_MAJOR * 10000 + EP_VERSION_MINOR * 100 + EP_VERSION_PATCH)
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Status and errors
+ * ------------------------------------------------------------------------------------------------------- */
+typedef enum {
+    EP_SUCCESS = 0,
+    EP_ERROR_INVALID_ARGUMENT = 1, /* a bad argument: nothing was launched, nothing changed */
+    EP_ERROR_BUFFER_TOO_SMALL = 2, /* a buffer or capacity is too small; the message gives the size needed */
+    EP_ERROR_UNSUPPORTED = 3,      /* valid, but not supported by this build or machine */
+    EP_ERROR_CUDA = 4,             /* a CUDA call failed (the message names it and the CUDA error) */
+    EP_ERROR_NCCL = 5,             /* an NCCL call failed */
+    EP_ERROR_TIMEOUT = 6,          /* a peer or the device did not arrive in time (message: rank, stage) */
+    EP_ERROR_OUT_OF_MEMORY = 7,
+    EP_ERROR_IN_PROGRESS = 8,      /* work is still in flight (e.g. destroy while busy); retry later */
+    EP_ERROR_PEER_UNREACHABLE = 9, /* two ranks of the group cannot reach each other's memory */
+    EP_ERROR_VERSION_MISMATCH = 10, /* NCCL library and headers differ */
+    EP_ERROR_DEVICE_INPUT = 11,    /* the device found bad input data (e.g. expert id out of range) */
+    EP_ERROR_GROUP_FAILED = 12,    /* an earlier error left the group unusable; only destroy is allowed */
+    EP_ERROR_INTERNAL = 13,
+} ep_status_t;
+
+/* A constant string naming the status ("EP_ERROR_TIMEOUT: ..."). Never NULL. */
+EP_API const char *ep_status_string(ep_status_t status);
+/* The message of the last failed call in this thread, "" if none. Valid until the next epcomm call. */
+EP_API const char *ep_last_error(void);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Tensors: a small descriptor for device (or host) arrays. Strides are in elements, like torch.
+ * ------------------------------------------------------------------------------------------------------- */
+typedef enum {
+    EP_DTYPE_BFLOAT16 = 0,
+    EP_DTYPE_FLOAT8_E4M3 = 1, /* float8_e4m3fn */
+    EP_DTYPE_FLOAT32 = 2,
+    EP_DTYPE_INT32 = 3,
+    EP_DTYPE_INT64 = 4,
+    EP_DTYPE_BOOL = 5, /* one byte */
+    EP_DTYPE_UINT8 = 6,
+} ep_dtype_t;
+
+#define EP_MAX_DIMS 4
+
+typedef struct {
+    void *data;
+    ep_dtype_t dtype;
+    int ndim;
+    int64_t shape[EP_MAX_DIMS];
+    int64_t strides[EP_MAX_DIMS]; /* in elements */
+} ep_tensor_t;
+
+/* Bytes per element of a dtype; 0 for an unknown dtype. */
+EP_API size_t ep_dtype_size(ep_dtype_t dtype);
+/* A short name ("bfloat16", "int64", ...); "unknown" for an unknown dtype. */
+EP_API const char *ep_dtype_name(ep_dtype_t dtype);
+/* Contiguous (row-major) descriptors. */
+EP_API ep_tensor_t ep_tensor_1d(void *data, ep_dtype_t dtype, int64_t n0);
+EP_API ep_tensor_t ep_tensor_2d(void *data, ep_dtype_t dtype, int64_t n0, int64_t n1);
+EP_API ep_tensor_t ep_tensor_3d(void *data, ep_dtype_t dtype, int64_t n0, int64_t n1, int64_t n2);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Groups
+ * ------------------------------------------------------------------------------------------------------- */
+typedef struct ep_group *ep_group_t;
+
+/* The NCCL unique id, passed out of band to every rank (same layout as ncclUniqueId). */
+#define EP_UNIQUE_ID_BYTES 128
+typedef struct {
+    char internal[EP_UNIQUE_ID_BYTES];
+} ep_unique_id_t;
+
+typedef struct {
+    size_t size;              /* sizeof(ep_group_config_t): lets the struct grow */
+    size_t num_nvl_bytes;     /* symmetric NVLink buffer per rank (DeepEP's num_nvl_bytes) */
+    size_t num_rdma_bytes;    /* scale-out buffer per rank (DeepEP's num_rdma_bytes); 0 for none */
+    int low_latency_mode;     /* the group will be used for low-latency kernels */
+    int num_sms;              /* SMs high-throughput kernels may use; 0: the default */
+    int64_t timeout_ms;       /* every device and host wait; 0: EPCOMM_TIMEOUT_MS or 30000 */
+} ep_group_config_t;
+
+#define EP_GROUP_CONFIG_INIT {sizeof(ep_group_config_t), 0, 0, 0, 0, 0}
+
+/* Writes a fresh NCCL unique id (call on one rank, send it to the others). Makes no CUDA call, so a
+ * process may call it before forking workers. */
+EP_API ep_status_t ep_get_unique_id(ep_unique_id_t *id);
+
+/* Collective over the `num_ranks` ranks: each calls it with its own `rank` and the CUDA device it drives.
+ * Creates an NCCL communicator, the symmetric buffers, a communication stream and host-mapped counters. */
+EP_API ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int rank, int cuda_device,
+                                   const ep_group_config_t *config, ep_group_t *group);
+
+/* Like ep_group_create, over an NCCL communicator the caller already has (an ncclComm_t). The caller keeps
+ * ownership of the communicator and must keep it alive until ep_group_destroy returns. */
+struct ncclComm;
+EP_API ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_device,
+                                             const ep_group_config_t *config, ep_group_t *group);
+
+/* Releases everything the group holds. Collective when the group is healthy. Returns EP_ERROR_IN_PROGRESS
+ * (and destroys nothing) while work is in flight on the group's stream. A group whose peer failed is torn
+ * down locally (its communicator aborted) so that destroy never hangs. NULL is a no-op. */
+EP_API ep_status_t ep_group_destroy(ep_group_t group);
+
+EP_API ep_status_t ep_group_rank(ep_group_t group, int *rank);
+EP_API ep_status_t ep_group_size(ep_group_t group, int *num_ranks);
+/* The group's communication stream (a cudaStream_t). */
+EP_API ep_status_t ep_group_stream(ep_group_t group, void **cuda_stream);
+/* This rank's part of the symmetric NVLink buffer: the first num_nvl_bytes bytes that peers can write to. */
+EP_API ep_status_t ep_group_local_buffer(ep_group_t group, void **ptr, size_t *num_bytes);
+
+/* A device barrier over the group, ordered after `cuda_stream` (a cudaStream_t; NULL = legacy default).
+ * Memory written to peers before it is visible to them after it. Asynchronous: a peer that does not arrive
+ * within the timeout makes it end and records EP_ERROR_TIMEOUT, reported by ep_group_synchronize or by
+ * the next call on the group. */
+EP_API ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream);
+
+/* Waits (host side, with the group's timeout) for the work enqueued on `cuda_stream` and on the group's
+ * stream, then returns any error the device recorded (e.g. a timeout naming the rank and stage). */
+EP_API ep_status_t ep_group_synchronize(ep_group_t group, void *cuda_stream);
+
+/* The error the device recorded for this group, if any (does not wait). */
+EP_API ep_status_t ep_group_get_async_error(ep_group_t group);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

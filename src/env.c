@@ -1,0 +1,29 @@
+#include "env.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+int64_t ep_env_timeout_ms(void) {
+    const char *s = getenv("EPCOMM_TIMEOUT_MS");
+    if (s == NULL || *s == '\0')
+        return EP_DEFAULT_TIMEOUT_MS;
+    char *end = NULL;
+    long long v = strtoll(s, &end, 10);
+    if (*end != '\0' || v <= 0)
+        return EP_DEFAULT_TIMEOUT_MS;
+    return (int64_t)v;
+}
+
+ep_log_level_t ep_env_log_level(void) {
+    const char *s = getenv("EPCOMM_DEBUG");
+    if (s == NULL)
+        return EP_LOG_NONE;
+    if (strcasecmp(s, "WARN") == 0)
+        return EP_LOG_WARN;
+    if (strcasecmp(s, "INFO") == 0)
+        return EP_LOG_INFO;
+    if (strcasecmp(s, "TRACE") == 0)
+        return EP_LOG_TRACE;
+    return EP_LOG_NONE;
+}

@@ -1,0 +1,16 @@
+/* Settings read from EPCOMM_* environment variables (the README has the table). */
+#ifndef EP_ENV_H
+#define EP_ENV_H
+
+#include <stdint.h>
+
+#define EP_DEFAULT_TIMEOUT_MS 30000
+
+/* EPCOMM_TIMEOUT_MS, or the default when unset or not a positive integer. */
+int64_t ep_env_timeout_ms(void);
+
+typedef enum { EP_LOG_NONE = 0, EP_LOG_WARN = 1, EP_LOG_INFO = 2, EP_LOG_TRACE = 3 } ep_log_level_t;
+/* EPCOMM_DEBUG: NONE (default), WARN, INFO or TRACE. */
+ep_log_level_t ep_env_log_level(void);
+
+#endif

@@ -1,0 +1,71 @@
+/* The group object (internal view). Public functions live in group_create.c, group_destroy.c and
+ * group_sync.c; kernels see the group only through ep_dev_group_t. */
+#ifndef EP_GROUP_H
+#define EP_GROUP_H
+
+#include "epcomm.h"
+#include "kernels/dev_group.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+/* Host-mapped memory layout: the device error record, then destroy votes. */
+typedef struct {
+    ep_dev_error_t error;
+    int32_t destroy_votes[EP_MAX_NVL_RANKS];
+} ep_mapped_t;
+
+struct ep_group {
+    int rank;
+    int num_ranks;
+    int device;
+    ep_group_config_t config; /* with defaults filled in */
+    int64_t timeout_ms;
+
+    ncclComm_t comm;
+    int owns_comm;
+
+    void *window_mem; /* ncclMemAlloc'd: control region + data buffer */
+    size_t window_bytes;
+    ncclWindow_t window;
+    char **window_bases_dev; /* device copy of every rank's window base */
+
+    ep_mapped_t *mapped_host; /* host-mapped */
+    ep_mapped_t *mapped_dev;
+    uint64_t *barrier_epoch_dev;
+
+    cudaStream_t stream;
+    cudaEvent_t order_event;
+
+    ep_dev_group_t dev; /* what kernels receive */
+
+    ep_status_t failed; /* sticky: set by a timeout or a device error */
+    char failed_message[512];
+};
+
+/* Bytes of the control region and of the whole window for a config. */
+size_t ep_group_window_bytes(const ep_group_config_t *config);
+
+/* Makes `device` current and remembers the previous one; ep_device_restore puts it back. */
+ep_status_t ep_device_enter(int device, int *previous);
+void ep_device_restore(int previous);
+
+/* Checks the group is usable: not failed earlier and no error recorded by the device since. */
+ep_status_t ep_group_check_usable(ep_group_t g);
+/* Converts the device error record into a status and message, marking the group failed. */
+ep_status_t ep_group_take_device_error(ep_group_t g);
+/* Marks the group failed with the current thread message. */
+ep_status_t ep_group_mark_failed(ep_group_t g, ep_status_t status);
+
+/* `to` waits for the work enqueued so far on `from`. */
+ep_status_t ep_group_order(ep_group_t g, cudaStream_t from, cudaStream_t to);
+/* Host wait for a stream with the group's timeout (plus a margin so device timeouts fire first). */
+ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *stage);
+
+const char *ep_stage_name(int stage);
+
+/* Waits for an NCCL call that may have returned ncclInProgress (non-blocking communicators), with a
+ * deadline; `what` names the call in messages. */
+ep_status_t ep_nccl_complete(ncclComm_t comm, ncclResult_t res, int64_t timeout_ms, const char *what);
+
+#endif

@@ -1,0 +1,351 @@
+/* Group creation: the NCCL communicator, the symmetric window, peer pointers, a stream and mapped memory.
+ *
+ * The communicator is non-blocking so that every collective step can time out: a rank that never arrives
+ * makes creation fail with EP_ERROR_TIMEOUT instead of hanging. */
+#define _POSIX_C_SOURCE 200809L
+#include "check.h"
+#include "error.h"
+#include "group.h"
+#include "kernels/group_kernels.h"
+#include "kernels/nccl_glue.h"
+#include "log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+size_t ep_group_window_bytes(const ep_group_config_t *config) {
+    return EP_CTRL_BYTES + align_up(config->num_nvl_bytes, EP_WINDOW_ALIGN);
+}
+
+static ep_status_t check_config(const ep_group_config_t *config) {
+    EP_CHECK(ep_check_not_null(config, "config"));
+    EP_CHECK(ep_check_struct_size(config->size, sizeof(ep_group_config_t), sizeof(ep_group_config_t),
+                                  "ep_group_config_t"));
+    EP_CHECK(ep_check_range(config->num_sms, 0, 1024, "config.num_sms"));
+    EP_CHECK(ep_check_range(config->timeout_ms, 0, INT64_C(1) << 40, "config.timeout_ms"));
+    if (config->num_rdma_bytes != 0)
+        return ep_fail(EP_ERROR_UNSUPPORTED,
+                       "config.num_rdma_bytes: scale-out buffers are not supported yet, expected 0, got %zu",
+                       config->num_rdma_bytes);
+    return EP_SUCCESS;
+}
+
+static ep_status_t check_nccl_version(void) {
+    int version = 0;
+    EP_NCCL_CHECK(ncclGetVersion(&version));
+    if (version != NCCL_VERSION_CODE)
+        return ep_fail(EP_ERROR_VERSION_MISMATCH,
+                       "the NCCL library loaded is version %d but epcomm was built with headers of version %d; "
+                       "kernels inline NCCL's device structures, so both must match (set LD_LIBRARY_PATH or "
+                       "rebuild with NCCL_HOME)", version, NCCL_VERSION_CODE);
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_device_enter(int device, int *previous) {
+    EP_CUDA_CHECK(cudaGetDevice(previous));
+    if (*previous != device)
+        EP_CUDA_CHECK(cudaSetDevice(device));
+    return EP_SUCCESS;
+}
+
+void ep_device_restore(int previous) { cudaSetDevice(previous); }
+
+static ep_group_t group_alloc(const ep_group_config_t *config) {
+    ep_group_t g = calloc(1, sizeof(*g));
+    if (g == NULL)
+        return NULL;
+    g->config = *config;
+    g->timeout_ms = config->timeout_ms > 0 ? config->timeout_ms : ep_env_timeout_ms();
+    g->config.timeout_ms = g->timeout_ms;
+    return g;
+}
+
+/* Frees what creation set up, locally (aborting the communicator if we own it). Used on failure. */
+static void group_release_local(ep_group_t g) {
+    if (g->stream)
+        cudaStreamSynchronize(g->stream);
+    if (g->owns_comm && g->comm)
+        ncclCommAbort(g->comm);
+    else if (g->comm && g->window)
+        ncclCommWindowDeregister(g->comm, g->window);
+    if (g->window_mem)
+        ncclMemFree(g->window_mem);
+    if (g->window_bases_dev)
+        cudaFree(g->window_bases_dev);
+    if (g->barrier_epoch_dev)
+        cudaFree(g->barrier_epoch_dev);
+    if (g->mapped_host)
+        cudaFreeHost(g->mapped_host);
+    if (g->order_event)
+        cudaEventDestroy(g->order_event);
+    if (g->stream)
+        cudaStreamDestroy(g->stream);
+    free(g);
+}
+
+/* Every rank must reach every other by load/store (NVLink or P2P); NCCL's LSA team says who we reach. */
+static ep_status_t check_peers_reachable(ep_group_t g) {
+    int reach[256];
+    int n = ep_nccl_lsa_world_ranks(g->comm, reach, 256);
+    if (n == g->num_ranks)
+        return EP_SUCCESS;
+    char missing[512] = "";
+    size_t used = 0;
+    for (int r = 0; r < g->num_ranks && used + 16 < sizeof(missing); r++) {
+        int found = 0;
+        for (int i = 0; i < n && i < 256; i++)
+            found |= reach[i] == r;
+        if (!found)
+            used += (size_t)snprintf(missing + used, sizeof(missing) - used, "%s%d", used ? ", " : "", r);
+    }
+    return ep_fail(EP_ERROR_PEER_UNREACHABLE,
+                   "rank %d (CUDA device %d) cannot reach rank(s) %s by NVLink/P2P load-store (it reaches %d of "
+                   "%d ranks); epcomm needs peer access between all ranks of a node, and scale-out is not "
+                   "supported yet", g->rank, g->device, missing, n, g->num_ranks);
+}
+
+/* The settings every rank must agree on; exchanged at creation so a mismatch is an error, not a hang. */
+typedef struct {
+    uint64_t num_nvl_bytes;
+    uint64_t num_rdma_bytes;
+    int32_t low_latency_mode;
+    int32_t version;
+} config_fingerprint_t;
+
+static ep_status_t check_same_config(ep_group_t g) {
+    size_t bytes = sizeof(config_fingerprint_t) * (size_t)(g->num_ranks + 1);
+    config_fingerprint_t *dev = NULL;
+    config_fingerprint_t mine = {g->config.num_nvl_bytes, g->config.num_rdma_bytes, g->config.low_latency_mode,
+                                 EP_VERSION_CODE};
+    config_fingerprint_t *all = calloc((size_t)g->num_ranks, sizeof(*all));
+    if (all == NULL)
+        return ep_fail(EP_ERROR_OUT_OF_MEMORY, "config exchange: out of host memory");
+    ep_status_t st = EP_SUCCESS;
+    if (cudaMalloc((void **)&dev, bytes) != cudaSuccess) {
+        free(all);
+        return ep_fail(EP_ERROR_OUT_OF_MEMORY, "config exchange: cudaMalloc of %zu bytes failed", bytes);
+    }
+    size_t words = sizeof(config_fingerprint_t) / sizeof(uint64_t);
+    if (cudaMemcpy(dev + g->num_ranks, &mine, sizeof(mine), cudaMemcpyHostToDevice) != cudaSuccess)
+        st = ep_fail(EP_ERROR_CUDA, "config exchange: cudaMemcpy failed");
+    if (st == EP_SUCCESS)
+        st = ep_nccl_complete(g->comm,
+                              ncclAllGather(dev + g->num_ranks, dev, words, ncclUint64, g->comm, g->stream),
+                              g->timeout_ms, "ncclAllGather (config exchange)");
+    if (st == EP_SUCCESS)
+        st = ep_group_wait_stream(g, g->stream, "config exchange");
+    if (st == EP_SUCCESS && cudaMemcpy(all, dev, sizeof(*all) * (size_t)g->num_ranks, cudaMemcpyDeviceToHost) !=
+                                cudaSuccess)
+        st = ep_fail(EP_ERROR_CUDA, "config exchange: cudaMemcpy failed");
+    for (int r = 0; st == EP_SUCCESS && r < g->num_ranks; r++) {
+        const config_fingerprint_t *o = &all[r];
+        if (o->version != mine.version)
+            st = ep_fail(EP_ERROR_INVALID_ARGUMENT, "epcomm version: rank %d runs %d, rank %d runs %d", r,
+                         (int)o->version, g->rank, (int)mine.version);
+        else if (o->num_nvl_bytes != mine.num_nvl_bytes)
+            st = ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                         "config.num_nvl_bytes: every rank must pass the same value; rank %d passed %llu, rank %d "
+                         "passed %llu", r, (unsigned long long)o->num_nvl_bytes, g->rank,
+                         (unsigned long long)mine.num_nvl_bytes);
+        else if (o->low_latency_mode != mine.low_latency_mode)
+            st = ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                         "config.low_latency_mode: every rank must pass the same value; rank %d passed %d, rank %d "
+                         "passed %d", r, (int)o->low_latency_mode, g->rank, (int)mine.low_latency_mode);
+    }
+    cudaFree(dev);
+    free(all);
+    return st;
+}
+
+static ep_status_t create_window(ep_group_t g) {
+    g->window_bytes = ep_group_window_bytes(&g->config);
+    EP_NCCL_CHECK(ncclMemAlloc(&g->window_mem, g->window_bytes));
+    EP_CHECK(ep_nccl_complete(g->comm,
+                              ncclCommWindowRegister(g->comm, g->window_mem, g->window_bytes, &g->window,
+                                                     NCCL_WIN_COLL_SYMMETRIC),
+                              g->timeout_ms, "ncclCommWindowRegister"));
+    /* Flags must start at zero; ncclMemAlloc does not promise that. */
+    EP_CUDA_CHECK(cudaMemsetAsync(g->window_mem, 0, EP_CTRL_BYTES, g->stream));
+    EP_CUDA_CHECK(cudaMalloc((void **)&g->window_bases_dev, sizeof(char *) * EP_MAX_NVL_RANKS));
+    EP_CUDA_CHECK(ep_launch_fetch_window_bases(g->window, g->num_ranks, g->window_bases_dev, g->stream));
+    EP_CUDA_CHECK(cudaMemcpyAsync(g->dev.window, g->window_bases_dev, sizeof(char *) * (size_t)g->num_ranks,
+                                  cudaMemcpyDeviceToHost, g->stream));
+    return ep_group_wait_stream(g, g->stream, "window setup");
+}
+
+static ep_status_t create_local_state(ep_group_t g) {
+    EP_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
+    EP_CUDA_CHECK(cudaEventCreateWithFlags(&g->order_event, cudaEventDisableTiming));
+    EP_CUDA_CHECK(cudaHostAlloc((void **)&g->mapped_host, sizeof(ep_mapped_t),
+                                cudaHostAllocMapped | cudaHostAllocPortable));
+    memset(g->mapped_host, 0, sizeof(ep_mapped_t));
+    EP_CUDA_CHECK(cudaHostGetDevicePointer((void **)&g->mapped_dev, g->mapped_host, 0));
+    EP_CUDA_CHECK(cudaMalloc((void **)&g->barrier_epoch_dev, sizeof(uint64_t)));
+    EP_CUDA_CHECK(cudaMemset(g->barrier_epoch_dev, 0, sizeof(uint64_t)));
+    g->dev.rank = g->rank;
+    g->dev.num_ranks = g->num_ranks;
+    g->dev.timeout_ns = (uint64_t)g->timeout_ms * 1000000u;
+    g->dev.barrier_epoch = g->barrier_epoch_dev;
+    g->dev.error = &g->mapped_dev->error;
+    return EP_SUCCESS;
+}
+
+/* The steps after the communicator exists. No peer may write into our flags before we zeroed them, so the
+ * last step is a collective that every rank enters only after its own setup finished. */
+static ep_status_t group_setup(ep_group_t g) {
+    if (g->num_ranks > EP_MAX_NVL_RANKS)
+        return ep_fail(EP_ERROR_UNSUPPORTED, "num_ranks: at most %d ranks in one NVLink domain are supported, "
+                       "got %d (scale-out is not supported yet)", EP_MAX_NVL_RANKS, g->num_ranks);
+    EP_CHECK(check_peers_reachable(g));
+    EP_CHECK(create_local_state(g));
+    EP_CHECK(check_same_config(g));
+    EP_CHECK(create_window(g));
+    return check_same_config(g); /* doubles as the "everyone zeroed their flags" barrier */
+}
+
+static ep_status_t finish_create(ep_group_t g, ep_group_t *out) {
+    ep_status_t st = group_setup(g);
+    if (st != EP_SUCCESS) {
+        ep_fail_context(st, "rank %d: group creation", g->rank);
+        group_release_local(g);
+        return st;
+    }
+    ep_log(EP_LOG_INFO, g->rank, g->device, "group of %d ranks ready: window %zu bytes, timeout %lld ms",
+           g->num_ranks, g->window_bytes, (long long)g->timeout_ms);
+    *out = g;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_get_unique_id(ep_unique_id_t *id) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(id, "id"));
+    ncclUniqueId nid;
+    EP_NCCL_CHECK(ncclGetUniqueId(&nid));
+    memcpy(id->internal, nid.internal, sizeof(id->internal));
+    return EP_SUCCESS;
+}
+
+static ep_status_t check_create_args(const ep_unique_id_t *id, int num_ranks, int rank, int cuda_device,
+                                     const ep_group_config_t *config, ep_group_t *group) {
+    EP_CHECK(ep_check_not_null(group, "group"));
+    EP_CHECK(ep_check_not_null(id, "id"));
+    EP_CHECK(ep_check_range(num_ranks, 1, 1 << 20, "num_ranks"));
+    EP_CHECK(ep_check_range(rank, 0, num_ranks - 1, "rank"));
+    EP_CHECK(ep_check_range(cuda_device, 0, 1 << 16, "cuda_device"));
+    return check_config(config);
+}
+
+static ep_status_t check_device_exists(int cuda_device) {
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess)
+        return ep_fail(EP_ERROR_UNSUPPORTED, "no usable CUDA device: cudaGetDeviceCount failed: %s",
+                       cudaGetErrorString(err));
+    if (cuda_device >= count)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "cuda_device: expected a value in [0, %d], got %d", count - 1,
+                       cuda_device);
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int rank, int cuda_device,
+                            const ep_group_config_t *config, ep_group_t *group) {
+    ep_clear_error();
+    EP_CHECK(check_create_args(id, num_ranks, rank, cuda_device, config, group));
+    *group = NULL;
+    EP_CHECK(check_nccl_version());
+    EP_CHECK(check_device_exists(cuda_device));
+    int previous;
+    EP_CHECK(ep_device_enter(cuda_device, &previous));
+    ep_group_t g = group_alloc(config);
+    if (g == NULL) {
+        ep_device_restore(previous);
+        return ep_fail(EP_ERROR_OUT_OF_MEMORY, "group: out of host memory");
+    }
+    g->rank = rank;
+    g->num_ranks = num_ranks;
+    g->device = cuda_device;
+    g->owns_comm = 1;
+    ncclUniqueId nid;
+    memcpy(nid.internal, id->internal, sizeof(nid.internal));
+    ncclConfig_t nccl_config = NCCL_CONFIG_INITIALIZER;
+    nccl_config.blocking = 0;
+    ep_status_t st = ep_nccl_complete(NULL, ncclCommInitRankConfig(&g->comm, num_ranks, nid, rank, &nccl_config),
+                                      0, "ncclCommInitRankConfig");
+    if (st == EP_SUCCESS)
+        st = ep_nccl_complete(g->comm, ncclInProgress, g->timeout_ms, "ncclCommInitRankConfig (waiting for peers)");
+    if (st != EP_SUCCESS) {
+        ep_fail_context(st, "rank %d: group creation", rank);
+        group_release_local(g);
+        ep_device_restore(previous);
+        return st;
+    }
+    st = finish_create(g, group);
+    ep_device_restore(previous);
+    return st;
+}
+
+ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_device, const ep_group_config_t *config,
+                                      ep_group_t *group) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(group, "group"));
+    EP_CHECK(ep_check_not_null(comm, "comm"));
+    EP_CHECK(check_config(config));
+    *group = NULL;
+    EP_CHECK(check_nccl_version());
+    EP_CHECK(check_device_exists(cuda_device));
+    int comm_device = -1, rank = -1, num_ranks = 0;
+    EP_NCCL_CHECK(ncclCommCuDevice(comm, &comm_device));
+    EP_NCCL_CHECK(ncclCommUserRank(comm, &rank));
+    EP_NCCL_CHECK(ncclCommCount(comm, &num_ranks));
+    if (comm_device != cuda_device)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "cuda_device: the communicator drives device %d, got %d",
+                       comm_device, cuda_device);
+    int previous;
+    EP_CHECK(ep_device_enter(cuda_device, &previous));
+    ep_group_t g = group_alloc(config);
+    if (g == NULL) {
+        ep_device_restore(previous);
+        return ep_fail(EP_ERROR_OUT_OF_MEMORY, "group: out of host memory");
+    }
+    g->rank = rank;
+    g->num_ranks = num_ranks;
+    g->device = cuda_device;
+    g->comm = comm;
+    g->owns_comm = 0;
+    ep_status_t st = finish_create(g, group);
+    ep_device_restore(previous);
+    return st;
+}
+
+ep_status_t ep_group_rank(ep_group_t group, int *rank) {
+    EP_CHECK(ep_check_not_null(group, "group"));
+    EP_CHECK(ep_check_not_null(rank, "rank"));
+    *rank = group->rank;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_group_size(ep_group_t group, int *num_ranks) {
+    EP_CHECK(ep_check_not_null(group, "group"));
+    EP_CHECK(ep_check_not_null(num_ranks, "num_ranks"));
+    *num_ranks = group->num_ranks;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_group_stream(ep_group_t group, void **cuda_stream) {
+    EP_CHECK(ep_check_not_null(group, "group"));
+    EP_CHECK(ep_check_not_null(cuda_stream, "cuda_stream"));
+    *cuda_stream = (void *)group->stream;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_group_local_buffer(ep_group_t group, void **ptr, size_t *num_bytes) {
+    EP_CHECK(ep_check_not_null(group, "group"));
+    EP_CHECK(ep_check_not_null(ptr, "ptr"));
+    EP_CHECK(ep_check_not_null(num_bytes, "num_bytes"));
+    *ptr = (char *)group->window_mem + EP_CTRL_BYTES;
+    *num_bytes = group->config.num_nvl_bytes;
+    return EP_SUCCESS;
+}

@@ -1,0 +1,98 @@
+/* Group destruction. A healthy group tears down collectively (window deregistration, communicator
+ * finalize) after a handshake in which every rank votes; if any rank votes to abort, or does not vote in
+ * time, every rank tears down locally instead, so destroy never hangs on a failed peer. */
+#define _POSIX_C_SOURCE 200809L
+#include "check.h"
+#include "error.h"
+#include "group.h"
+#include "kernels/group_kernels.h"
+#include "log.h"
+
+#include <stdlib.h>
+
+/* Returns 1 when every rank voted OK. */
+static int handshake_all_ok(ep_group_t g) {
+    int32_t *votes = g->mapped_host->destroy_votes;
+    for (int r = 0; r < g->num_ranks; r++)
+        votes[r] = 0;
+    if (ep_launch_destroy_vote(&g->dev, EP_VOTE_OK, 1, g->mapped_dev->destroy_votes, g->stream) != cudaSuccess)
+        return 0;
+    if (ep_group_wait_stream(g, g->stream, "destroy handshake") != EP_SUCCESS)
+        return 0;
+    for (int r = 0; r < g->num_ranks; r++) {
+        if (((volatile int32_t *)votes)[r] != EP_VOTE_OK) {
+            ep_log(EP_LOG_WARN, g->rank, g->device, "destroy: rank %d voted %d; tearing down locally", r,
+                   (int)votes[r]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Best effort: tell peers not to wait for us, then give the stream a bounded time to drain. */
+static void announce_abort(ep_group_t g) {
+    if (ep_launch_destroy_vote(&g->dev, EP_VOTE_ABORT, 0, g->mapped_dev->destroy_votes, g->stream) == cudaSuccess)
+        ep_group_wait_stream(g, g->stream, "destroy (announcing abort)");
+}
+
+static ep_status_t teardown_collective(ep_group_t g) {
+    ep_status_t st = EP_SUCCESS;
+    ncclResult_t res = ncclCommWindowDeregister(g->comm, g->window);
+    if (res != ncclSuccess && res != ncclInProgress)
+        st = ep_nccl_fail(res, "ncclCommWindowDeregister", __FILE__, __LINE__);
+    else
+        st = ep_nccl_complete(g->comm, res, g->timeout_ms, "ncclCommWindowDeregister");
+    if (g->owns_comm) {
+        if (st == EP_SUCCESS)
+            st = ep_nccl_complete(g->comm, ncclCommFinalize(g->comm), g->timeout_ms, "ncclCommFinalize");
+        if (st == EP_SUCCESS)
+            ncclCommDestroy(g->comm);
+        else
+            ncclCommAbort(g->comm);
+    }
+    return st;
+}
+
+static void teardown_local(ep_group_t g) {
+    if (g->owns_comm)
+        ncclCommAbort(g->comm);
+    else
+        ncclCommWindowDeregister(g->comm, g->window); /* the caller's communicator stays theirs */
+}
+
+static void free_local_resources(ep_group_t g) {
+    ncclMemFree(g->window_mem);
+    cudaFree(g->window_bases_dev);
+    cudaFree(g->barrier_epoch_dev);
+    cudaFreeHost(g->mapped_host);
+    cudaEventDestroy(g->order_event);
+    cudaStreamDestroy(g->stream);
+    free(g);
+}
+
+ep_status_t ep_group_destroy(ep_group_t group) {
+    ep_clear_error();
+    if (group == NULL)
+        return EP_SUCCESS;
+    int previous;
+    EP_CHECK(ep_device_enter(group->device, &previous));
+    cudaError_t busy = cudaStreamQuery(group->stream);
+    if (busy == cudaErrorNotReady) {
+        ep_device_restore(previous);
+        return ep_fail(EP_ERROR_IN_PROGRESS, "rank %d: ep_group_destroy: work is still in flight on the group's "
+                       "stream; synchronize (ep_group_synchronize) before destroying", group->rank);
+    }
+    ep_group_take_device_error(group);
+    ep_status_t st = EP_SUCCESS;
+    if (group->failed == EP_SUCCESS && handshake_all_ok(group)) {
+        st = teardown_collective(group);
+    } else {
+        ep_log(EP_LOG_WARN, group->rank, group->device, "destroy: tearing down locally (group failed or a peer "
+               "did not agree)");
+        announce_abort(group);
+        teardown_local(group);
+    }
+    free_local_resources(group);
+    ep_device_restore(previous);
+    return st;
+}

@@ -1,0 +1,175 @@
+/* Waiting, ordering and error reporting for a group: every host wait has a deadline, and every error the
+ * device records (a timeout naming the rank and stage) becomes the group's sticky status. */
+#define _POSIX_C_SOURCE 200809L
+#include "check.h"
+#include "error.h"
+#include "group.h"
+#include "kernels/group_kernels.h"
+#include "log.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+/* Host waits get this much beyond the device timeout, so that the device (which knows which peer it waited
+ * for) reports first. */
+#define EP_HOST_WAIT_MARGIN_MS 5000
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Polls briefly at first (most waits are short), then backs off to at most 1 ms. */
+static void backoff_sleep(int *round) {
+    if (*round < 64) {
+        (*round)++;
+        return;
+    }
+    long ns = *round < 200 ? 20000 : 1000000;
+    (*round)++;
+    struct timespec ts = {0, ns};
+    nanosleep(&ts, NULL);
+}
+
+const char *ep_stage_name(int stage) {
+    switch (stage) {
+    case EP_STAGE_GROUP_BARRIER: return "group barrier";
+    case EP_STAGE_DESTROY_BARRIER: return "destroy handshake";
+    default: return "unknown stage";
+    }
+}
+
+ep_status_t ep_nccl_complete(ncclComm_t comm, ncclResult_t res, int64_t timeout_ms, const char *what) {
+    if (res != ncclSuccess && res != ncclInProgress)
+        return ep_fail(EP_ERROR_NCCL, "%s failed: %s (NCCL %d)", what, ncclGetErrorString(res), (int)res);
+    if (comm == NULL)
+        return EP_SUCCESS;
+    int64_t deadline = now_ms() + timeout_ms;
+    int round = 0;
+    for (;;) {
+        ncclResult_t state = ncclSuccess;
+        ncclResult_t q = ncclCommGetAsyncError(comm, &state);
+        if (q != ncclSuccess)
+            return ep_fail(EP_ERROR_NCCL, "%s: ncclCommGetAsyncError failed: %s", what, ncclGetErrorString(q));
+        if (state == ncclSuccess)
+            return EP_SUCCESS;
+        if (state != ncclInProgress)
+            return ep_fail(EP_ERROR_NCCL, "%s failed: %s (NCCL %d)", what, ncclGetErrorString(state), (int)state);
+        if (now_ms() > deadline)
+            return ep_fail(EP_ERROR_TIMEOUT, "%s did not complete within %lld ms (a peer did not arrive?)", what,
+                           (long long)timeout_ms);
+        backoff_sleep(&round);
+    }
+}
+
+ep_status_t ep_group_mark_failed(ep_group_t g, ep_status_t status) {
+    if (g->failed == EP_SUCCESS) {
+        g->failed = status;
+        snprintf(g->failed_message, sizeof(g->failed_message), "%s", ep_last_error());
+        ep_log(EP_LOG_WARN, g->rank, g->device, "group failed: %s", g->failed_message);
+    }
+    return status;
+}
+
+ep_status_t ep_group_take_device_error(ep_group_t g) {
+    volatile ep_dev_error_t *e = &g->mapped_host->error;
+    int32_t status = e->status;
+    if (status == 0)
+        return EP_SUCCESS;
+    if (e->peer >= 0)
+        ep_fail((ep_status_t)status, "rank %d: timed out after %.1f ms in stage '%s' waiting for rank %d "
+                "(epoch %llu)", (int)e->rank, (double)e->waited_ns / 1e6, ep_stage_name(e->stage), (int)e->peer,
+                (unsigned long long)e->detail);
+    else
+        ep_fail((ep_status_t)status, "rank %d: device error in stage '%s' (detail %llu)", (int)e->rank,
+                ep_stage_name(e->stage), (unsigned long long)e->detail);
+    return ep_group_mark_failed(g, (ep_status_t)status);
+}
+
+ep_status_t ep_group_check_usable(ep_group_t g) {
+    if (g->failed != EP_SUCCESS)
+        return ep_fail(g->failed, "%s (the group failed earlier; only ep_group_destroy is allowed)",
+                       g->failed_message);
+    return ep_group_take_device_error(g);
+}
+
+ep_status_t ep_group_order(ep_group_t g, cudaStream_t from, cudaStream_t to) {
+    if (from == to)
+        return EP_SUCCESS;
+    EP_CUDA_CHECK(cudaEventRecord(g->order_event, from));
+    EP_CUDA_CHECK(cudaStreamWaitEvent(to, g->order_event, 0));
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *stage) {
+    cudaEvent_t ev;
+    EP_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    cudaError_t err = cudaEventRecord(ev, stream);
+    int64_t limit = g->timeout_ms + EP_HOST_WAIT_MARGIN_MS;
+    int64_t deadline = now_ms() + limit;
+    int round = 0;
+    while (err == cudaSuccess) {
+        err = cudaEventQuery(ev);
+        if (err == cudaErrorNotReady) {
+            if (now_ms() > deadline) {
+                cudaEventDestroy(ev);
+                ep_fail(EP_ERROR_TIMEOUT, "rank %d: host wait for stage '%s' timed out after %lld ms (the device "
+                        "is still busy)", g->rank, stage, (long long)limit);
+                return ep_group_mark_failed(g, EP_ERROR_TIMEOUT);
+            }
+            backoff_sleep(&round);
+            err = cudaSuccess;
+            continue;
+        }
+        break;
+    }
+    cudaEventDestroy(ev);
+    if (err != cudaSuccess) {
+        ep_cuda_fail(err, "waiting for the device", __FILE__, __LINE__);
+        return ep_group_mark_failed(g, EP_ERROR_CUDA);
+    }
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(group, "group"));
+    EP_CHECK(ep_group_check_usable(group));
+    cudaStream_t user = (cudaStream_t)cuda_stream;
+    int previous;
+    EP_CHECK(ep_device_enter(group->device, &previous));
+    ep_status_t st = ep_group_order(group, user, group->stream);
+    if (st == EP_SUCCESS) {
+        cudaError_t err = ep_launch_barrier(&group->dev, EP_STAGE_GROUP_BARRIER, group->stream);
+        if (err != cudaSuccess)
+            st = ep_cuda_fail(err, "barrier kernel launch", __FILE__, __LINE__);
+    }
+    if (st == EP_SUCCESS)
+        st = ep_group_order(group, group->stream, user);
+    ep_device_restore(previous);
+    return st;
+}
+
+ep_status_t ep_group_synchronize(ep_group_t group, void *cuda_stream) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(group, "group"));
+    if (group->failed != EP_SUCCESS)
+        return ep_group_check_usable(group);
+    int previous;
+    EP_CHECK(ep_device_enter(group->device, &previous));
+    ep_status_t st = ep_group_wait_stream(group, (cudaStream_t)cuda_stream, "synchronize (caller stream)");
+    if (st == EP_SUCCESS)
+        st = ep_group_wait_stream(group, group->stream, "synchronize (communication stream)");
+    ep_device_restore(previous);
+    /* A device error explains a host timeout better than the timeout itself. */
+    ep_status_t device_st = ep_group_take_device_error(group);
+    return device_st != EP_SUCCESS ? device_st : st;
+}
+
+ep_status_t ep_group_get_async_error(ep_group_t group) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(group, "group"));
+    return ep_group_check_usable(group);
+}

@@ -1,0 +1,65 @@
+/* Cross-GPU flag primitives with timeouts. Flags written by one GPU and read by another need system-scope
+ * release/acquire; device scope is not enough across NVLink. */
+#ifndef EP_SYNC_CUH
+#define EP_SYNC_CUH
+
+#include "dev_group.h"
+
+#include <stdint.h>
+
+__device__ __forceinline__ uint64_t ep_globaltimer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ void ep_store_release_sys(uint64_t *p, uint64_t v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t ep_load_acquire_sys(const uint64_t *p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ int32_t ep_load_volatile_i32(const int32_t *p) {
+    return *(const volatile int32_t *)p;
+}
+
+/* Records the first error of the group; later ones are dropped (the first is the cause). */
+__device__ __forceinline__ void ep_record_error(const ep_dev_group_t &g, int32_t status, int stage, int peer,
+                                                uint64_t detail, uint64_t waited_ns) {
+    if (atomicCAS_system(&g.error->status, 0, status) == 0) {
+        g.error->stage = stage;
+        g.error->rank = g.rank;
+        g.error->peer = peer;
+        g.error->detail = detail;
+        g.error->waited_ns = waited_ns;
+        __threadfence_system();
+    }
+}
+
+/* Spins until *flag >= target. Returns false (and records EP_ERROR_TIMEOUT naming `peer` and `stage`) when the
+ * group's timeout passes, or at once if the group already recorded an error, so one failure does not make
+ * every later wait sit out its own timeout. */
+__device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const uint64_t *flag, uint64_t target,
+                                                 int stage, int peer) {
+    const int32_t kTimeout = 6; /* EP_ERROR_TIMEOUT */
+    uint64_t start = ep_globaltimer_ns();
+    uint32_t spins = 0;
+    while (ep_load_acquire_sys(flag) < target) {
+        if ((++spins & 1023u) == 0) {
+            if (ep_load_volatile_i32(&g.error->status) != 0)
+                return false;
+            uint64_t waited = ep_globaltimer_ns() - start;
+            if (waited > g.timeout_ns) {
+                ep_record_error(g, kTimeout, stage, peer, target, waited);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+#endif

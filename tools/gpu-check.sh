@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build, run the host tests, every GPU test on 2 and 4 GPUs (as many as the
+# machine has), then the demo/benchmark. Logs go to $OUT (or build-gpu/logs); a short table is printed last.
+#
+#   tools/gpu-check.sh [--quick]
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BUILD="${EPCOMM_BUILD_DIR:-$ROOT/build-gpu}"
+LOGS="${OUT:-$BUILD/logs}"
+mkdir -p "$LOGS"
+QUICK=0
+[[ "${1:-}" == "--quick" ]] && QUICK=1
+
+# Multicast must stay off on these machines (see GPU.md); keep it off for every child process too.
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# Prefer the NCCL that PyTorch ships (2.28.9 there); the system copy is older.
+if [[ -z "${NCCL_HOME:-}" ]]; then
+  NCCL_HOME="$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)"
+  export NCCL_HOME
+fi
+
+SUMMARY="$LOGS/summary.md"
+: > "$SUMMARY"
+row() { printf '| %-42s | %-6s | %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi topo -m
+  nvcc --version | tail -1
+  echo "NCCL_HOME=$NCCL_HOME"
+} > "$LOGS/machine.txt" 2>&1
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNCCL_HOME="$NCCL_HOME" \
+  > "$LOGS/configure.log" 2>&1 && ninja -C "$BUILD" > "$LOGS/build.log" 2>&1
+if [[ $? -ne 0 ]]; then
+  tail -40 "$LOGS/configure.log" "$LOGS/build.log"
+  row "build" "FAIL" "see build.log"
+  exit 1
+fi
+row "build" "ok" "$(grep -m1 'epcomm: NCCL' "$LOGS/configure.log" | sed 's/-- //')"
+
+(cd "$BUILD" && ctest --output-on-failure > "$LOGS/host-tests.log" 2>&1)
+row "host tests (ctest)" "$([[ $? -eq 0 ]] && echo ok || echo FAIL)" "$(grep -E 'tests passed' "$LOGS/host-tests.log")"
+
+status=0
+run_gpu_test() { # name ranks args...
+  local name=$1 ranks=$2; shift 2
+  if (( NGPU < ranks )); then row "$name R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
+  local log="$LOGS/$name-r$ranks.log"
+  timeout 900 "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
+  local rc=$?
+  [[ $rc -ne 0 ]] && status=1
+  row "$name R=$ranks" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
+  grep -E '^(PASS|FAIL)|^     ' "$log" | sed 's/^/    /'
+}
+
+for R in 2 4; do
+  run_gpu_test test_group_gpu "$R"
+done
+
+if [[ -x "$BUILD/bench/epcomm-bench" ]]; then
+  "$BUILD/bench/epcomm-bench" > "$LOGS/bench.log" 2>&1
+  row "epcomm-bench (main job)" "$([[ $? -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$LOGS/bench.log")"
+fi
+
+echo
+echo "== summary ($(head -1 "$LOGS/machine.txt"), $(sed -n 2p "$LOGS/machine.txt"), $NGPU GPUs)"
+cat "$SUMMARY"
+exit $status
