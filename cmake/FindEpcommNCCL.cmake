@@ -70,7 +70,7 @@ file(WRITE "${_probe_dir}/probe.c"
      "#include <nccl.h>\n#include <stdio.h>\nint main(void){int v=0;if(ncclGetVersion(&v)!=ncclSuccess)return 1;"
      "printf(\"%d\",v);return 0;}\n")
 try_run(_probe_run _probe_compile "${_probe_dir}/build" "${_probe_dir}/probe.c"
-        CMAKE_FLAGS "-DINCLUDE_DIRECTORIES=${NCCL_INCLUDE_DIR}"
+        CMAKE_FLAGS "-DINCLUDE_DIRECTORIES=${NCCL_INCLUDE_DIR};${CUDAToolkit_INCLUDE_DIRS}"
         LINK_LIBRARIES "${NCCL_LIBRARY}"
         COMPILE_OUTPUT_VARIABLE _probe_compile_out
         RUN_OUTPUT_VARIABLE _lib_version)

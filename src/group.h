@@ -57,6 +57,8 @@ ep_status_t ep_group_take_device_error(ep_group_t g);
 /* Marks the group failed with the current thread message. */
 ep_status_t ep_group_mark_failed(ep_group_t g, ep_status_t status);
 
+/* A caller's stream must belong to the group's device (NULL: the legacy default stream). */
+ep_status_t ep_group_check_stream(ep_group_t g, cudaStream_t stream, const char *name);
 /* `to` waits for the work enqueued so far on `from`. */
 ep_status_t ep_group_order(ep_group_t g, cudaStream_t from, cudaStream_t to);
 /* Host wait for a stream with the group's timeout (plus a margin so device timeouts fire first). */

@@ -133,11 +133,27 @@ ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *
     return EP_SUCCESS;
 }
 
+ep_status_t ep_group_check_stream(ep_group_t g, cudaStream_t stream, const char *name) {
+    if (stream == NULL)
+        return EP_SUCCESS; /* the legacy default stream of the current (group's) device */
+    int device = -1;
+    cudaError_t err = cudaStreamGetDevice(stream, &device);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: not a valid CUDA stream (%s)", name, cudaGetErrorString(err));
+    }
+    if (device != g->device)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: the stream belongs to CUDA device %d, expected the group's "
+                       "device %d", name, device, g->device);
+    return EP_SUCCESS;
+}
+
 ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream) {
     ep_clear_error();
     EP_CHECK(ep_check_not_null(group, "group"));
     EP_CHECK(ep_group_check_usable(group));
     cudaStream_t user = (cudaStream_t)cuda_stream;
+    EP_CHECK(ep_group_check_stream(group, user, "cuda_stream"));
     int previous;
     EP_CHECK(ep_device_enter(group->device, &previous));
     ep_status_t st = ep_group_order(group, user, group->stream);
@@ -157,6 +173,7 @@ ep_status_t ep_group_synchronize(ep_group_t group, void *cuda_stream) {
     EP_CHECK(ep_check_not_null(group, "group"));
     if (group->failed != EP_SUCCESS)
         return ep_group_check_usable(group);
+    EP_CHECK(ep_group_check_stream(group, (cudaStream_t)cuda_stream, "cuda_stream"));
     int previous;
     EP_CHECK(ep_device_enter(group->device, &previous));
     ep_status_t st = ep_group_wait_stream(group, (cudaStream_t)cuda_stream, "synchronize (caller stream)");

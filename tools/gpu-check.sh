@@ -25,7 +25,7 @@ row() { printf '| %-42s | %-6s | %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: ${EPCOMM_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
   nvidia-smi topo -m
   nvcc --version | tail -1
@@ -36,7 +36,7 @@ NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNCCL_HOME="$NCCL_HOME" \
   > "$LOGS/configure.log" 2>&1 && ninja -C "$BUILD" > "$LOGS/build.log" 2>&1
 if [[ $? -ne 0 ]]; then
-  tail -40 "$LOGS/configure.log" "$LOGS/build.log"
+  tail -n 40 "$LOGS/configure.log"; tail -n 60 "$LOGS/build.log"
   row "build" "FAIL" "see build.log"
   exit 1
 fi

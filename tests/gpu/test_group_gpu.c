@@ -5,6 +5,7 @@
  *  - missing_peer_times_out: a rank that never arrives makes the barrier fail with EP_ERROR_TIMEOUT naming it,
  *    destroy while the barrier is in flight says EP_ERROR_IN_PROGRESS, the group stays failed, and every rank
  *    (the absent one too) can destroy it without hanging;
+ *  - foreign_stream_is_rejected: a stream of another device is an argument error, and nothing is launched;
  *  - mismatched_config_is_an_error: ranks passing different buffer sizes all get an error naming the field;
  *  - from_existing_comm: a group over a communicator the caller made.
  * Usage: test_group_gpu --ranks N [--rounds K] */
@@ -30,6 +31,7 @@ static double now_ms(void) {
 
 static ep_status_t create(int rank, int num_ranks, const ep_unique_id_t *id, size_t nvl_bytes, int64_t timeout_ms,
                           ep_group_t *g) {
+    cudaSetDevice(rank); /* this process's device, for the test's own streams and buffers */
     ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
     cfg.num_nvl_bytes = nvl_bytes;
     cfg.timeout_ms = timeout_ms;
@@ -139,6 +141,33 @@ static int missing_peer(int rank, int num_ranks, const ep_unique_id_t *id, void 
     return failures;
 }
 
+static int foreign_stream_is_rejected(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = NULL;
+    if (create(rank, num_ranks, id, 1 << 20, 0, &g) != EP_SUCCESS) {
+        MP_FAIL(rank, "create: %s", ep_last_error());
+        return 1;
+    }
+    int other = (rank + 1) % num_ranks;
+    cudaStream_t s;
+    cudaSetDevice(other);
+    cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    cudaSetDevice(rank);
+    MP_EXPECT_STATUS(rank, ep_group_barrier(g, s), EP_ERROR_INVALID_ARGUMENT);
+    if (!strstr(ep_last_error(), "cuda_stream"))
+        MP_FAIL(rank, "message does not name cuda_stream: %s", ep_last_error());
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    /* Nothing was launched: the group still works. */
+    MP_EXPECT_STATUS(rank, ep_group_barrier(g, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    cudaSetDevice(other);
+    cudaStreamDestroy(s);
+    cudaSetDevice(rank);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
 static int mismatched_config(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     ep_group_t g = NULL;
@@ -194,8 +223,9 @@ int main(int argc, char **argv) {
     failed += mp_run("group.pattern_exchange", ranks, pattern_exchange, NULL, 120) != 0;
     failed += mp_run("group.barrier_loop", ranks, barrier_loop, NULL, 60) != 0;
     failed += mp_run("group.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
+    failed += mp_run("group.foreign_stream_is_rejected", ranks, foreign_stream_is_rejected, NULL, 60) != 0;
     failed += mp_run("group.mismatched_config_is_an_error", ranks, mismatched_config, NULL, 60) != 0;
     failed += mp_run("group.from_existing_comm", ranks, from_existing_comm, NULL, 60) != 0;
-    printf("%d passed, %d failed\n", 5 - failed, failed);
+    printf("%d passed, %d failed\n", 6 - failed, failed);
     return failed ? 1 : 0;
 }
