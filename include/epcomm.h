@@ -146,6 +146,34 @@ EP_API ep_status_t ep_group_synchronize(ep_group_t group, void *cuda_stream);
 /* The error the device recorded for this group, if any (does not wait). */
 EP_API ep_status_t ep_group_get_async_error(ep_group_t group);
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Ordering (DeepEP's previous_event / async_finish). Operations run on the group's stream, after the
+ * caller's stream (or previous_event).
+ * ------------------------------------------------------------------------------------------------------- */
+typedef struct {
+    size_t size;          /* sizeof(ep_launch_t) */
+    void *stream;         /* the caller's cudaStream_t; NULL: the legacy default stream */
+    void *previous_event; /* a cudaEvent_t: when set, the op waits for it instead of for `stream` */
+    int async_finish;     /* 0: `stream` waits for the op; 1: it does not (wait on finish_event instead) */
+    void *finish_event;   /* a cudaEvent_t of the caller's: when set, recorded on the group's stream after the op */
+} ep_launch_t;
+
+#define EP_LAUNCH_INIT {sizeof(ep_launch_t), NULL, NULL, 0, NULL}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Dispatch layout (DeepEP: get_dispatch_layout)
+ * ------------------------------------------------------------------------------------------------------- */
+/* From topk_idx [N, K] int64 (-1 = no expert; last dimension contiguous) and E experts (E % R == 0):
+ * num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool (last
+ * dimension contiguous). A token counts once per rank however many of its experts live there, and once per
+ * (token, expert). num_tokens_per_rdma_rank must be NULL inside one NVLink domain. Outputs are written on
+ * the group's stream. Expert ids outside [-1, E) are skipped and reported as EP_ERROR_DEVICE_INPUT by the
+ * next ep_group_synchronize. */
+EP_API ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_tensor_t *topk_idx, int num_experts,
+                                          ep_tensor_t *num_tokens_per_rank, ep_tensor_t *num_tokens_per_rdma_rank,
+                                          ep_tensor_t *num_tokens_per_expert, ep_tensor_t *is_token_in_rank,
+                                          const ep_launch_t *launch);
+
 #ifdef __cplusplus
 }
 #endif

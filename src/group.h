@@ -12,6 +12,7 @@
 /* Host-mapped memory layout: the device error record, then destroy votes. */
 typedef struct {
     ep_dev_error_t error;
+    ep_dev_input_error_t input_error;
     int32_t destroy_votes[EP_MAX_NVL_RANKS];
 } ep_mapped_t;
 
@@ -59,6 +60,8 @@ ep_status_t ep_group_mark_failed(ep_group_t g, ep_status_t status);
 
 /* A caller's stream must belong to the group's device (NULL: the legacy default stream). */
 ep_status_t ep_group_check_stream(ep_group_t g, cudaStream_t stream, const char *name);
+/* Reports (EP_ERROR_DEVICE_INPUT) and clears bad input the device saw since the last check. */
+ep_status_t ep_group_take_input_error(ep_group_t g);
 /* `to` waits for the work enqueued so far on `from`. */
 ep_status_t ep_group_order(ep_group_t g, cudaStream_t from, cudaStream_t to);
 /* Host wait for a stream with the group's timeout (plus a margin so device timeouts fire first). */

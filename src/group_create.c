@@ -190,6 +190,7 @@ static ep_status_t create_local_state(ep_group_t g) {
     g->dev.timeout_ns = (uint64_t)g->timeout_ms * 1000000u;
     g->dev.barrier_epoch = g->barrier_epoch_dev;
     g->dev.error = &g->mapped_dev->error;
+    g->dev.input_error = &g->mapped_dev->input_error;
     return EP_SUCCESS;
 }
 

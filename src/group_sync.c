@@ -37,6 +37,7 @@ const char *ep_stage_name(int stage) {
     switch (stage) {
     case EP_STAGE_GROUP_BARRIER: return "group barrier";
     case EP_STAGE_DESTROY_BARRIER: return "destroy handshake";
+    case EP_STAGE_LAYOUT: return "dispatch layout";
     default: return "unknown stage";
     }
 }
@@ -86,6 +87,18 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
         ep_fail((ep_status_t)status, "rank %d: device error in stage '%s' (detail %llu)", (int)e->rank,
                 ep_stage_name(e->stage), (unsigned long long)e->detail);
     return ep_group_mark_failed(g, (ep_status_t)status);
+}
+
+ep_status_t ep_group_take_input_error(ep_group_t g) {
+    volatile ep_dev_input_error_t *e = &g->mapped_host->input_error;
+    uint32_t count = e->count;
+    if (count == 0)
+        return EP_SUCCESS;
+    ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: %s: topk_idx[%lld, %d] = %lld is outside [-1, num_experts) "
+            "(%u bad entries, skipped)", g->rank, ep_stage_name(e->op), (long long)e->token, (int)e->k,
+            (long long)e->value, count);
+    memset((void *)e, 0, sizeof(*e));
+    return EP_ERROR_DEVICE_INPUT;
 }
 
 ep_status_t ep_group_check_usable(ep_group_t g) {
@@ -182,7 +195,9 @@ ep_status_t ep_group_synchronize(ep_group_t group, void *cuda_stream) {
     ep_device_restore(previous);
     /* A device error explains a host timeout better than the timeout itself. */
     ep_status_t device_st = ep_group_take_device_error(group);
-    return device_st != EP_SUCCESS ? device_st : st;
+    if (device_st != EP_SUCCESS)
+        return device_st;
+    return st != EP_SUCCESS ? st : ep_group_take_input_error(group);
 }
 
 ep_status_t ep_group_get_async_error(ep_group_t group) {

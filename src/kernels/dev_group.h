@@ -22,6 +22,7 @@ typedef enum {
     EP_STAGE_NONE = 0,
     EP_STAGE_GROUP_BARRIER = 1,
     EP_STAGE_DESTROY_BARRIER = 2,
+    EP_STAGE_LAYOUT = 3,
     EP_STAGE_COUNT
 } ep_stage_t;
 
@@ -35,6 +36,17 @@ typedef struct {
     uint64_t waited_ns;
 } ep_dev_error_t;
 
+/* Bad input data found by a kernel (e.g. an expert id out of range). Not sticky: the op completes without
+ * the bad entries and the host reports EP_ERROR_DEVICE_INPUT at its next check, then clears the record. */
+typedef struct {
+    uint32_t count;     /* bad entries seen */
+    int32_t op;         /* ep_stage_t of the op that saw the first one */
+    int64_t token;      /* where the first one was */
+    int32_t k;
+    int32_t pad;
+    int64_t value;
+} ep_dev_input_error_t;
+
 typedef struct {
     int rank;
     int num_ranks;
@@ -42,6 +54,7 @@ typedef struct {
     char *window[EP_MAX_NVL_RANKS]; /* every rank's window base, mapped here (own rank included) */
     uint64_t *barrier_epoch;        /* local device counter: epochs this rank has completed */
     ep_dev_error_t *error;          /* host-mapped error record (device pointer) */
+    ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
 } ep_dev_group_t;
 
 #endif

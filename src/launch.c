@@ -1,0 +1,45 @@
+#include "launch.h"
+
+#include "check.h"
+#include "error.h"
+
+ep_status_t ep_launch_check(ep_group_t g, const ep_launch_t *launch, ep_launch_frame_t *frame) {
+    ep_launch_t defaults = EP_LAUNCH_INIT;
+    if (launch != NULL) {
+        EP_CHECK(ep_check_struct_size(launch->size, sizeof(ep_launch_t), sizeof(ep_launch_t), "ep_launch_t"));
+        defaults = *launch;
+    }
+    if (defaults.async_finish && defaults.finish_event == NULL)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "launch.finish_event: async_finish needs an event to record (got NULL)");
+    EP_CHECK(ep_group_check_stream(g, (cudaStream_t)defaults.stream, "launch.stream"));
+    frame->opts = defaults;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame) {
+    EP_CHECK(ep_device_enter(g->device, &frame->previous_device));
+    ep_status_t st = EP_SUCCESS;
+    if (frame->opts.previous_event != NULL) {
+        cudaError_t err = cudaStreamWaitEvent(g->stream, (cudaEvent_t)frame->opts.previous_event, 0);
+        if (err != cudaSuccess)
+            st = ep_cuda_fail(err, "cudaStreamWaitEvent(previous_event)", __FILE__, __LINE__);
+    } else {
+        st = ep_group_order(g, (cudaStream_t)frame->opts.stream, g->stream);
+    }
+    if (st != EP_SUCCESS)
+        ep_device_restore(frame->previous_device);
+    return st;
+}
+
+ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t status) {
+    if (status == EP_SUCCESS && frame->opts.finish_event != NULL) {
+        cudaError_t err = cudaEventRecord((cudaEvent_t)frame->opts.finish_event, g->stream);
+        if (err != cudaSuccess)
+            status = ep_cuda_fail(err, "cudaEventRecord(finish_event)", __FILE__, __LINE__);
+    }
+    if (status == EP_SUCCESS && !frame->opts.async_finish)
+        status = ep_group_order(g, g->stream, (cudaStream_t)frame->opts.stream);
+    ep_device_restore(frame->previous_device);
+    return status;
+}

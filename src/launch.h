@@ -1,0 +1,21 @@
+/* The common frame of every operation on a group: check the ordering arguments, make the group's stream
+ * wait for the caller's work, run, then let the caller's stream wait (or record the finish event). */
+#ifndef EP_LAUNCH_H
+#define EP_LAUNCH_H
+
+#include "group.h"
+
+typedef struct {
+    ep_launch_t opts;  /* the caller's options, defaults filled in */
+    int previous_device;
+} ep_launch_frame_t;
+
+/* Validates `launch` (NULL = defaults). Does not touch the GPU. */
+ep_status_t ep_launch_check(ep_group_t g, const ep_launch_t *launch, ep_launch_frame_t *frame);
+/* Enters the group's device and orders the group's stream after the caller's stream / previous_event. */
+ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame);
+/* Orders the caller's stream after the op (unless async_finish), records finish_event, restores the device.
+ * `status` is the op's status so far: on failure the device is restored and the status returned. */
+ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t status);
+
+#endif
