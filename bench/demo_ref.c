@@ -32,6 +32,7 @@ static void make_rank(const demo_args_t *a, int rank, rank_data_t *d) {
     d->in.x = (const uint8_t *)d->x;
     d->in.row_bytes = (size_t)a->hidden * 2;
     d->in.stride_bytes = d->in.row_bytes;
+    d->in.topk = a->topk;
     d->in.topk_idx = d->topk_idx;
     d->in.topk_weights = d->topk_weights;
 }

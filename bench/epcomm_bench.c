@@ -1,26 +1,38 @@
 /* epcomm-bench: the main job. With GPUs it brings a group up on all of them and measures what the GPU side
  * offers so far; it always runs the MoE round trip on the CPU reference and checks it.
  *
- *   epcomm-bench [--ranks R] [--tokens N] [--hidden H] [--topk K] [--experts E] [--seed S] [--cpu-only] */
+ *   epcomm-bench [--gpus G] [--quick] [--jsonl FILE] [--machine NAME] [--commit SHA] [--cpu-only]
+ *                [--ranks R] [--tokens N] [--hidden H] [--topk K] [--experts E] [--seed S]
+ * --gpus: GPUs to use (default: all); --ranks etc.: the CPU reference's simulated group. */
+
+typedef struct {
+    int gpus, quick, cpu_only;
+    const char *jsonl, *machine, *commit;
+} gpu_opts_t;
+#include "bench_ht.h"
 #include "demo.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int parse_args(int argc, char **argv, demo_args_t *a, int *cpu_only) {
+static int parse_args(int argc, char **argv, demo_args_t *a, gpu_opts_t *o) {
     for (int i = 1; i < argc; i++) {
         const char *k = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(k, "--cpu-only") == 0) {
-            *cpu_only = 1;
+        if (strcmp(k, "--cpu-only") == 0 || strcmp(k, "--quick") == 0) {
+            *(k[2] == 'c' ? &o->cpu_only : &o->quick) = 1;
             continue;
         }
         if (v == NULL) {
             fprintf(stderr, "missing value after %s\n", k);
             return 1;
         }
-        if (strcmp(k, "--ranks") == 0) a->ranks = atoi(v);
+        if (strcmp(k, "--gpus") == 0) o->gpus = atoi(v);
+        else if (strcmp(k, "--jsonl") == 0) o->jsonl = v;
+        else if (strcmp(k, "--machine") == 0) o->machine = v;
+        else if (strcmp(k, "--commit") == 0) o->commit = v;
+        else if (strcmp(k, "--ranks") == 0) a->ranks = atoi(v);
         else if (strcmp(k, "--tokens") == 0) a->tokens = atoi(v);
         else if (strcmp(k, "--hidden") == 0) a->hidden = atoi(v);
         else if (strcmp(k, "--topk") == 0) a->topk = atoi(v);
@@ -43,18 +55,26 @@ static int parse_args(int argc, char **argv, demo_args_t *a, int *cpu_only) {
 
 int main(int argc, char **argv) {
     demo_args_t a = {4, 512, 7168, 8, 256, 1};
-    int cpu_only = 0;
-    if (parse_args(argc, argv, &a, &cpu_only))
+    gpu_opts_t o = {0, 0, 0, NULL, NULL, NULL};
+    if (parse_args(argc, argv, &a, &o))
         return 2;
     int failed = 0;
-    int gpus = cpu_only ? 0 : demo_gpu_count();
+    int gpus = o.cpu_only ? 0 : demo_gpu_count();
+    if (o.gpus > 0 && o.gpus < gpus)
+        gpus = o.gpus;
     if (gpus < 2) {
         printf("epcomm-bench: %s: no GPU run; running the CPU reference instead.\n",
-               cpu_only ? "--cpu-only" : gpus == 1 ? "only 1 GPU found (a group needs 2)" : "no CUDA GPU found");
-    } else {
-        printf("epcomm-bench: %d GPUs. High-throughput and low-latency GPU kernels are not implemented yet; "
-               "checking the group layer on all GPUs, then the CPU reference.\n", gpus);
+               o.cpu_only ? "--cpu-only" : gpus == 1 ? "only 1 GPU found (a group needs 2)" : "no CUDA GPU found");
+    } else if (gpus > 8) {
+        printf("epcomm-bench: %d GPUs; one NVLink group holds at most 8, using 8.\n", gpus);
+        gpus = 8;
+    }
+    if (gpus >= 2) {
+        printf("epcomm-bench: %d GPUs: group check, then the high-throughput benchmark (low-latency mode is not "
+               "implemented yet), then the CPU reference.\n", gpus);
         failed |= demo_gpu_group(gpus);
+        bench_ht_args_t b = {gpus, a.hidden, a.topk, a.experts, o.quick, o.jsonl, o.machine, o.commit};
+        failed |= bench_ht_run(&b);
     }
     failed |= demo_ref_round_trip(&a);
     printf("epcomm-bench: %s\n", failed ? "FAILED" : "all checks passed");

@@ -174,6 +174,82 @@ EP_API ep_status_t ep_get_dispatch_layout(ep_group_t group, const ep_tensor_t *t
                                           ep_tensor_t *num_tokens_per_expert, ep_tensor_t *is_token_in_rank,
                                           const ep_launch_t *launch);
 
+/* ---------------------------------------------------------------------------------------------------------
+ * High-throughput (normal) mode: training and prefill (DeepEP: dispatch / combine)
+ * ------------------------------------------------------------------------------------------------------- */
+typedef struct ep_handle *ep_handle_t;
+
+/* Bytes of symmetric NVLink buffer (config.num_nvl_bytes) that normal mode needs so that up to
+ * max_tokens_per_rank tokens of `hidden` elements of `elem_bytes` bytes (2: bf16, 1: fp8), with num_scales
+ * 4-byte scales per token and `topk` experts per token, can be dispatched and combined in one group. */
+EP_API size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int elem_bytes,
+                                     int num_scales, int topk);
+
+typedef struct {
+    size_t size;                       /* sizeof(ep_dispatch_args_t) */
+    ep_tensor_t x;                     /* [N, H] bfloat16 or float8_e4m3; rows 16-byte aligned */
+    ep_tensor_t x_scales;              /* FP8: [N, S] float32 or int32 words (any strides); else data NULL */
+    ep_tensor_t topk_idx;              /* [N, K] int64, K <= 32; data NULL with cached_handle */
+    ep_tensor_t topk_weights;          /* [N, K] float32, or data NULL */
+    ep_tensor_t num_tokens_per_rank;   /* [R] int32, from ep_get_dispatch_layout (ignored when cached) */
+    ep_tensor_t is_token_in_rank;      /* [N, R] bool (ignored when cached) */
+    ep_tensor_t num_tokens_per_expert; /* [E] int32 (ignored when cached) */
+    int num_experts;                   /* E (ignored when cached) */
+    int expert_alignment;              /* >= 1: per-expert counts are rounded up to it */
+    int num_worst_tokens;              /* > 0: outputs have this many rows and the host never waits */
+    int num_sms;                       /* blocks for the send kernel; 0: the group's default */
+    ep_handle_t cached_handle;         /* non-NULL: resend new x with this handle's routing, no host wait */
+} ep_dispatch_args_t;
+
+#define EP_DISPATCH_ARGS_INIT {.size = sizeof(ep_dispatch_args_t)}
+
+/* The recv_* outputs are views into the group's buffer, valid until the group's next dispatch: copy them if
+ * they must live longer (zero-copy is what lets the receiver spend no SM time on the transfer). */
+typedef struct {
+    size_t size;                    /* sizeof(ep_dispatch_result_t) */
+    int num_recv_tokens;            /* Nr, or -1 when the host does not know it (worst-token or cached mode) */
+    int num_rows;                   /* rows in the recv_* views: Nr, or num_worst_tokens */
+    ep_tensor_t recv_x;             /* [rows, H], same dtype as x, ordered by (source rank, source token) */
+    ep_tensor_t recv_x_scales;      /* [rows, S] (FP8), else data NULL */
+    ep_tensor_t recv_topk_idx;      /* [rows, K] int64: local expert ids, -1 for experts elsewhere / past Nr */
+    ep_tensor_t recv_topk_weights;  /* [rows, K] float32, 0 where idx is -1; data NULL without weights */
+    ep_tensor_t recv_src_idx;       /* [rows] int32: token index at the source rank, -1 past Nr */
+    int32_t *num_recv_tokens_per_expert; /* caller's host array of >= E/R entries, or NULL: filled unless the
+                                            host does not wait (worst-token / cached mode) */
+    ep_handle_t handle;             /* new handle (not in cached mode): release with ep_handle_destroy */
+} ep_dispatch_result_t;
+
+#define EP_DISPATCH_RESULT_INIT {.size = sizeof(ep_dispatch_result_t)}
+
+/* Collective. Sends each token once to every rank that holds one of its experts. In the default mode the
+ * host waits (with the group's timeout) for the receive count through mapped memory; with num_worst_tokens
+ * or a cached handle it never waits, so the call can be captured in a CUDA graph. */
+EP_API ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dispatch_result_t *result,
+                               const ep_launch_t *launch);
+
+typedef struct {
+    size_t size;                 /* sizeof(ep_combine_args_t) */
+    ep_tensor_t x;               /* [rows, H] bfloat16: row i answers received row i of the handle's dispatch */
+    ep_tensor_t topk_weights;    /* [rows, K] float32 to sum back, or data NULL */
+    ep_tensor_t bias0, bias1;    /* [N, H] bfloat16, or data NULL */
+    ep_tensor_t out;             /* [N, H] bfloat16 (caller's memory) */
+    ep_tensor_t out_topk_weights; /* [N, K] float32 when topk_weights is given, else data NULL */
+    ep_handle_t handle;
+    int num_sms;
+} ep_combine_args_t;
+
+#define EP_COMBINE_ARGS_INIT {.size = sizeof(ep_combine_args_t)}
+
+/* Collective. out[t] = sum over the ranks token t went to, in ascending rank order, of that rank's row,
+ * then + bias0, + bias1, accumulated in float32 and rounded once (bitwise reproducible). */
+EP_API ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep_launch_t *launch);
+
+/* Facts of a handle: tokens at this rank (N), tokens received (-1 if unknown on the host), rows of the
+ * dispatch outputs. */
+EP_API ep_status_t ep_handle_info(ep_handle_t handle, int *num_tokens, int *num_recv_tokens, int *num_rows);
+/* Releases a handle (its device memory is freed in stream order on the group's stream). NULL is a no-op. */
+EP_API ep_status_t ep_handle_destroy(ep_handle_t handle);
+
 #ifdef __cplusplus
 }
 #endif

@@ -9,11 +9,15 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
-/* Host-mapped memory layout: the device error record, then destroy votes. */
+#include "kernels/ht_kernels.h"
+
+/* Host-mapped memory layout: the device error records, destroy votes, and what the dispatch notify kernel
+ * tells the host (the only thing the host ever waits for in normal mode). */
 typedef struct {
     ep_dev_error_t error;
     ep_dev_input_error_t input_error;
     int32_t destroy_votes[EP_MAX_NVL_RANKS];
+    ep_ht_notify_host_t notify;
 } ep_mapped_t;
 
 struct ep_group {
@@ -39,6 +43,11 @@ struct ep_group {
     cudaEvent_t order_event;
 
     ep_dev_group_t dev; /* what kernels receive */
+
+    uint64_t dispatch_seq; /* high-throughput ops so far: their parity picks the buffer half */
+    uint64_t combine_seq;
+    uint32_t notify_seq;
+    int live_handles; /* the group may not be destroyed while handles refer to it */
 
     ep_status_t failed; /* sticky: set by a timeout or a device error */
     char failed_message[512];
@@ -68,6 +77,9 @@ ep_status_t ep_group_order(ep_group_t g, cudaStream_t from, cudaStream_t to);
 ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *stage);
 
 const char *ep_stage_name(int stage);
+
+/* Blocks for high-throughput kernels: the call's request, else the group's num_sms, else the default. */
+int ep_group_ht_blocks(ep_group_t g, int requested);
 
 /* Waits for an NCCL call that may have returned ncclInProgress (non-blocking communicators), with a
  * deadline; `what` names the call in messages. */

@@ -74,6 +74,9 @@ ep_status_t ep_group_destroy(ep_group_t group) {
     ep_clear_error();
     if (group == NULL)
         return EP_SUCCESS;
+    if (group->live_handles > 0)
+        return ep_fail(EP_ERROR_IN_PROGRESS, "rank %d: ep_group_destroy: %d dispatch handles still refer to the "
+                       "group; release them with ep_handle_destroy first", group->rank, group->live_handles);
     int previous;
     EP_CHECK(ep_device_enter(group->device, &previous));
     cudaError_t busy = cudaStreamQuery(group->stream);

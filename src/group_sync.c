@@ -38,6 +38,9 @@ const char *ep_stage_name(int stage) {
     case EP_STAGE_GROUP_BARRIER: return "group barrier";
     case EP_STAGE_DESTROY_BARRIER: return "destroy handshake";
     case EP_STAGE_LAYOUT: return "dispatch layout";
+    case EP_STAGE_DISPATCH_NOTIFY: return "dispatch (count exchange)";
+    case EP_STAGE_DISPATCH_SEND: return "dispatch (send)";
+    case EP_STAGE_COMBINE_SEND: return "combine (send)";
     default: return "unknown stage";
     }
 }
@@ -94,11 +97,26 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
     uint32_t count = e->count;
     if (count == 0)
         return EP_SUCCESS;
-    ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: %s: topk_idx[%lld, %d] = %lld is outside [-1, num_experts) "
-            "(%u bad entries, skipped)", g->rank, ep_stage_name(e->op), (long long)e->token, (int)e->k,
-            (long long)e->value, count);
+    ep_status_t st = EP_ERROR_DEVICE_INPUT;
+    const char *op = ep_stage_name(e->op);
+    switch (e->kind) {
+    case EP_INPUT_CAPACITY:
+        st = ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "rank %d: %s: rank %d must receive %lld rows but its buffer holds "
+                     "%lld; nothing was sent (use a larger num_nvl_bytes, see the size hints, or a larger "
+                     "num_worst_tokens)", g->rank, op, (int)e->k, (long long)e->value, (long long)e->token);
+        break;
+    case EP_INPUT_LAYOUT_MISMATCH:
+        st = ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: %s: is_token_in_rank sends %lld tokens to rank %d but "
+                     "num_tokens_per_rank says %lld; nothing was sent (pass the layout of the same topk_idx)",
+                     g->rank, op, (long long)e->value, (int)e->k, (long long)e->token);
+        break;
+    default:
+        st = ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: %s: topk_idx[%lld, %d] = %lld is outside [-1, num_experts) "
+                     "(%u bad entries, skipped)", g->rank, op, (long long)e->token, (int)e->k, (long long)e->value,
+                     count);
+    }
     memset((void *)e, 0, sizeof(*e));
-    return EP_ERROR_DEVICE_INPUT;
+    return st;
 }
 
 ep_status_t ep_group_check_usable(ep_group_t g) {

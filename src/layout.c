@@ -5,7 +5,7 @@
 #include "launch.h"
 
 #define EP_MAX_TOPK 32
-#define EP_MAX_EXPERTS 8192 /* per-block shared-memory counters */
+
 
 static ep_status_t check_layout_args(ep_group_t g, const ep_tensor_t *topk_idx, int num_experts,
                                      ep_tensor_t *per_rank, ep_tensor_t *per_rdma_rank, ep_tensor_t *per_expert,

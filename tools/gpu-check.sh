@@ -59,13 +59,26 @@ run_gpu_test() { # name ranks args...
 
 for R in 2 4; do
   run_gpu_test test_group_gpu "$R"
+  run_gpu_test test_layout_gpu "$R"
+  run_gpu_test test_ht_gpu "$R" --rounds 2
 done
 
-if [[ -x "$BUILD/bench/epcomm-bench" ]]; then
-  "$BUILD/bench/epcomm-bench" > "$LOGS/bench.log" 2>&1
-  row "epcomm-bench (main job)" "$([[ $? -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$LOGS/bench.log")"
+COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"
+MACHINE="nvidia-h200-x${NGPU}"
+for R in 2 4; do
+  (( NGPU < R )) && continue
+  log="$LOGS/bench-r$R.log"
+  timeout 600 "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
+    --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 > "$log" 2>&1
+  rc=$?
+  [[ $rc -ne 0 ]] && status=1
+  row "epcomm-bench (main job) R=$R" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
+done
+if [[ -s "$LOGS/ht.jsonl" ]] && python3 -c 'import matplotlib' 2>/dev/null; then
+  python3 "$ROOT/tools/plot_bench.py" "$LOGS/ht.jsonl" "$LOGS/ht.png" > "$LOGS/plot.log" 2>&1 || true
 fi
 
+for f in "$LOGS"/bench-r*.log; do [[ -f $f ]] && sed -n '/^high-throughput/,/^$/p' "$f"; done
 echo
 echo "== summary ($(head -1 "$LOGS/machine.txt"), $(sed -n 2p "$LOGS/machine.txt"), $NGPU GPUs)"
 cat "$SUMMARY"

@@ -12,10 +12,14 @@
 
 /* The symmetric window: a control region (flags) followed by the data buffer. */
 #define EP_WINDOW_ALIGN 4096
-#define EP_CTRL_BYTES (64 * 1024)
+#define EP_CTRL_BYTES (128 * 1024)
 /* Control region layout (offsets from the window base). */
 #define EP_CTRL_BARRIER_FLAGS 0    /* uint64_t[num_ranks]: epoch each peer last reached, written by it */
 #define EP_CTRL_DESTROY_FLAGS 4096 /* uint64_t[num_ranks]: each peer's destroy vote (written once) */
+#define EP_CTRL_HT_COUNTS 8192     /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
+#define EP_CTRL_HT_EXPERTS 16384   /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
+#define EP_CTRL_HT_EXPERT_WORDS (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
+#define EP_MAX_EXPERTS 6144
 
 /* Stages, so that a timeout names what was waited on. */
 typedef enum {
@@ -23,6 +27,9 @@ typedef enum {
     EP_STAGE_GROUP_BARRIER = 1,
     EP_STAGE_DESTROY_BARRIER = 2,
     EP_STAGE_LAYOUT = 3,
+    EP_STAGE_DISPATCH_NOTIFY = 4,
+    EP_STAGE_DISPATCH_SEND = 5,
+    EP_STAGE_COMBINE_SEND = 6,
     EP_STAGE_COUNT
 } ep_stage_t;
 
@@ -36,14 +43,20 @@ typedef struct {
     uint64_t waited_ns;
 } ep_dev_error_t;
 
-/* Bad input data found by a kernel (e.g. an expert id out of range). Not sticky: the op completes without
- * the bad entries and the host reports EP_ERROR_DEVICE_INPUT at its next check, then clears the record. */
+/* Bad input data found by a kernel. Not sticky: the op completes without the bad entries (or, for a
+ * capacity overflow, without sending anything) and the host reports it at its next check, then clears it. */
+typedef enum {
+    EP_INPUT_BAD_EXPERT = 1,        /* token, k, value: topk_idx[token, k] = value outside [-1, E) */
+    EP_INPUT_CAPACITY = 2,          /* value rows needed at rank k, token = rows available */
+    EP_INPUT_LAYOUT_MISMATCH = 3,   /* k = rank: is_token_in_rank counts `value`, num_tokens_per_rank says token */
+} ep_input_error_kind_t;
+
 typedef struct {
-    uint32_t count;     /* bad entries seen */
-    int32_t op;         /* ep_stage_t of the op that saw the first one */
-    int64_t token;      /* where the first one was */
+    uint32_t count; /* bad entries seen */
+    int32_t op;     /* ep_stage_t of the op that saw the first one */
+    int32_t kind;   /* ep_input_error_kind_t */
     int32_t k;
-    int32_t pad;
+    int64_t token;
     int64_t value;
 } ep_dev_input_error_t;
 

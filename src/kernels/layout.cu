@@ -4,18 +4,9 @@
  * Counts gather in shared memory per block, then one global atomic per counter per block. Integer sums
  * commute, so results are deterministic. */
 #include "layout_kernels.h"
+#include "sync.cuh"
 
 #define LAYOUT_WARPS 8
-
-__device__ void record_bad_expert(ep_dev_input_error_t *err, int64_t token, int k, int64_t value) {
-    if (atomicAdd(&err->count, 1u) == 0) {
-        err->op = EP_STAGE_LAYOUT;
-        err->token = token;
-        err->k = k;
-        err->value = value;
-        __threadfence_system();
-    }
-}
 
 __global__ void dispatch_layout_kernel(ep_layout_args_t a, ep_dev_input_error_t *err) {
     extern __shared__ int32_t smem[]; /* [E] expert counts, then [R] rank counts */
@@ -33,7 +24,7 @@ __global__ void dispatch_layout_kernel(ep_layout_args_t a, ep_dev_input_error_t 
         if (lane < a.topk) {
             e = a.topk_idx[t * a.topk_row_stride + lane];
             if (e < -1 || e >= a.num_experts) {
-                record_bad_expert(err, t, lane, e);
+                ep_record_input_error(err, EP_STAGE_LAYOUT, EP_INPUT_BAD_EXPERT, t, lane, e);
                 e = -1;
             }
         }

@@ -40,6 +40,19 @@ __device__ __forceinline__ void ep_record_error(const ep_dev_group_t &g, int32_t
     }
 }
 
+/* Records bad input (first one wins the details; all are counted). */
+__device__ __forceinline__ void ep_record_input_error(ep_dev_input_error_t *err, int op, int kind, int64_t token,
+                                                      int k, int64_t value) {
+    if (atomicAdd_system(&err->count, 1u) == 0) {
+        err->op = op;
+        err->kind = kind;
+        err->token = token;
+        err->k = k;
+        err->value = value;
+        __threadfence_system();
+    }
+}
+
 /* Spins until *flag >= target. Returns false (and records EP_ERROR_TIMEOUT naming `peer` and `stage`) when the
  * group's timeout passes, or at once if the group already recorded an error, so one failure does not make
  * every later wait sit out its own timeout. */
@@ -60,6 +73,36 @@ __device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const 
         }
     }
     return true;
+}
+
+/* A cross-rank barrier run by one CTA (threads 0..R-1 talk to rank p = threadIdx.x), by epochs: each rank
+ * counts completed barriers; barrier n writes n into this rank's slot of every peer's flag array and waits
+ * until every slot of its own array reaches n. Flags only grow, so nothing is ever reset and no two barriers
+ * can be confused. Everything this GPU wrote to peers before (in this kernel by any CTA that finished, or in
+ * earlier kernels of the stream) lands before the flag. Returns false on timeout (recorded). */
+__device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stage) {
+    __shared__ uint64_t epoch;
+    __shared__ int ok;
+    int peer = threadIdx.x;
+    if (peer == 0) {
+        epoch = *g.barrier_epoch + 1;
+        ok = 1;
+    }
+    __syncthreads();
+    if (peer < g.num_ranks) {
+        __threadfence_system();
+        uint64_t *remote = (uint64_t *)(g.window[peer] + EP_CTRL_BARRIER_FLAGS) + g.rank;
+        ep_store_release_sys(remote, epoch);
+        const uint64_t *local = (const uint64_t *)(g.window[g.rank] + EP_CTRL_BARRIER_FLAGS) + peer;
+        if (!ep_wait_flag_geq(g, local, epoch, stage, peer))
+            ok = 0;
+    }
+    __syncthreads();
+    if (peer == 0)
+        *g.barrier_epoch = epoch;
+    bool result = ok != 0;
+    __syncthreads();
+    return result;
 }
 
 #endif

@@ -1,0 +1,81 @@
+/* Where the high-throughput mode keeps things in the symmetric data buffer. Plain C, used by host code and
+ * kernels alike so both compute the same offsets.
+ *
+ * The data buffer (after the control region) is split in four equal quarters: dispatch receive regions for
+ * even and odd dispatches, and combine receive regions for even and odd combines. Alternating lets a fast
+ * rank start the next op while a slow one still reads the previous op's data: a rank can be at most one op
+ * ahead, because every op ends with a barrier.
+ *
+ * A dispatch region holds, for up to `rows` received tokens: x rows, scale rows, local topk ids (int64),
+ * topk weights (float) and source token indices (int32), each array 16-byte aligned. A combine region holds
+ * rows of bf16 and topk weights. */
+#ifndef EP_HT_LAYOUT_H
+#define EP_HT_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define EP_HD __host__ __device__ __forceinline__
+#else
+#define EP_HD static inline
+#endif
+
+typedef struct {
+    uint64_t quarter_bytes; /* bytes of one region */
+    uint64_t x_row_bytes, scale_row_bytes, topk;
+    uint64_t rows;          /* capacity in rows */
+    uint64_t x_off, scales_off, idx_off, weights_off, src_off; /* from the region start */
+} ep_ht_dispatch_region_t;
+
+typedef struct {
+    uint64_t quarter_bytes;
+    uint64_t row_bytes, topk;
+    uint64_t rows;
+    uint64_t x_off, weights_off;
+} ep_ht_combine_region_t;
+
+EP_HD uint64_t ep_align16(uint64_t v) { return (v + 15) & ~(uint64_t)15; }
+
+EP_HD uint64_t ep_ht_quarter_bytes(uint64_t data_bytes) { return (data_bytes / 4) & ~(uint64_t)4095; }
+
+EP_HD ep_ht_dispatch_region_t ep_ht_dispatch_region(uint64_t data_bytes, uint64_t x_row_bytes,
+                                                     uint64_t scale_row_bytes, uint64_t topk) {
+    ep_ht_dispatch_region_t r;
+    r.quarter_bytes = ep_ht_quarter_bytes(data_bytes);
+    r.x_row_bytes = x_row_bytes;
+    r.scale_row_bytes = scale_row_bytes;
+    r.topk = topk;
+    uint64_t per_row = x_row_bytes + scale_row_bytes + topk * 12 + 4;
+    /* 80 bytes of slack for the five 16-byte alignments. */
+    r.rows = r.quarter_bytes > 80 ? (r.quarter_bytes - 80) / per_row : 0;
+    r.x_off = 0;
+    r.scales_off = ep_align16(r.x_off + r.rows * x_row_bytes);
+    r.idx_off = ep_align16(r.scales_off + r.rows * scale_row_bytes);
+    r.weights_off = ep_align16(r.idx_off + r.rows * topk * 8);
+    r.src_off = ep_align16(r.weights_off + r.rows * topk * 4);
+    return r;
+}
+
+/* Offset of dispatch region `parity` (0/1) from the data buffer start. */
+EP_HD uint64_t ep_ht_dispatch_base(uint64_t data_bytes, int parity) {
+    return (uint64_t)parity * ep_ht_quarter_bytes(data_bytes);
+}
+
+EP_HD ep_ht_combine_region_t ep_ht_combine_region(uint64_t data_bytes, uint64_t row_bytes, uint64_t topk) {
+    ep_ht_combine_region_t r;
+    r.quarter_bytes = ep_ht_quarter_bytes(data_bytes);
+    r.row_bytes = row_bytes;
+    r.topk = topk;
+    uint64_t per_row = row_bytes + topk * 4;
+    r.rows = r.quarter_bytes > 32 ? (r.quarter_bytes - 32) / per_row : 0;
+    r.x_off = 0;
+    r.weights_off = ep_align16(r.rows * row_bytes);
+    return r;
+}
+
+EP_HD uint64_t ep_ht_combine_base(uint64_t data_bytes, int parity) {
+    return (uint64_t)(2 + parity) * ep_ht_quarter_bytes(data_bytes);
+}
+
+#endif

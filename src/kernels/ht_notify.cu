@@ -1,0 +1,139 @@
+/* Dispatch, step 1: the count exchange. One CTA.
+ *  a. Each thread takes a run of tokens and counts, per destination, the tokens it sends there; a block scan
+ *     turns those into each token's rank among the tokens going to that destination.
+ *  b. The [R] row of counts goes to every peer (so every rank knows the whole [R][R] matrix) and the
+ *     per-local-expert counts go to the expert's rank. A count that disagrees with num_tokens_per_rank is
+ *     sent as -1, so that every rank abandons the op together instead of reading unwritten rows.
+ *  c. After a barrier, each rank knows where each source's rows start in every receiver: it writes the final
+ *     row position of each of its tokens at each destination, its receive count and per-expert counts, and
+ *     tells the host through mapped memory. */
+#include "ht_kernels.h"
+#include "sync.cuh"
+
+#define NOTIFY_THREADS 1024
+
+__global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_group_t g, ep_ht_notify_args_t a) {
+    __shared__ int32_t run_count[NOTIFY_THREADS][EP_MAX_NVL_RANKS]; /* then: exclusive prefix per thread */
+    __shared__ int32_t totals[EP_MAX_NVL_RANKS];
+    __shared__ int32_t counts[EP_MAX_NVL_RANKS][EP_MAX_NVL_RANKS];
+    __shared__ int abandon;
+    const int R = g.num_ranks, me = g.rank, tid = threadIdx.x;
+    const int per_thread = (a.num_tokens + NOTIFY_THREADS - 1) / NOTIFY_THREADS;
+    const int t0 = tid * per_thread, t1 = min(a.num_tokens, t0 + per_thread);
+
+    /* a. per-thread counts, then a serial scan per destination (R threads, NOTIFY_THREADS steps each). */
+    int32_t mine[EP_MAX_NVL_RANKS];
+#pragma unroll
+    for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
+        mine[d] = 0;
+    for (int t = t0; t < t1; t++)
+#pragma unroll
+        for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
+            if (d < R)
+                mine[d] += a.is_token_in_rank[(int64_t)t * a.in_rank_stride + d] != 0;
+#pragma unroll
+    for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
+        run_count[tid][d] = mine[d];
+    if (tid == 0)
+        abandon = 0;
+    __syncthreads();
+    if (tid < R) {
+        int32_t sum = 0;
+        for (int i = 0; i < NOTIFY_THREADS; i++) {
+            int32_t c = run_count[i][tid];
+            run_count[i][tid] = sum;
+            sum += c;
+        }
+        totals[tid] = sum;
+    }
+    __syncthreads();
+
+    /* b. publish counts. */
+    const int L = a.num_experts / R;
+    if (tid < R * R) {
+        int peer = tid / R, d = tid % R;
+        int32_t c = totals[d];
+        if (c != a.tokens_per_rank[d]) {
+            ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_LAYOUT_MISMATCH,
+                                  a.tokens_per_rank[d], d, c);
+            c = -1;
+        }
+        int32_t *slot = (int32_t *)(g.window[peer] + EP_CTRL_HT_COUNTS) + (a.parity * R + me) * R + d;
+        *(volatile int32_t *)slot = c;
+    }
+    for (int i = tid; i < a.num_experts; i += NOTIFY_THREADS) {
+        int peer = i / L, l = i % L;
+        int32_t *slot = (int32_t *)(g.window[peer] + EP_CTRL_HT_EXPERTS) + a.parity * EP_CTRL_HT_EXPERT_WORDS +
+                        me * L + l;
+        *(volatile int32_t *)slot = a.tokens_per_expert[i];
+    }
+    __syncthreads();
+    ep_cta_barrier(g, EP_STAGE_DISPATCH_NOTIFY);
+
+    /* c. read the matrix; every rank makes the same abandon decision from the same numbers. */
+    if (tid < R * R) {
+        int s = tid / R, d = tid % R;
+        int32_t c = *(volatile int32_t *)((int32_t *)(g.window[me] + EP_CTRL_HT_COUNTS) + (a.parity * R + s) * R + d);
+        counts[s][d] = c;
+        if (c < 0)
+            abandon = 1;
+        a.routing.counts[tid] = c;
+        a.host->counts[tid] = c;
+    }
+    __syncthreads();
+    if (tid < R && !abandon) {
+        int64_t into = 0;
+        for (int s = 0; s < R; s++)
+            into += counts[s][tid];
+        if (into > a.capacity_rows) {
+            ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CAPACITY, a.capacity_rows,
+                                  tid, into);
+            abandon = 1;
+        }
+    }
+    __syncthreads();
+    int32_t base[EP_MAX_NVL_RANKS]; /* where this rank's rows start at each destination */
+#pragma unroll
+    for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
+        base[d] = 0;
+        for (int s = 0; s < me && d < R; s++)
+            base[d] += counts[s][d];
+    }
+    for (int t = t0; t < t1; t++) {
+#pragma unroll
+        for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
+            if (d >= R)
+                continue;
+            int in = a.is_token_in_rank[(int64_t)t * a.in_rank_stride + d] != 0;
+            a.routing.send_pos[(int64_t)t * R + d] = (in && !abandon) ? base[d] + run_count[tid][d] : -1;
+            run_count[tid][d] += in;
+        }
+    }
+    for (int l = tid; l < L; l += NOTIFY_THREADS) {
+        int64_t sum = 0;
+        for (int s = 0; s < R; s++)
+            sum += *(volatile int32_t *)((int32_t *)(g.window[me] + EP_CTRL_HT_EXPERTS) +
+                                         a.parity * EP_CTRL_HT_EXPERT_WORDS + s * L + l);
+        int64_t al = a.expert_alignment;
+        a.host->recv_per_expert[l] = (int32_t)((sum + al - 1) / al * al);
+    }
+    if (tid == 0) {
+        int32_t nr = 0;
+        for (int s = 0; s < R; s++)
+            nr += counts[s][me];
+        nr = abandon ? -1 : nr;
+        *a.routing.num_recv = nr;
+        a.host->num_recv = nr;
+        a.host->ok = !abandon;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence_system();
+        *(volatile uint32_t *)&a.host->seq = a.seq;
+    }
+}
+
+extern "C" cudaError_t ep_launch_ht_notify(const ep_dev_group_t *g, const ep_ht_notify_args_t *a, cudaStream_t s) {
+    ht_notify_kernel<<<1, NOTIFY_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}
