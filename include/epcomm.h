@@ -211,7 +211,8 @@ typedef struct {
     int num_rows;                   /* rows in the recv_* views: Nr, or num_worst_tokens */
     ep_tensor_t recv_x;             /* [rows, H], same dtype as x, ordered by (source rank, source token) */
     ep_tensor_t recv_x_scales;      /* [rows, S] (FP8), else data NULL */
-    ep_tensor_t recv_topk_idx;      /* [rows, K] int64: local expert ids, -1 for experts elsewhere / past Nr */
+    ep_tensor_t recv_topk_idx;      /* [rows, K] int64: local expert ids, -1 for experts elsewhere / past Nr;
+                                       data NULL for a cached dispatch without topk_idx */
     ep_tensor_t recv_topk_weights;  /* [rows, K] float32, 0 where idx is -1; data NULL without weights */
     ep_tensor_t recv_src_idx;       /* [rows] int32: token index at the source rank, -1 past Nr */
     int32_t *num_recv_tokens_per_expert; /* caller's host array of >= E/R entries, or NULL: filled unless the

@@ -31,8 +31,11 @@
  *   where v = float(row) (or the LogFMT-decoded value); out = bf16(acc).
  * - NaN/Inf policy: dispatch moves bytes unchanged; casts and sums follow IEEE float32 (a NaN or Inf in a
  *   token propagates into the sums it takes part in); the FP8 cast ignores NaN for amax, and an Inf makes
- *   amax Inf, so scale = 0 and every finite value of the group casts to 0 while the Inf casts to NaN
- *   (0 * Inf) -> 0x7F. The tests document this with explicit cases.
+ *   amax Inf, so scale_inv = Inf, scale = 0 and every finite value of the group casts to +-0 (0x00/0x80)
+ *   while the Inf casts to NaN (0 * Inf) -> 0x7F. In the group cast every NaN product gives 0x7F whatever
+ *   its sign, because the sign of a NaN made by arithmetic is not portable (a GPU's is always positive).
+ *   Likewise the bits of a NaN in a bf16 sum are not portable: compare NaN outputs as "is NaN", never by
+ *   bits. LogFMT keeps a group with a NaN or Inf as raw bf16. The tests document this with explicit cases.
  */
 #ifndef EPREF_H
 #define EPREF_H
@@ -71,6 +74,10 @@ uint8_t epref_ue8m0_byte(float scale_inv);
  * back to float. The exact algorithm (ranges, rounding, when raw bf16 is kept) is documented in ref/logfmt.c.
  * Returns 1 if the group was encoded in log format, 0 if it was sent as raw bf16 (then out = float(x)). */
 int epref_logfmt_roundtrip(const uint16_t *x, int n, float *out);
+/* The relative error bound of one group's round trip (0 for a raw group): |out - x| <= bound * |x| for every
+ * normal x that is not flushed to zero. Never above EPREF_LOGFMT_MAX_REL_ERROR. See ref/logfmt.c. */
+double epref_logfmt_error_bound(const uint16_t *x, int n);
+#define EPREF_LOGFMT_MAX_REL_ERROR 0.0324
 
 /* ---- layout (one rank's tokens) ----
  * topk_idx: [N, K] int64 with row stride K. Outputs (any may be NULL):
@@ -90,8 +97,9 @@ typedef struct {
     const uint32_t *scales;       /* [N, num_scales] 4-byte words, or NULL */
     int num_scales;               /* words per row (0 when scales == NULL) */
     size_t scales_stride;         /* in words, >= num_scales */
+    int topk;                     /* K >= 1, same on every rank */
     const int64_t *topk_idx;      /* [N, K], row stride K */
-    const float *topk_weights;    /* [N, K], row stride K, or NULL */
+    const float *topk_weights;    /* [N, K], row stride K, or NULL (then NULL on every rank with tokens) */
 } epref_rank_input_t;
 
 /* ---- high-throughput (normal) dispatch: what destination rank `rank` receives ---- */
@@ -124,10 +132,11 @@ void epref_dispatch_result_free(epref_dispatch_result_t *r);
 /* ---- high-throughput combine: what source rank `rank` gets back ----
  * recv[d]: the dispatch result of destination rank d (as returned by epref_dispatch for rank d);
  * x[d]: [Nr_d, H] bf16 rows that rank d sends back, row stride x_stride[d] elements;
- * weights[d]: [Nr_d, K] float or NULL (then no weights are combined).
+ * weights: NULL (no weights are combined), or weights[d] = [Nr_d, K] float for every d that received rows.
  * topk_idx of `rank` (from in[rank]) says where each token went (via is_token_in_rank semantics).
  * bias0/bias1: [N, H] bf16 of `rank`, row stride H, or NULL.
- * out: [N, H] bf16 (row stride H); out_weights: [N, K] or NULL. */
+ * out: [N, H] bf16 (row stride H); out_weights: [N, K] or NULL. Fails with EPREF_BAD_ARGUMENT if recv does
+ * not hold exactly the rows that in[rank]'s routing sends (checked via src_rank / src_token). */
 epref_status_t epref_combine(const epref_rank_input_t *in, const epref_dispatch_result_t *recv,
                              const uint16_t *const *x, const size_t *x_stride, const float *const *weights,
                              int num_ranks, int num_experts, int rank, int hidden, const uint16_t *bias0,
@@ -150,12 +159,13 @@ typedef struct {
      * business). */
     void *scales;
     int32_t *src_info;     /* [L, R*T]: source token index; -1 past recv_count */
-    int64_t *layout_range; /* [L, R]: (begin << 32) | count of the rows from each source rank */
+    int64_t *layout_range; /* [L, R]: (begin << 32) | count of the rows from each source rank; begin = rows
+                              from lower source ranks, also when count is 0 */
 } epref_ll_dispatch_result_t;
 
 /* A (token, expert) pair counts once even if the expert appears twice in a token's top-k.
  * Fails with EPREF_TOO_MANY if some N_s > T, EPREF_BAD_ARGUMENT if use_ue8m0 without round_scale or
- * H % 128 (H % 512 for UE8M0) != 0. */
+ * H % 128 (H % 512 for UE8M0) != 0. Without use_fp8, round_scale and use_ue8m0 are ignored (stored as 0). */
 epref_status_t epref_ll_dispatch(const epref_rank_input_t *in, int num_ranks, int num_experts, int max_tokens,
                                  int hidden, int rank, int use_fp8, int round_scale, int use_ue8m0,
                                  epref_ll_dispatch_result_t *out);
@@ -182,9 +192,11 @@ float epref_rng_normal(epref_rng_t *r);
 
 /* Routing as PERF.md describes: for each token, top-K of (|randn| + 1) scores over E experts (distinct
  * experts), written to topk_idx [N, K]; weights (if not NULL) uniform in [0.5, 1.5). mask_prob in [0,1]:
- * each entry is independently replaced by -1 with that probability. */
-void epref_random_routing(epref_rng_t *r, int num_tokens, int topk, int num_experts, float mask_prob,
-                          int64_t *topk_idx, float *topk_weights);
+ * each entry is independently replaced by -1 with that probability. Experts are listed by descending score.
+ * The draws per token and their order are listed in ref/routing.c (the experts do not depend on whether
+ * weights are asked for). Fails (EPREF_BAD_ARGUMENT) unless 1 <= topk <= num_experts. */
+epref_status_t epref_random_routing(epref_rng_t *r, int num_tokens, int topk, int num_experts, float mask_prob,
+                                    int64_t *topk_idx, float *topk_weights);
 
 #ifdef __cplusplus
 }

@@ -183,6 +183,7 @@ static ep_status_t create_local_state(ep_group_t g) {
                                 cudaHostAllocMapped | cudaHostAllocPortable));
     memset(g->mapped_host, 0, sizeof(ep_mapped_t));
     EP_CUDA_CHECK(cudaHostGetDevicePointer((void **)&g->mapped_dev, g->mapped_host, 0));
+    EP_CUDA_CHECK(cudaDeviceGetAttribute(&g->num_device_sms, cudaDevAttrMultiProcessorCount, g->device));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->barrier_epoch_dev, sizeof(uint64_t)));
     EP_CUDA_CHECK(cudaMemset(g->barrier_epoch_dev, 0, sizeof(uint64_t)));
     g->dev.rank = g->rank;

@@ -79,6 +79,9 @@ ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep
         .out_weights = args->topk_weights.data ? (float *)args->out_topk_weights.data : NULL,
         .out_w_stride = args->out_topk_weights.strides[0],
         .num_blocks = ep_group_ht_blocks(group, args->num_sms),
+        /* The reduction is local and runs after the transfer has finished: it is memory-latency bound, so
+         * it takes every SM for its few tens of microseconds rather than the transfer's small budget. */
+        .num_reduce_blocks = group->num_device_sms,
     };
     EP_CHECK(ep_launch_begin(group, &frame));
     cudaError_t err = ep_launch_ht_combine_send(&group->dev, &c, group->stream);

@@ -88,6 +88,9 @@ static ep_status_t check_dispatch_args(ep_group_t g, const ep_dispatch_args_t *a
     EP_CHECK(ep_check_range(a->num_sms, 0, 1024, "num_sms"));
     if (a->cached_handle == NULL)
         return check_routing(g, a);
+    if (a->topk_weights.data != NULL && a->topk_idx.data == NULL)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "topk_weights: a cached dispatch that sends weights needs topk_idx "
+                       "too (to make the expert ids local)");
     ep_handle_t h = a->cached_handle;
     if (h->group != g)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "cached_handle: it belongs to another group");
@@ -170,15 +173,18 @@ static void fill_views(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h,
     int rows = h->num_rows, K = h->topk;
     r->num_recv_tokens = h->num_recv;
     r->num_rows = rows;
+    r->recv_src_idx = ep_tensor_1d(region + reg->src_off, EP_DTYPE_INT32, rows);
     r->recv_x = ep_tensor_2d(region + reg->x_off, a->x.dtype, rows, a->x.shape[1]);
     memset(&r->recv_x_scales, 0, sizeof(ep_tensor_t));
     if (num_scales > 0)
         r->recv_x_scales = ep_tensor_2d(region + reg->scales_off, a->x_scales.dtype, rows, num_scales);
-    r->recv_topk_idx = ep_tensor_2d(region + reg->idx_off, EP_DTYPE_INT64, rows, K);
+    memset(&r->recv_topk_idx, 0, sizeof(ep_tensor_t));
     memset(&r->recv_topk_weights, 0, sizeof(ep_tensor_t));
+    if (a->topk_idx.data == NULL) /* cached dispatch without topk: no topk outputs, as in DeepEP */
+        return;
+    r->recv_topk_idx = ep_tensor_2d(region + reg->idx_off, EP_DTYPE_INT64, rows, K);
     if (a->topk_weights.data != NULL)
         r->recv_topk_weights = ep_tensor_2d(region + reg->weights_off, EP_DTYPE_FLOAT32, rows, K);
-    r->recv_src_idx = ep_tensor_1d(region + reg->src_off, EP_DTYPE_INT32, rows);
 }
 
 static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {

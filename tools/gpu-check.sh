@@ -20,6 +20,7 @@ if [[ -z "${NCCL_HOME:-}" ]]; then
 fi
 
 SUMMARY="$LOGS/summary.md"
+mkdir -p "$(dirname "$BUILD")"
 : > "$SUMMARY"
 row() { printf '| %-42s | %-6s | %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
 
@@ -33,25 +34,33 @@ row() { printf '| %-42s | %-6s | %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
 } > "$LOGS/machine.txt" 2>&1
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 
+# At most 8 files come back from the device machine: keep them few (machine, summary, tests, bench logs,
+# JSONL, plot); build logs stay in the build folder unless the build fails.
+TESTS="$LOGS/tests.log"
+: > "$TESTS"
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNCCL_HOME="$NCCL_HOME" \
-  > "$LOGS/configure.log" 2>&1 && ninja -C "$BUILD" > "$LOGS/build.log" 2>&1
+  > "$BUILD.configure.log" 2>&1 && ninja -C "$BUILD" > "$BUILD.build.log" 2>&1
 if [[ $? -ne 0 ]]; then
-  tail -n 40 "$LOGS/configure.log"; tail -n 60 "$LOGS/build.log"
+  cat "$BUILD.configure.log" "$BUILD.build.log" > "$LOGS/build.log"
+  tail -n 40 "$BUILD.configure.log"; tail -n 60 "$BUILD.build.log"
   row "build" "FAIL" "see build.log"
   exit 1
 fi
-row "build" "ok" "$(grep -m1 'epcomm: NCCL' "$LOGS/configure.log" | sed 's/-- //')"
+row "build" "ok" "$(grep -m1 'epcomm: NCCL' "$BUILD.configure.log" | sed 's/-- //')"
 
-(cd "$BUILD" && ctest --output-on-failure > "$LOGS/host-tests.log" 2>&1)
-row "host tests (ctest)" "$([[ $? -eq 0 ]] && echo ok || echo FAIL)" "$(grep -E 'tests passed' "$LOGS/host-tests.log")"
+(cd "$BUILD" && ctest --output-on-failure > "$BUILD.host-tests.log" 2>&1)
+rc=$?
+{ echo "==== host tests (ctest)"; cat "$BUILD.host-tests.log"; } >> "$TESTS"
+row "host tests (ctest)" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(grep -E 'tests passed' "$BUILD.host-tests.log")"
 
 status=0
 run_gpu_test() { # name ranks args...
   local name=$1 ranks=$2; shift 2
   if (( NGPU < ranks )); then row "$name R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
-  local log="$LOGS/$name-r$ranks.log"
+  local log="$BUILD.$name-r$ranks.log"
   timeout 900 "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
   local rc=$?
+  { echo "==== $name R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
   [[ $rc -ne 0 ]] && status=1
   row "$name R=$ranks" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
   grep -E '^(PASS|FAIL)|^     ' "$log" | sed 's/^/    /'
@@ -75,7 +84,7 @@ for R in 2 4; do
   row "epcomm-bench (main job) R=$R" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
 done
 if [[ -s "$LOGS/ht.jsonl" ]] && python3 -c 'import matplotlib' 2>/dev/null; then
-  python3 "$ROOT/tools/plot_bench.py" "$LOGS/ht.jsonl" "$LOGS/ht.png" > "$LOGS/plot.log" 2>&1 || true
+  python3 "$ROOT/tools/plot_bench.py" "$LOGS/ht.jsonl" "$LOGS/ht.png" >> "$TESTS" 2>&1 || true
 fi
 
 for f in "$LOGS"/bench-r*.log; do [[ -f $f ]] && sed -n '/^high-throughput/,/^$/p' "$f"; done

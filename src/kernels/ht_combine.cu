@@ -125,17 +125,40 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_reduce_kernel(e
 #pragma unroll
         for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
             rows[d] = __shfl_sync(0xffffffffu, my_row, d);
-        for (int64_t c = lane; c < chunks; c += 32) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        /* Several 16-byte chunks per lane per step: R * COMBINE_UNROLL independent loads in flight. */
+        for (int64_t c0 = lane; c0 < chunks; c0 += 32 * COMBINE_UNROLL) {
+            float acc[COMBINE_UNROLL][8];
 #pragma unroll
-            for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
-                if (d < R && rows[d] >= 0)
-                    add_bf16x8(acc, ((const uint4 *)(region + reg.x_off + (int64_t)rows[d] * a.row_bytes))[c]);
-            if (a.bias0)
-                add_bf16x8(acc, ((const uint4 *)(a.bias0 + t * a.bias0_stride))[c]);
-            if (a.bias1)
-                add_bf16x8(acc, ((const uint4 *)(a.bias1 + t * a.bias1_stride))[c]);
-            ((uint4 *)(a.out + t * a.out_stride))[c] = pack_bf16x8(acc);
+            for (int u = 0; u < COMBINE_UNROLL; u++)
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    acc[u][j] = 0.0f;
+#pragma unroll
+            for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
+                if (d >= R || rows[d] < 0)
+                    continue;
+                const uint4 *src = (const uint4 *)(region + reg.x_off + (int64_t)rows[d] * a.row_bytes);
+                uint4 v[COMBINE_UNROLL];
+#pragma unroll
+                for (int u = 0; u < COMBINE_UNROLL; u++)
+                    if (c0 + u * 32 < chunks)
+                        v[u] = src[c0 + u * 32];
+#pragma unroll
+                for (int u = 0; u < COMBINE_UNROLL; u++)
+                    if (c0 + u * 32 < chunks)
+                        add_bf16x8(acc[u], v[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < COMBINE_UNROLL; u++) {
+                int64_t c = c0 + u * 32;
+                if (c >= chunks)
+                    continue;
+                if (a.bias0)
+                    add_bf16x8(acc[u], ((const uint4 *)(a.bias0 + t * a.bias0_stride))[c]);
+                if (a.bias1)
+                    add_bf16x8(acc[u], ((const uint4 *)(a.bias1 + t * a.bias1_stride))[c]);
+                ((uint4 *)(a.out + t * a.out_stride))[c] = pack_bf16x8(acc[u]);
+            }
         }
         if (a.out_weights && lane < a.topk) {
             float w = 0.0f;
@@ -158,6 +181,6 @@ extern "C" cudaError_t ep_launch_ht_combine_reduce(const ep_dev_group_t *g, cons
                                                    cudaStream_t s) {
     if (a->num_tokens == 0)
         return cudaSuccess;
-    ht_combine_reduce_kernel<<<a->num_blocks, COMBINE_WARPS * 32, 0, s>>>(*g, *a);
+    ht_combine_reduce_kernel<<<a->num_reduce_blocks, COMBINE_WARPS * 32, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }

@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(SEND_WARPS * 32) ht_dispatch_send_kernel(ep_de
                 if (d < R && pos[d] >= 0)
                     ((uint32_t *)(dispatch_region(g, d, a) + reg.scales_off))[(uint64_t)pos[d] * a.num_scales + j] = w;
         }
-        if (lane < a.topk) {
-            int64_t e = a.topk_idx ? a.topk_idx[t * a.idx_stride + lane] : -1;
+        if (a.topk_idx && lane < a.topk) { /* cached dispatch without topk sends no metadata */
+            int64_t e = a.topk_idx[t * a.idx_stride + lane];
             float w = a.weights ? a.weights[t * a.w_stride + lane] : 0.0f;
             if (e < -1 || e >= a.num_experts)
                 e = -1; /* reported by the layout kernel */

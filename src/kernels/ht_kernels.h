@@ -84,7 +84,8 @@ typedef struct {
     int64_t out_stride;
     float *out_weights;
     int64_t out_w_stride;
-    int num_blocks;
+    int num_blocks;        /* the transfer's blocks (the SM budget) */
+    int num_reduce_blocks; /* the local reduction after the transfer */
 } ep_ht_combine_args_t;
 
 cudaError_t ep_launch_ht_combine_send(const ep_dev_group_t *g, const ep_ht_combine_args_t *a, cudaStream_t s);
