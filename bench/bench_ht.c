@@ -207,6 +207,7 @@ static int op_cached_dispatch(ctx_t *c, void *arg) {
     da.num_sms = w->sms;
     da.cached_handle = w->handle;
     memset(&da.topk_idx, 0, sizeof(da.topk_idx));
+    memset(&da.topk_weights, 0, sizeof(da.topk_weights));
     ep_dispatch_result_t res = EP_DISPATCH_RESULT_INIT;
     if (ep_dispatch(c->g, &da, &res, &l) != EP_SUCCESS) {
         fprintf(stderr, "rank %d: cached dispatch: %s\n", c->rank, ep_last_error());

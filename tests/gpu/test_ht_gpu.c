@@ -224,6 +224,7 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
             cudaMemcpy(b.x, me->x, (size_t)N * row, cudaMemcpyHostToDevice);
             da.cached_handle = handle;
             memset(&da.topk_idx, 0, sizeof(da.topk_idx));
+            memset(&da.topk_weights, 0, sizeof(da.topk_weights));
         }
         poison_next_dispatch_region(g);
         ep_dispatch_result_t res = EP_DISPATCH_RESULT_INIT;
