@@ -32,7 +32,7 @@ def main(src, dst):
             by_tokens.plot(t, [at[k] for k in t], "o-", label=f"{op} {dtype} EP{ep}")
     by_tokens.set_xlabel("tokens per rank")
     by_tokens.set_ylabel("logical GB/s")
-    by_tokens.set_title("bandwidth vs tokens (24 SMs; NCCL: none)")
+    by_tokens.set_title("bandwidth vs tokens (ours: 24 SMs; NCCL: its own)")
     by_sms.set_xlabel("SMs")
     by_sms.set_title("bandwidth vs SMs (4096 tokens)")
     for ax in (by_tokens, by_sms):

@@ -71,13 +71,19 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_send_kernel(ep_
     if (skip)
         return;
     const int64_t chunks = a.row_bytes / 16;
-    const int64_t num_rows = recv_start[R];
-    for (int64_t i = (int64_t)blockIdx.x * COMBINE_WARPS + threadIdx.x / 32; i < num_rows;
-         i += (int64_t)gridDim.x * COMBINE_WARPS) {
-        int s = 0;
-        while (s + 1 < R && i >= recv_start[s + 1])
-            s++;
-        int64_t row = dst_start[s] + (i - recv_start[s]);
+    /* Rows are stored by source, so walking them in order would send to one peer at a time and leave the
+     * other NVLinks idle. Interleave instead: virtual row v is row v / R of source v % R. */
+    int64_t most = 0;
+    for (int s = 0; s < R; s++)
+        most = max(most, (int64_t)(recv_start[s + 1] - recv_start[s]));
+    for (int64_t v = (int64_t)blockIdx.x * COMBINE_WARPS + threadIdx.x / 32; v < most * R;
+         v += (int64_t)gridDim.x * COMBINE_WARPS) {
+        int s = (int)(v % R);
+        int64_t j = v / R;
+        if (j >= recv_start[s + 1] - recv_start[s])
+            continue;
+        int64_t i = recv_start[s] + j;
+        int64_t row = dst_start[s] + j;
         char *region = combine_region(g, s, a);
         const uint4 *src = (const uint4 *)(a.x + i * a.x_stride_bytes);
         uint4 *dst = (uint4 *)(region + reg.x_off + row * a.row_bytes);
