@@ -478,7 +478,9 @@ int bench_ht_run(const bench_ht_args_t *a) {
             ctx_t c = base;
             c.rank = r;
             c.out = &shared[r];
-            _exit(worker(&c));
+            int rc = worker(&c);
+            fflush(stdout);
+            _exit(rc);
         }
     }
     int failed = 0;

@@ -67,8 +67,11 @@ int demo_gpu_group(int num_gpus) {
     pid_t pids[64];
     for (int r = 0; r < num_gpus && r < 64; r++) {
         pids[r] = fork();
-        if (pids[r] == 0)
-            _exit(group_worker(r, num_gpus, &id));
+        if (pids[r] == 0) {
+            int rc = group_worker(r, num_gpus, &id);
+            fflush(stdout); /* _exit skips stdio's flush */
+            _exit(rc);
+        }
     }
     int failed = 0;
     for (int r = 0; r < num_gpus && r < 64; r++) {

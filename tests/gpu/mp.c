@@ -25,8 +25,12 @@ int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int t
     pid_t pids[64];
     for (int r = 0; r < num_ranks; r++) {
         pids[r] = fork();
-        if (pids[r] == 0)
-            _exit(fn(r, num_ranks, &id, arg) == 0 ? 0 : 1);
+        if (pids[r] == 0) {
+            int rc = fn(r, num_ranks, &id, arg) == 0 ? 0 : 1;
+            fflush(stdout); /* _exit skips stdio's flush */
+            fflush(stderr);
+            _exit(rc);
+        }
     }
     int failed = 0, remaining = num_ranks;
     int done[64] = {0};
