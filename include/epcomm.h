@@ -189,8 +189,9 @@ typedef struct {
     size_t size;                       /* sizeof(ep_dispatch_args_t) */
     ep_tensor_t x;                     /* [N, H] bfloat16 or float8_e4m3; rows 16-byte aligned */
     ep_tensor_t x_scales;              /* FP8: [N, S] float32 or int32 words (any strides); else data NULL */
-    ep_tensor_t topk_idx;              /* [N, K] int64, K <= 32; data NULL with cached_handle */
-    ep_tensor_t topk_weights;          /* [N, K] float32, or data NULL */
+    ep_tensor_t topk_idx;              /* [N, K] int64, K <= 32, or data NULL (then no topk outputs); NULL
+                                          for a cached dispatch unless its handle was made with topk */
+    ep_tensor_t topk_weights;          /* [N, K] float32, or data NULL (needs topk_idx) */
     ep_tensor_t num_tokens_per_rank;   /* [R] int32, from ep_get_dispatch_layout (ignored when cached) */
     ep_tensor_t is_token_in_rank;      /* [N, R] bool (ignored when cached) */
     ep_tensor_t num_tokens_per_expert; /* [E] int32 (ignored when cached) */
@@ -244,6 +245,14 @@ typedef struct {
 /* Collective. out[t] = sum over the ranks token t went to, in ascending rank order, of that rank's row,
  * then + bias0, + bias1, accumulated in float32 and rounded once (bitwise reproducible). */
 EP_API ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep_launch_t *launch);
+
+/* Autotune (collective): runs one dispatch with `args` (not cached) to get a handle, then times a cached
+ * dispatch plus a combine of the received rows for each candidate SM count (several runs each, slowest rank
+ * counted) and returns the fastest in *best_num_sms (and its time, in microseconds, if best_time_us is not
+ * NULL). Every rank must pass the same candidates. Needs a stream that can be synchronised. */
+EP_API ep_status_t ep_autotune_normal(ep_group_t group, const ep_dispatch_args_t *args, const int *candidates,
+                                      int num_candidates, int *best_num_sms, float *best_time_us,
+                                      const ep_launch_t *launch);
 
 /* Facts of a handle: tokens at this rank (N), tokens received (-1 if unknown on the host), rows of the
  * dispatch outputs. */

@@ -11,7 +11,19 @@ ep_status_t ep_handle_create(ep_group_t g, int num_tokens, ep_handle_t *out) {
         return ep_fail(EP_ERROR_OUT_OF_MEMORY, "handle: out of host memory");
     size_t R = (size_t)g->num_ranks;
     size_t bytes = sizeof(int32_t) * (R * R + 4 + (size_t)num_tokens * R);
-    cudaError_t err = cudaMallocAsync(&h->device_mem, bytes, g->stream);
+    enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cudaError_t err = cudaStreamIsCapturing(g->stream, &capture);
+    if (err == cudaSuccess && capture == cudaStreamCaptureStatusActive) {
+        /* A stream-ordered allocation inside a graph would have to be freed before the graph runs again; a
+         * plain allocation (allowed by switching this thread to relaxed capture mode) lives with the handle. */
+        enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+        cudaThreadExchangeStreamCaptureMode(&mode);
+        err = cudaMalloc(&h->device_mem, bytes);
+        cudaThreadExchangeStreamCaptureMode(&mode);
+        h->captured = 1;
+    } else if (err == cudaSuccess) {
+        err = cudaMallocAsync(&h->device_mem, bytes, g->stream);
+    }
     if (err != cudaSuccess) {
         free(h);
         return ep_cuda_fail(err, "cudaMallocAsync (handle)", __FILE__, __LINE__);
@@ -50,7 +62,15 @@ ep_status_t ep_handle_release(ep_handle_t handle) {
     int previous;
     ep_status_t st = ep_device_enter(g->device, &previous);
     if (st == EP_SUCCESS) {
-        cudaError_t err = cudaFreeAsync(handle->device_mem, g->stream);
+        cudaError_t err;
+        if (handle->captured) {
+            enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+            cudaThreadExchangeStreamCaptureMode(&mode);
+            err = cudaFree(handle->device_mem);
+            cudaThreadExchangeStreamCaptureMode(&mode);
+        } else {
+            err = cudaFreeAsync(handle->device_mem, g->stream);
+        }
         if (err != cudaSuccess)
             st = ep_cuda_fail(err, "cudaFreeAsync (handle)", __FILE__, __LINE__);
         ep_device_restore(previous);

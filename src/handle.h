@@ -13,7 +13,9 @@ struct ep_handle {
     int num_experts;
     int topk;
     int32_t counts[EP_MAX_NVL_RANKS * EP_MAX_NVL_RANKS]; /* host copy, valid when num_recv >= 0 */
-    void *device_mem;  /* cudaMallocAsync'd on the group's stream: counts, num_recv, send_pos */
+    void *device_mem;  /* counts, num_recv, send_pos: cudaMallocAsync'd on the group's stream, or cudaMalloc'd
+                          when made during a CUDA-graph capture (replays need it to outlive each launch) */
+    int captured;
     ep_ht_routing_t routing;
 };
 

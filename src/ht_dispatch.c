@@ -60,11 +60,15 @@ static ep_status_t check_x(const ep_dispatch_args_t *a, int *num_scales) {
 
 static ep_status_t check_routing(ep_group_t g, const ep_dispatch_args_t *a) {
     int64_t N = a->x.shape[0];
-    ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {N, EP_ANY}, 1, 0};
-    EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
-    EP_CHECK(ep_check_range(a->topk_idx.shape[1], 1, EP_MAX_TOPK, "topk_idx.shape[1] (num_topk)"));
-    ep_tensor_spec_t ws = {"topk_weights", EP_DTYPE_FLOAT32, 2, {N, a->topk_idx.shape[1]}, 1, 0};
-    EP_CHECK(ep_check_optional_tensor(&a->topk_weights, &ws));
+    if (a->topk_idx.data != NULL) {
+        ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {N, EP_ANY}, 1, 0};
+        EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
+        EP_CHECK(ep_check_range(a->topk_idx.shape[1], 1, EP_MAX_TOPK, "topk_idx.shape[1] (num_topk)"));
+        ep_tensor_spec_t ws = {"topk_weights", EP_DTYPE_FLOAT32, 2, {N, a->topk_idx.shape[1]}, 1, 0};
+        EP_CHECK(ep_check_optional_tensor(&a->topk_weights, &ws));
+    } else if (a->topk_weights.data != NULL) {
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "topk_weights: given without topk_idx");
+    }
     EP_CHECK(ep_check_range(a->num_experts, g->num_ranks, EP_MAX_EXPERTS, "num_experts"));
     EP_CHECK(ep_check_multiple(a->num_experts, g->num_ranks, "num_experts (must divide evenly over the ranks)"));
     ep_tensor_spec_t rs = {"num_tokens_per_rank", EP_DTYPE_INT32, 1, {g->num_ranks}, 1, 0};
@@ -224,7 +228,7 @@ static ep_status_t prepare_handle(ep_group_t g, const ep_dispatch_args_t *a, ep_
     }
     ep_handle_t h;
     EP_CHECK(ep_handle_create(g, (int)a->x.shape[0], &h));
-    h->topk = (int)a->topk_idx.shape[1];
+    h->topk = a->topk_idx.data ? (int)a->topk_idx.shape[1] : 0;
     h->num_experts = a->num_experts;
     h->num_worst_tokens = a->num_worst_tokens;
     *out = h;
@@ -238,7 +242,8 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     EP_CHECK(ep_group_check_usable(group));
     int num_scales = 0;
     EP_CHECK(check_dispatch_args(group, args, result, &num_scales));
-    int topk = args->cached_handle ? args->cached_handle->topk : (int)args->topk_idx.shape[1];
+    int topk = args->cached_handle ? args->cached_handle->topk
+                                   : args->topk_idx.data ? (int)args->topk_idx.shape[1] : 0;
     ep_ht_dispatch_region_t reg = ep_ht_dispatch_region(
         group->config.num_nvl_bytes, (uint64_t)(args->x.shape[1] * (int64_t)ep_dtype_size(args->x.dtype)),
         (uint64_t)num_scales * 4, (uint64_t)topk);
@@ -250,6 +255,10 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     }
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(group, launch, &frame));
+    if (args->cached_handle == NULL && args->num_worst_tokens == 0 && ep_launch_is_capturing(&frame))
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the default dispatch waits on the host for the "
+                       "receive count and cannot be captured in a CUDA graph; pass num_worst_tokens > 0 or a "
+                       "cached handle");
     EP_CHECK(ep_launch_begin(group, &frame));
     ep_handle_t h = NULL;
     ep_status_t st = prepare_handle(group, args, &h);

@@ -17,6 +17,15 @@ ep_status_t ep_launch_check(ep_group_t g, const ep_launch_t *launch, ep_launch_f
     return EP_SUCCESS;
 }
 
+int ep_launch_is_capturing(const ep_launch_frame_t *frame) {
+    enum cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing((cudaStream_t)frame->opts.stream, &status) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return status == cudaStreamCaptureStatusActive;
+}
+
 ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame) {
     EP_CHECK(ep_device_enter(g->device, &frame->previous_device));
     ep_status_t st = EP_SUCCESS;

@@ -12,6 +12,8 @@ typedef struct {
 
 /* Validates `launch` (NULL = defaults). Does not touch the GPU. */
 ep_status_t ep_launch_check(ep_group_t g, const ep_launch_t *launch, ep_launch_frame_t *frame);
+/* Whether the caller's stream is being captured into a CUDA graph. */
+int ep_launch_is_capturing(const ep_launch_frame_t *frame);
 /* Enters the group's device and orders the group's stream after the caller's stream / previous_event. */
 ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame);
 /* Orders the caller's stream after the op (unless async_finish), records finish_event, restores the device.

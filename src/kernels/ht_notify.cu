@@ -68,7 +68,17 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_gro
         *(volatile int32_t *)slot = a.tokens_per_expert[i];
     }
     __syncthreads();
-    ep_cta_barrier(g, EP_STAGE_DISPATCH_NOTIFY);
+    /* A peer that never arrives: the timeout is recorded; abandon without reading its (stale) counts. */
+    if (!ep_cta_barrier(g, EP_STAGE_DISPATCH_NOTIFY)) {
+        if (tid == 0) {
+            *a.routing.num_recv = -1;
+            a.host->num_recv = -1;
+            a.host->ok = 0;
+            __threadfence_system();
+            *(volatile uint32_t *)&a.host->seq = a.seq;
+        }
+        return;
+    }
 
     /* c. read the matrix; every rank makes the same abandon decision from the same numbers. */
     if (tid < R * R) {

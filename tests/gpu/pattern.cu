@@ -56,3 +56,23 @@ extern "C" cudaError_t pattern_poison(const ep_dev_group_t *g, size_t bytes, cud
     pattern_poison_kernel<<<64, 256, 0, s>>>(*g, bytes / 4);
     return cudaGetLastError();
 }
+
+__global__ void delay_copy_kernel(uint4 *dst, const uint4 *src, size_t n, uint64_t delay_ns) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        uint64_t t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        do {
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        } while (t - t0 < delay_ns);
+    }
+    __syncthreads();
+    if (blockIdx.x != 0)
+        return; /* one block: the copy starts only after the delay */
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x)
+        dst[i] = src[i];
+}
+
+extern "C" cudaError_t test_delay_copy(void *dst, const void *src, size_t bytes, int delay_ms, cudaStream_t s) {
+    delay_copy_kernel<<<1, 1024, 0, s>>>((uint4 *)dst, (const uint4 *)src, bytes / 16, (uint64_t)delay_ms * 1000000u);
+    return cudaGetLastError();
+}

@@ -27,6 +27,10 @@ cudaError_t pattern_check(const ep_dev_group_t *g, size_t slot_bytes, uint64_t s
 /* Fills the local data buffer with a poison value. */
 cudaError_t pattern_poison(const ep_dev_group_t *g, size_t bytes, cudaStream_t s);
 
+/* Spins for `delay_ms` on the device, then copies `bytes` from src to dst: a slow producer, to show that a
+ * consumer ordered after it (by an event) really waits. */
+cudaError_t test_delay_copy(void *dst, const void *src, size_t bytes, int delay_ms, cudaStream_t s);
+
 #ifdef __cplusplus
 }
 #endif
