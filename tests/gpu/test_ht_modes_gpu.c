@@ -65,9 +65,9 @@ static void free_inputs(inputs_t *in, int R) {
 
 typedef struct {
     void *x, *idx, *w, *per_rank, *in_rank, *per_expert, *out;
-} dev_t;
+} devbufs_t;
 
-static void dev_alloc(dev_t *d, int R) {
+static void dev_alloc(devbufs_t *d, int R) {
     cudaMalloc(&d->x, (size_t)NMAX * H * 2);
     cudaMalloc(&d->idx, (size_t)NMAX * K * 8);
     cudaMalloc(&d->w, (size_t)NMAX * K * 4);
@@ -77,12 +77,12 @@ static void dev_alloc(dev_t *d, int R) {
     cudaMalloc(&d->out, (size_t)NMAX * H * 2);
 }
 
-static void dev_free(dev_t *d) {
+static void dev_free(devbufs_t *d) {
     cudaFree(d->x), cudaFree(d->idx), cudaFree(d->w), cudaFree(d->per_rank), cudaFree(d->in_rank);
     cudaFree(d->per_expert), cudaFree(d->out);
 }
 
-static void upload(dev_t *d, const inputs_t *in, int rank) {
+static void upload(devbufs_t *d, const inputs_t *in, int rank) {
     int n = in->n[rank];
     cudaMemcpy(d->x, in->x[rank], (size_t)n * H * 2, cudaMemcpyHostToDevice);
     cudaMemcpy(d->idx, in->idx[rank], (size_t)n * K * 8, cudaMemcpyHostToDevice);
@@ -90,7 +90,7 @@ static void upload(dev_t *d, const inputs_t *in, int rank) {
     cudaMemset(d->out, 0xFF, (size_t)NMAX * H * 2);
 }
 
-static ep_dispatch_args_t dispatch_args(const dev_t *d, int n, int R) {
+static ep_dispatch_args_t dispatch_args(const devbufs_t *d, int n, int R) {
     ep_dispatch_args_t a = EP_DISPATCH_ARGS_INIT;
     a.x = ep_tensor_2d(d->x, EP_DTYPE_BFLOAT16, n, H);
     a.topk_idx = ep_tensor_2d(d->idx, EP_DTYPE_INT64, n, K);
@@ -174,7 +174,7 @@ static int graph_replay(int rank, int R, const ep_unique_id_t *id, void *arg) {
     ep_group_t g = make_group(rank, R, id, 0);
     if (!g)
         return 1;
-    dev_t d;
+    devbufs_t d;
     dev_alloc(&d, R);
     cudaStream_t s;
     cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
@@ -243,7 +243,7 @@ static int events_and_async(int rank, int R, const ep_unique_id_t *id, void *arg
     ep_group_t g = make_group(rank, R, id, 0);
     if (!g)
         return 1;
-    dev_t d;
+    devbufs_t d;
     dev_alloc(&d, R);
     cudaStream_t producer, consumer;
     cudaStreamCreateWithFlags(&producer, cudaStreamNonBlocking);
@@ -303,7 +303,7 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     ep_group_t g = make_group(rank, R, id, timeout_ms);
     if (!g)
         return 1;
-    dev_t d;
+    devbufs_t d;
     dev_alloc(&d, R);
     inputs_t in;
     make_inputs(&in, R, 9);
@@ -338,7 +338,7 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
     ep_group_t g = make_group(rank, R, id, 0);
     if (!g)
         return 1;
-    dev_t d;
+    devbufs_t d;
     dev_alloc(&d, R);
     inputs_t in;
     make_inputs(&in, R, 11);
