@@ -167,6 +167,11 @@ ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *
 ep_status_t ep_group_check_stream(ep_group_t g, cudaStream_t stream, const char *name) {
     if (stream == NULL)
         return EP_SUCCESS; /* the legacy default stream of the current (group's) device */
+    /* A capturing stream may not be asked for its device (that would invalidate the capture). */
+    enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture != cudaStreamCaptureStatusNone)
+        return EP_SUCCESS;
+    cudaGetLastError();
     int device = -1;
     cudaError_t err = cudaStreamGetDevice(stream, &device);
     if (err != cudaSuccess) {
@@ -187,6 +192,7 @@ ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream) {
     EP_CHECK(ep_group_check_stream(group, user, "cuda_stream"));
     int previous;
     EP_CHECK(ep_device_enter(group->device, &previous));
+    cudaGetLastError(); /* a stale error of the caller's must not be taken for our launch's */
     ep_status_t st = ep_group_order(group, user, group->stream);
     if (st == EP_SUCCESS) {
         cudaError_t err = ep_launch_barrier(&group->dev, EP_STAGE_GROUP_BARRIER, group->stream);

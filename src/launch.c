@@ -28,6 +28,7 @@ int ep_launch_is_capturing(const ep_launch_frame_t *frame) {
 
 ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame) {
     EP_CHECK(ep_device_enter(g->device, &frame->previous_device));
+    cudaGetLastError(); /* a stale error of the caller's must not be taken for our launches' */
     ep_status_t st = EP_SUCCESS;
     if (frame->opts.previous_event != NULL) {
         cudaError_t err = cudaStreamWaitEvent(g->stream, (cudaEvent_t)frame->opts.previous_event, 0);
