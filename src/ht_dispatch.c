@@ -249,8 +249,12 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
         (uint64_t)num_scales * 4, (uint64_t)topk);
     int64_t capacity = (int64_t)reg.rows;
     if (args->num_worst_tokens > 0) {
-        EP_CHECK(ep_check_capacity((size_t)reg.rows, (size_t)args->num_worst_tokens,
-                                   "num_worst_tokens: rows of the dispatch buffer (see ep_normal_buffer_bytes)"));
+        if ((uint64_t)args->num_worst_tokens > reg.rows)
+            return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "num_worst_tokens: %d rows asked for, but the dispatch buffer "
+                           "holds %llu; num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)",
+                           args->num_worst_tokens, (unsigned long long)reg.rows,
+                           ep_normal_buffer_bytes(1, args->num_worst_tokens, (int)args->x.shape[1],
+                                                  (int)ep_dtype_size(args->x.dtype), num_scales, topk));
         capacity = args->num_worst_tokens;
     }
     ep_launch_frame_t frame;
