@@ -39,6 +39,8 @@ struct ep_group {
     ep_mapped_t *mapped_host; /* host-mapped */
     ep_mapped_t *mapped_dev;
     uint64_t *barrier_epoch_dev;
+    uint32_t *ll_state_dev;
+    uint64_t ll_seq; /* low-latency dispatches so far: the parity picks the buffer half */
 
     cudaStream_t stream;
     cudaEvent_t order_event;

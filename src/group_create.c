@@ -77,6 +77,8 @@ static void group_release_local(ep_group_t g) {
         cudaFree(g->window_bases_dev);
     if (g->barrier_epoch_dev)
         cudaFree(g->barrier_epoch_dev);
+    if (g->ll_state_dev)
+        cudaFree(g->ll_state_dev);
     if (g->mapped_host)
         cudaFreeHost(g->mapped_host);
     if (g->order_event)
@@ -167,8 +169,8 @@ static ep_status_t create_window(ep_group_t g) {
                               ncclCommWindowRegister(g->comm, g->window_mem, g->window_bytes, &g->window,
                                                      NCCL_WIN_COLL_SYMMETRIC),
                               g->timeout_ms, "ncclCommWindowRegister"));
-    /* Flags must start at zero; ncclMemAlloc does not promise that. */
-    EP_CUDA_CHECK(cudaMemsetAsync(g->window_mem, 0, EP_CTRL_BYTES, g->stream));
+    /* Flags and low-latency headers must start at zero; ncclMemAlloc does not promise that. */
+    EP_CUDA_CHECK(cudaMemsetAsync(g->window_mem, 0, g->window_bytes, g->stream));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->window_bases_dev, sizeof(char *) * EP_MAX_NVL_RANKS));
     EP_CUDA_CHECK(ep_launch_fetch_window_bases(g->window, g->num_ranks, g->window_bases_dev, g->stream));
     EP_CUDA_CHECK(cudaMemcpyAsync(g->dev.window, g->window_bases_dev, sizeof(char *) * (size_t)g->num_ranks,
@@ -186,6 +188,9 @@ static ep_status_t create_local_state(ep_group_t g) {
     EP_CUDA_CHECK(cudaDeviceGetAttribute(&g->num_device_sms, cudaDevAttrMultiProcessorCount, g->device));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->barrier_epoch_dev, sizeof(uint64_t)));
     EP_CUDA_CHECK(cudaMemset(g->barrier_epoch_dev, 0, sizeof(uint64_t)));
+    EP_CUDA_CHECK(cudaMalloc((void **)&g->ll_state_dev, 16 * sizeof(uint32_t)));
+    EP_CUDA_CHECK(cudaMemset(g->ll_state_dev, 0, 16 * sizeof(uint32_t)));
+    g->dev.ll_state = g->ll_state_dev;
     g->dev.rank = g->rank;
     g->dev.num_ranks = g->num_ranks;
     g->dev.timeout_ns = (uint64_t)g->timeout_ms * 1000000u;

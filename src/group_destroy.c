@@ -64,6 +64,7 @@ static void free_local_resources(ep_group_t g) {
     ncclMemFree(g->window_mem);
     cudaFree(g->window_bases_dev);
     cudaFree(g->barrier_epoch_dev);
+    cudaFree(g->ll_state_dev);
     cudaFreeHost(g->mapped_host);
     cudaEventDestroy(g->order_event);
     cudaStreamDestroy(g->stream);

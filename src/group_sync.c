@@ -41,6 +41,8 @@ const char *ep_stage_name(int stage) {
     case EP_STAGE_DISPATCH_NOTIFY: return "dispatch (count exchange)";
     case EP_STAGE_DISPATCH_SEND: return "dispatch (send)";
     case EP_STAGE_COMBINE_SEND: return "combine (send)";
+    case EP_STAGE_LL_DISPATCH_RECV: return "low-latency dispatch (receive)";
+    case EP_STAGE_LL_COMBINE_RECV: return "low-latency combine (receive)";
     default: return "unknown stage";
     }
 }

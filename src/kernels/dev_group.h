@@ -20,6 +20,8 @@
 #define EP_CTRL_HT_EXPERTS 16384   /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
 #define EP_CTRL_HT_EXPERT_WORDS (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
 #define EP_MAX_EXPERTS 6144
+#define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
+#define EP_CTRL_LL_COMBINE_FLAGS 69632  /* uint64_t[2][R]: by parity, epoch << 32, from each expert rank */
 
 /* Stages, so that a timeout names what was waited on. */
 typedef enum {
@@ -30,6 +32,8 @@ typedef enum {
     EP_STAGE_DISPATCH_NOTIFY = 4,
     EP_STAGE_DISPATCH_SEND = 5,
     EP_STAGE_COMBINE_SEND = 6,
+    EP_STAGE_LL_DISPATCH_RECV = 7,
+    EP_STAGE_LL_COMBINE_RECV = 8,
     EP_STAGE_COUNT
 } ep_stage_t;
 
@@ -68,6 +72,8 @@ typedef struct {
     uint64_t *barrier_epoch;        /* local device counter: epochs this rank has completed */
     ep_dev_error_t *error;          /* host-mapped error record (device pointer) */
     ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
+    uint32_t *ll_state; /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
+                           counters (dispatch p0, p1, combine p0, p1), by buffer parity */
 } ep_dev_group_t;
 
 #endif

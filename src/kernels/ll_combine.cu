@@ -1,0 +1,129 @@
+/* Low-latency combine. Send: each expert rank sends every row its experts produced back to the token's rank,
+ * into that token's slot for the k that named the expert (one row per (token, k); no reduction here, so the
+ * receiver can sum in exactly the reference's order). The last block raises a flag at every rank. Receive
+ * (the hook): one block per token waits for every rank's flag, then sums w[t, k] * row[t, k] with fmaf in k
+ * order (a duplicated expert reads the row of its first k) and rounds once to bf16. */
+#include "ll_kernels.h"
+#include "ll_layout.h"
+#include "sync.cuh"
+
+#define LL_COMBINE_THREADS 512
+#define LL_COMBINE_SPLIT 4 /* send blocks per local expert */
+
+__device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
+    return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
+}
+
+__device__ __forceinline__ uint16_t to_bf16(float f) {
+    uint32_t b = __float_as_uint(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((b >> 16) | 0x0040u);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_send_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
+    __shared__ int64_t ranges[EP_MAX_NVL_RANKS];
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
+    const int l = blockIdx.x % L, part = blockIdx.x / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int64_t RT = (int64_t)R * a.max_tokens;
+    const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
+    const uint32_t epoch = g.ll_state[2 + p] + 1;
+    const char *mine = ll_half_c(g, me, p, a.half_bytes);
+    if (tid < R)
+        ranges[tid] = ((const int64_t *)(mine + lay.range_off))[l * R + tid];
+    __syncthreads();
+    const int32_t count = ((const int32_t *)(mine + lay.count_off))[l];
+    const int64_t row_bytes = 2 * (int64_t)a.hidden;
+    for (int32_t i = part * (LL_COMBINE_THREADS / 32) + warp; i < count;
+         i += LL_COMBINE_SPLIT * (LL_COMBINE_THREADS / 32)) {
+        int s = 0;
+        while (s + 1 < R && i >= (int32_t)(ranges[s + 1] >> 32))
+            s++;
+        int32_t packed = ((const int32_t *)(mine + lay.srck_off))[l * RT + i];
+        int t = packed >> 5, k = packed & 31;
+        const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
+        uint4 *dst = (uint4 *)(ll_half_c(g, s, p, a.half_bytes) + lay.combine_off +
+                               ((uint64_t)t * K + k) * row_bytes);
+        for (int64_t q = lane; q < row_bytes / 16; q += 32)
+            dst[q] = src[q];
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence_system();
+        unsigned done = atomicAdd(&g.ll_state[6 + p], 1u);
+        if (done == gridDim.x - 1) {
+            g.ll_state[6 + p] = 0;
+            g.ll_state[2 + p] = epoch;
+            __threadfence_system();
+            for (int d = 0; d < R; d++)
+                ep_store_release_sys((uint64_t *)(g.window[d] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + me,
+                                     (uint64_t)epoch << 32);
+        }
+    }
+}
+
+__global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_recv_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
+    __shared__ int first_k[EP_LL_MAX_TOPK];
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, t = blockIdx.x;
+    const int tid = threadIdx.x;
+    const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
+    const uint32_t epoch = g.ll_state[2 + p];
+    if (tid < R) {
+        uint64_t t0 = ep_globaltimer_ns();
+        const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + tid;
+        ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_COMBINE_RECV, tid);
+        if (a.wait_cost_stats && t == 0)
+            atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
+    }
+    if (tid < K) {
+        int64_t e = a.topk_idx[(int64_t)t * a.idx_stride + tid];
+        int f = -1;
+        if (e >= 0 && e < a.num_experts) {
+            f = tid;
+            for (int k = 0; k < tid; k++)
+                if (a.topk_idx[(int64_t)t * a.idx_stride + k] == e) {
+                    f = k;
+                    break;
+                }
+        }
+        first_k[tid] = f;
+    }
+    __syncthreads();
+    const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * 2 * a.hidden;
+    for (int c = tid; c < a.hidden / 8; c += LL_COMBINE_THREADS) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k = 0; k < K; k++) {
+            int f = first_k[k];
+            if (f < 0)
+                continue;
+            float w = a.weights[(int64_t)t * a.w_stride + k];
+            uint4 v = ((const uint4 *)(slots + (uint64_t)f * 2 * a.hidden))[c];
+            uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                acc[2 * j] = __fmaf_rn(w, __uint_as_float(words[j] << 16), acc[2 * j]);
+                acc[2 * j + 1] = __fmaf_rn(w, __uint_as_float(words[j] & 0xffff0000u), acc[2 * j + 1]);
+            }
+        }
+        uint4 r;
+        r.x = to_bf16(acc[0]) | ((uint32_t)to_bf16(acc[1]) << 16);
+        r.y = to_bf16(acc[2]) | ((uint32_t)to_bf16(acc[3]) << 16);
+        r.z = to_bf16(acc[4]) | ((uint32_t)to_bf16(acc[5]) << 16);
+        r.w = to_bf16(acc[6]) | ((uint32_t)to_bf16(acc[7]) << 16);
+        ((uint4 *)(a.out + (int64_t)t * a.out_stride))[c] = r;
+    }
+}
+
+extern "C" cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
+                                                 cudaStream_t s) {
+    ll_combine_send_kernel<<<(a->num_experts / g->num_ranks) * LL_COMBINE_SPLIT, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
+                                                 cudaStream_t s) {
+    if (a->num_tokens == 0)
+        return cudaSuccess;
+    ll_combine_recv_kernel<<<a->num_tokens, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}

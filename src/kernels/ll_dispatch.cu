@@ -1,0 +1,254 @@
+/* Low-latency dispatch. Send: one block per token casts the row once (FP8 per 128 channels, or bf16 as is)
+ * and stores it, with a header naming the token's local experts, into one slot per destination rank (not one
+ * per expert: each rank gets a token once, whatever number of its experts the token names). The last block to
+ * finish raises a flag at every rank carrying (epoch, tokens sent). Receive (the hook): one block per local
+ * expert waits for every source's flag, then walks the sources in rank order and their slots in token order,
+ * packing the slots that name this expert into its rows: deterministic, and no atomics decide an order. */
+#include "ll_kernels.h"
+#include "ll_layout.h"
+#include "sync.cuh"
+
+#include <cuda_fp8.h>
+
+#define LL_SEND_THREADS 256
+#define LL_RECV_THREADS 512
+
+__device__ __forceinline__ char *ll_half(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
+    return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
+}
+
+__device__ __forceinline__ uint64_t *ll_flag(const ep_dev_group_t &g, int rank, int parity, int src, int offset) {
+    return (uint64_t *)(g.window[rank] + offset) + parity * g.num_ranks + src;
+}
+
+/* ceil(log2(s)) of a positive normal float, read from its bits (as the reference does). */
+__device__ __forceinline__ int ceil_log2_bits(float s) {
+    uint32_t b = __float_as_uint(s);
+    int e = (int)((b >> 23) & 0xff) - 127;
+    return (b & 0x7fffff) ? e + 1 : e;
+}
+
+/* One warp casts one 128-channel group: each lane holds 4 channels. Returns the 4 e4m3 bytes packed. */
+__device__ __forceinline__ uint32_t cast_group(const uint16_t *src, int lane, int round_scale, float *scale_inv) {
+    uint2 raw = *(const uint2 *)(src + lane * 4);
+    float f[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u), __uint_as_float(raw.y << 16),
+                  __uint_as_float(raw.y & 0xffff0000u)};
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        amax = fmaxf(amax, fabsf(f[i])); /* fmaxf ignores NaN */
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    amax = fmaxf(amax, 1e-4f);
+    float s_inv, scale;
+    if (isinf(amax)) {
+        s_inv = __int_as_float(0x7f800000);
+        scale = 0.0f;
+    } else if (round_scale) {
+        int e = ceil_log2_bits(amax * (1.0f / 448.0f));
+        s_inv = __uint_as_float((uint32_t)(e + 127) << 23);
+        scale = __uint_as_float((uint32_t)(127 - e) << 23);
+    } else {
+        s_inv = amax * (1.0f / 448.0f);
+        scale = __fdiv_rn(448.0f, amax);
+    }
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float v = __fmul_rn(f[i], scale);
+        uint32_t q = isnan(v) ? 0x7fu : (uint32_t)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+        packed |= (q & 0xffu) << (8 * i);
+    }
+    *scale_inv = s_inv;
+    return packed;
+}
+
+__global__ void __launch_bounds__(LL_SEND_THREADS) ll_dispatch_send_kernel(ep_dev_group_t g, ep_ll_dispatch_kargs_t a) {
+    __shared__ int16_t ids[EP_MAX_NVL_RANKS][EP_LL_MAX_TOPK];
+    __shared__ unsigned dest_mask;
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
+    const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
+    const uint32_t epoch = g.ll_state[p] + 1;
+    const int t = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    if (t < a.num_tokens) {
+        if (tid < EP_MAX_NVL_RANKS * EP_LL_MAX_TOPK)
+            ids[tid / EP_LL_MAX_TOPK][tid % EP_LL_MAX_TOPK] = -1;
+        if (tid == 0)
+            dest_mask = 0;
+        __syncthreads();
+        if (tid < K) {
+            int64_t e = a.topk_idx[(int64_t)t * a.idx_stride + tid];
+            if (e < -1 || e >= a.num_experts) {
+                ep_record_input_error(g.input_error, EP_STAGE_LL_DISPATCH_RECV, EP_INPUT_BAD_EXPERT, t, tid, e);
+                e = -1;
+            }
+            if (e >= 0) {
+                int d = (int)(e / L);
+                ids[d][tid] = (int16_t)(e - (int64_t)d * L);
+                atomicOr(&dest_mask, 1u << d);
+            }
+        }
+        __syncthreads();
+        const unsigned mask = dest_mask;
+        const uint16_t *row = a.x + (int64_t)t * a.x_stride;
+        if (!a.use_fp8) {
+            const int64_t chunks = (int64_t)a.hidden * 2 / 16;
+            for (int64_t c = tid; c < chunks; c += LL_SEND_THREADS) {
+                uint4 v = ((const uint4 *)row)[c];
+                for (int d = 0; d < R; d++)
+                    if (mask >> d & 1)
+                        ((uint4 *)(ll_half(g, d, p, a.half_bytes) + lay.dispatch_off +
+                                   ((uint64_t)me * a.max_tokens + t) * lay.slot_bytes + lay.data_off))[c] = v;
+            }
+        } else {
+            for (int grp = warp; grp < a.hidden / 128; grp += LL_SEND_THREADS / 32) {
+                float s_inv;
+                uint32_t q = cast_group(row + grp * 128, lane, a.round_scale, &s_inv);
+                for (int d = 0; d < R; d++) {
+                    if (!(mask >> d & 1))
+                        continue;
+                    char *slot = ll_half(g, d, p, a.half_bytes) + lay.dispatch_off +
+                                 ((uint64_t)me * a.max_tokens + t) * lay.slot_bytes;
+                    ((uint32_t *)(slot + lay.data_off + grp * 128))[lane] = q;
+                    if (lane == 0)
+                        ((float *)(slot + lay.scales_off))[grp] = s_inv;
+                }
+            }
+        }
+        if (tid < R && (mask >> tid & 1)) {
+            ep_ll_header_t *h = (ep_ll_header_t *)(ll_half(g, tid, p, a.half_bytes) + lay.dispatch_off +
+                                                   ((uint64_t)me * a.max_tokens + t) * lay.slot_bytes);
+            h->token = t;
+            for (int k = 0; k < EP_LL_MAX_TOPK; k++)
+                h->local_ids[k] = ids[tid][k];
+            h->epoch = epoch;
+        }
+    }
+    /* The last block to finish tells every rank how many tokens this rank has (and that they landed). */
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence_system();
+        unsigned done = atomicAdd(&g.ll_state[4 + p], 1u);
+        if (done == gridDim.x - 1) {
+            g.ll_state[4 + p] = 0;
+            g.ll_state[p] = epoch;
+            __threadfence_system();
+            for (int d = 0; d < R; d++)
+                ep_store_release_sys(ll_flag(g, d, p, me, EP_CTRL_LL_DISPATCH_FLAGS),
+                                     ((uint64_t)epoch << 32) | (uint32_t)a.num_tokens);
+        }
+    }
+}
+
+/* Exclusive prefix of `valid` over the block; returns this thread's position, writes the total. */
+__device__ __forceinline__ int block_scan(int valid, int *total) {
+    __shared__ int warp_sums[LL_RECV_THREADS / 32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    unsigned ballot = __ballot_sync(0xffffffffu, valid);
+    int in_warp = __popc(ballot & ((1u << lane) - 1));
+    if (lane == 0)
+        warp_sums[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, sum = 0;
+    for (int w = 0; w < LL_RECV_THREADS / 32; w++) {
+        before += w < warp ? warp_sums[w] : 0;
+        sum += warp_sums[w];
+    }
+    __syncthreads();
+    *total = sum;
+    return before + in_warp;
+}
+
+__global__ void __launch_bounds__(LL_RECV_THREADS) ll_dispatch_recv_kernel(ep_dev_group_t g, ep_ll_dispatch_kargs_t a) {
+    __shared__ int32_t from[EP_MAX_NVL_RANKS];
+    __shared__ int32_t picked[LL_RECV_THREADS];
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, l = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int64_t RT = (int64_t)R * a.max_tokens;
+    const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
+    const uint32_t epoch = g.ll_state[p];
+    char *half = ll_half(g, me, p, a.half_bytes);
+    if (tid < R) {
+        uint64_t t0 = ep_globaltimer_ns();
+        const uint64_t *flag = ll_flag(g, me, p, tid, EP_CTRL_LL_DISPATCH_FLAGS);
+        bool ok = ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_DISPATCH_RECV, tid);
+        from[tid] = ok ? (int32_t)(ep_load_acquire_sys(flag) & 0xffffffffu) : 0;
+        if (a.wait_cost_stats && l == 0)
+            atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
+    }
+    __syncthreads();
+    const int S = a.hidden / 128;
+    int32_t row = 0;
+    for (int s = 0; s < R; s++) {
+        const int32_t begin = row;
+        for (int j0 = 0; j0 < from[s]; j0 += LL_RECV_THREADS) {
+            int j = j0 + tid, k_found = -1;
+            if (j < from[s]) {
+                const ep_ll_header_t *h = (const ep_ll_header_t *)(half + lay.dispatch_off +
+                                                                   ((uint64_t)s * a.max_tokens + j) * lay.slot_bytes);
+                if (*(volatile uint32_t *)&h->epoch == epoch)
+                    for (int k = 0; k < K && k_found < 0; k++)
+                        if (h->local_ids[k] == l)
+                            k_found = k;
+            }
+            int total;
+            int pos = block_scan(k_found >= 0, &total);
+            if (k_found >= 0) {
+                picked[pos] = j;
+                a.src_info[l * RT + row + pos] = j;
+                ((int32_t *)(half + lay.srck_off))[l * RT + row + pos] = (j << 5) | k_found;
+            }
+            __syncthreads();
+            for (int c = warp; c < total; c += LL_RECV_THREADS / 32) {
+                const char *slot = half + lay.dispatch_off + ((uint64_t)s * a.max_tokens + picked[c]) * lay.slot_bytes;
+                int64_t out_row = l * RT + row + c;
+                int64_t row_bytes = a.use_fp8 ? a.hidden : 2 * (int64_t)a.hidden;
+                const uint4 *src = (const uint4 *)(slot + lay.data_off);
+                uint4 *dst = (uint4 *)(a.recv_x + out_row * row_bytes);
+                for (int64_t q = lane; q < row_bytes / 16; q += 32)
+                    dst[q] = src[q];
+                if (!a.use_fp8)
+                    continue;
+                const float *sc = (const float *)(slot + lay.scales_off);
+                if (!a.use_ue8m0) {
+                    for (int gi = lane; gi < S; gi += 32)
+                        ((float *)a.recv_scales)[((int64_t)l * S + gi) * RT + row + c] = sc[gi];
+                } else {
+                    for (int wi = lane; wi < S / 4; wi += 32) {
+                        uint32_t word = 0;
+                        for (int b = 0; b < 4; b++)
+                            word |= ((__float_as_uint(sc[wi * 4 + b]) >> 23) & 0xffu) << (8 * b);
+                        ((int32_t *)a.recv_scales)[((int64_t)l * (S / 4) + wi) * RT + row + c] = (int32_t)word;
+                    }
+                }
+            }
+            row += total;
+            __syncthreads();
+        }
+        if (tid == 0) {
+            int64_t range = ((int64_t)begin << 32) | (int64_t)(row - begin);
+            a.layout_range[l * R + s] = range;
+            ((int64_t *)(half + lay.range_off))[l * R + s] = range;
+        }
+    }
+    if (tid == 0) {
+        a.recv_count[l] = row;
+        ((int32_t *)(half + lay.count_off))[l] = row;
+        if (a.cumulative_stats)
+            atomicAdd(&a.cumulative_stats[l], row);
+    }
+}
+
+extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
+                                                  cudaStream_t s) {
+    int blocks = a->num_tokens > 0 ? a->num_tokens : 1;
+    ll_dispatch_send_kernel<<<blocks, LL_SEND_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
+                                                  cudaStream_t s) {
+    ll_dispatch_recv_kernel<<<a->num_experts / g->num_ranks, LL_RECV_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}

@@ -1,0 +1,59 @@
+/* Low-latency (decode) mode kernels: plain C interface to ll_dispatch.cu and ll_combine.cu. */
+#ifndef EP_LL_KERNELS_H
+#define EP_LL_KERNELS_H
+
+#include "dev_group.h"
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    /* shapes */
+    int num_tokens, max_tokens, hidden, topk, num_experts;
+    int use_fp8, round_scale, use_ue8m0;
+    int parity;
+    uint64_t half_bytes; /* ll_layout's half size (the halves start at the data buffer) */
+    /* send side */
+    const uint16_t *x; /* [N, H] bf16 */
+    int64_t x_stride;  /* elements */
+    const int64_t *topk_idx;
+    int64_t idx_stride;
+    /* receive side (caller's outputs) */
+    uint8_t *recv_x;       /* [L, R*T, H] e4m3 or bf16, contiguous */
+    void *recv_scales;     /* [L, S, R*T] float or [L, S/4, R*T] int32 (column-major in the last two dims) */
+    int32_t *recv_count;   /* [L] */
+    int32_t *src_info;     /* [L, R*T] */
+    int64_t *layout_range; /* [L, R] */
+    int32_t *cumulative_stats; /* [L] or NULL */
+    int64_t *wait_cost_stats;  /* [R] or NULL */
+} ep_ll_dispatch_kargs_t;
+
+cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a, cudaStream_t s);
+cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a, cudaStream_t s);
+
+typedef struct {
+    int num_tokens, max_tokens, hidden, topk, num_experts;
+    int parity;
+    uint64_t half_bytes;
+    const uint16_t *x;   /* [L, R*T, H] bf16 expert outputs */
+    int64_t x_stride0, x_stride1; /* elements */
+    const int64_t *topk_idx;
+    int64_t idx_stride;
+    const float *weights;
+    int64_t w_stride;
+    uint16_t *out; /* [N, H] */
+    int64_t out_stride;
+    int64_t *wait_cost_stats; /* [R] or NULL */
+} ep_ll_combine_kargs_t;
+
+cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s);
+cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,53 @@
+/* Where the low-latency mode keeps things in the symmetric data buffer (host and device agree through this
+ * header). Two halves by parity, so that two dispatch results can be alive at once. Each half holds:
+ *  - the dispatch staging: [R sources][T slots], one slot per source token that has an expert here: a 64-byte
+ *    header (epoch, token, the token's local expert ids by k) then the row (bf16, or e4m3 + float scales);
+ *  - the combine staging: [T tokens][K] bf16 rows, one per (token, k), written by the expert's rank;
+ *  - local bookkeeping of the receive (never read by peers): per local expert the count, the (source token,
+ *    k) of each row and the per-source ranges, which the combine reuses. */
+#ifndef EP_LL_LAYOUT_H
+#define EP_LL_LAYOUT_H
+
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define EP_LL_HD __host__ __device__ __forceinline__
+#else
+#define EP_LL_HD static inline
+#endif
+
+#define EP_LL_MAX_TOPK 16
+#define EP_LL_HEADER_BYTES 64
+
+typedef struct {
+    uint32_t epoch;
+    int32_t token;
+    int16_t local_ids[EP_LL_MAX_TOPK]; /* by k: the local expert id here, or -1 */
+    uint8_t pad[EP_LL_HEADER_BYTES - 8 - 2 * EP_LL_MAX_TOPK];
+} ep_ll_header_t;
+
+typedef struct {
+    uint64_t slot_bytes, data_off, scales_off; /* within a slot */
+    uint64_t dispatch_off, combine_off, count_off, srck_off, range_off; /* within a half */
+    uint64_t half_bytes;
+} ep_ll_layout_t;
+
+EP_LL_HD uint64_t ep_ll_align(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+/* A slot holds a bf16 row, or an e4m3 row followed by its float scales (H + H/32 <= 2H bytes). */
+EP_LL_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int max_tokens, int hidden, int topk, int num_local_experts) {
+    ep_ll_layout_t l;
+    uint64_t R = (uint64_t)num_ranks, T = (uint64_t)max_tokens, H = (uint64_t)hidden, L = (uint64_t)num_local_experts;
+    l.data_off = EP_LL_HEADER_BYTES;
+    l.scales_off = l.data_off + H;
+    l.slot_bytes = ep_ll_align(l.data_off + 2 * H, 16);
+    l.dispatch_off = 0;
+    l.combine_off = ep_ll_align(R * T * l.slot_bytes, 4096);
+    l.count_off = ep_ll_align(l.combine_off + T * (uint64_t)topk * 2 * H, 4096);
+    l.srck_off = ep_ll_align(l.count_off + L * 4, 16);
+    l.range_off = ep_ll_align(l.srck_off + L * R * T * 4, 16);
+    l.half_bytes = ep_ll_align(l.range_off + L * R * 8, 4096);
+    return l;
+}
+
+#endif

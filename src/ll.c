@@ -1,0 +1,231 @@
+/* Low-latency dispatch and combine: argument checks and launches. No host waits anywhere, so every call can
+ * be captured in a CUDA graph. */
+#include "ll.h"
+
+#include "check.h"
+#include "error.h"
+#include "kernels/group_kernels.h"
+#include "kernels/ll_layout.h"
+#include "launch.h"
+
+#include <string.h>
+
+static ep_ll_layout_t layout_for(int R, int T, int H, int K, int E) { return ep_ll_layout(R, T, H, K, E / R); }
+
+size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens, int hidden, int topk, int num_experts) {
+    if (num_ranks < 1 || max_tokens < 1 || hidden < 1 || topk < 1 || num_experts < num_ranks)
+        return 0;
+    return (size_t)(2 * layout_for(num_ranks, max_tokens, hidden, topk, num_experts).half_bytes);
+}
+
+static ep_status_t check_dispatch(ep_group_t g, const ep_ll_dispatch_args_t *a) {
+    EP_CHECK(ep_check_not_null(a, "args"));
+    EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_ll_dispatch_args_t"));
+    const int R = g->num_ranks;
+    EP_CHECK(ep_check_range(a->max_tokens, 1, 1 << 16, "num_max_dispatch_tokens_per_rank"));
+    ep_tensor_spec_t xs = {"x", EP_DTYPE_BFLOAT16, 2, {EP_ANY, EP_ANY}, 1, 16};
+    EP_CHECK(ep_check_tensor(&a->x, &xs));
+    const int64_t N = a->x.shape[0], H = a->x.shape[1];
+    EP_CHECK(ep_check_range(N, 0, a->max_tokens, "x.shape[0] (num_tokens, at most num_max_dispatch_tokens_per_rank)"));
+    EP_CHECK(ep_check_multiple(H, a->use_fp8 && a->use_ue8m0 ? 512 : 128, "x.shape[1] (hidden)"));
+    EP_CHECK(ep_check_range(H, 128, 1 << 16, "x.shape[1] (hidden)"));
+    if (a->use_ue8m0 && !a->round_scale && a->use_fp8)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "use_ue8m0: needs round_scale");
+    ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {N, EP_ANY}, 1, 0};
+    EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
+    EP_CHECK(ep_check_range(a->topk_idx.shape[1], 1, EP_LL_MAX_TOPK, "topk_idx.shape[1] (num_topk)"));
+    EP_CHECK(ep_check_range(a->num_experts, R, 4096, "num_experts"));
+    EP_CHECK(ep_check_multiple(a->num_experts, R, "num_experts (must divide evenly over the ranks)"));
+    const int64_t L = a->num_experts / R, RT = (int64_t)R * a->max_tokens;
+    ep_tensor_spec_t rx = {"recv_x", a->use_fp8 ? EP_DTYPE_FLOAT8_E4M3 : EP_DTYPE_BFLOAT16, 3, {L, RT, H}, 1, 16};
+    EP_CHECK(ep_check_tensor(&a->recv_x, &rx));
+    if (a->recv_x.strides[1] != H || a->recv_x.strides[0] != RT * H)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "recv_x: expected a contiguous tensor");
+    if (a->use_fp8) {
+        ep_tensor_spec_t sc = {"recv_x_scales", a->use_ue8m0 ? EP_DTYPE_INT32 : EP_DTYPE_FLOAT32, 3,
+                               {L, H / (a->use_ue8m0 ? 512 : 128), RT}, 1, 4};
+        EP_CHECK(ep_check_tensor(&a->recv_x_scales, &sc));
+    }
+    ep_tensor_spec_t rc = {"recv_count", EP_DTYPE_INT32, 1, {L}, 1, 0};
+    EP_CHECK(ep_check_tensor(&a->recv_count, &rc));
+    ep_tensor_spec_t si = {"src_info", EP_DTYPE_INT32, 2, {L, RT}, 1, 0};
+    EP_CHECK(ep_check_tensor(&a->src_info, &si));
+    ep_tensor_spec_t lr = {"layout_range", EP_DTYPE_INT64, 2, {L, R}, 1, 0};
+    EP_CHECK(ep_check_tensor(&a->layout_range, &lr));
+    ep_tensor_spec_t cs = {"cumulative_local_expert_recv_stats", EP_DTYPE_INT32, 1, {L}, 1, 0};
+    EP_CHECK(ep_check_optional_tensor(&a->cumulative_local_expert_recv_stats, &cs));
+    ep_tensor_spec_t ws = {"dispatch_wait_recv_cost_stats", EP_DTYPE_INT64, 1, {R}, 1, 0};
+    EP_CHECK(ep_check_optional_tensor(&a->dispatch_wait_recv_cost_stats, &ws));
+    size_t need = ep_low_latency_buffer_bytes(R, a->max_tokens, (int)H, (int)a->topk_idx.shape[1], a->num_experts);
+    if (need > g->config.num_nvl_bytes)
+        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "low-latency buffer: %zu bytes needed for T=%d, H=%lld, K=%lld, "
+                       "E=%d, the group has num_nvl_bytes = %zu (ep_low_latency_buffer_bytes)", need, a->max_tokens,
+                       (long long)H, (long long)a->topk_idx.shape[1], a->num_experts, g->config.num_nvl_bytes);
+    return EP_SUCCESS;
+}
+
+static ep_status_t run(ep_group_t g, const ep_launch_t *launch, cudaError_t (*fn)(const ep_dev_group_t *,
+                                                                               const void *, cudaStream_t),
+                       const void *kargs, const char *what) {
+    ep_launch_frame_t frame;
+    EP_CHECK(ep_launch_check(g, launch, &frame));
+    EP_CHECK(ep_launch_begin(g, &frame));
+    cudaError_t err = fn(&g->dev, kargs, g->stream);
+    ep_status_t st = err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, what, __FILE__, __LINE__);
+    return ep_launch_end(g, &frame, st);
+}
+
+static cudaError_t launch_dispatch_send(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
+    return ep_launch_ll_dispatch_send(d, (const ep_ll_dispatch_kargs_t *)k, s);
+}
+static cudaError_t launch_dispatch_recv(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
+    return ep_launch_ll_dispatch_recv(d, (const ep_ll_dispatch_kargs_t *)k, s);
+}
+static cudaError_t launch_dispatch_both(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
+    cudaError_t err = ep_launch_ll_dispatch_send(d, (const ep_ll_dispatch_kargs_t *)k, s);
+    return err == cudaSuccess ? ep_launch_ll_dispatch_recv(d, (const ep_ll_dispatch_kargs_t *)k, s) : err;
+}
+static cudaError_t launch_combine_send(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
+    return ep_launch_ll_combine_send(d, (const ep_ll_combine_kargs_t *)k, s);
+}
+static cudaError_t launch_combine_recv(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
+    return ep_launch_ll_combine_recv(d, (const ep_ll_combine_kargs_t *)k, s);
+}
+static cudaError_t launch_combine_both(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
+    cudaError_t err = ep_launch_ll_combine_send(d, (const ep_ll_combine_kargs_t *)k, s);
+    return err == cudaSuccess ? ep_launch_ll_combine_recv(d, (const ep_ll_combine_kargs_t *)k, s) : err;
+}
+
+ep_status_t ep_ll_dispatch(ep_group_t g, const ep_ll_dispatch_args_t *a, ep_ll_handle_t *h, const ep_launch_t *launch) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(g, "group"));
+    EP_CHECK(ep_check_not_null(h, "handle"));
+    EP_CHECK(ep_group_check_usable(g));
+    EP_CHECK(check_dispatch(g, a));
+    const int R = g->num_ranks, K = (int)a->topk_idx.shape[1];
+    ep_ll_dispatch_kargs_t k = {
+        .num_tokens = (int)a->x.shape[0],
+        .max_tokens = a->max_tokens,
+        .hidden = (int)a->x.shape[1],
+        .topk = K,
+        .num_experts = a->num_experts,
+        .use_fp8 = a->use_fp8,
+        .round_scale = a->use_fp8 && a->round_scale,
+        .use_ue8m0 = a->use_fp8 && a->use_ue8m0,
+        .parity = (int)(g->ll_seq & 1),
+        .half_bytes = layout_for(R, a->max_tokens, (int)a->x.shape[1], K, a->num_experts).half_bytes,
+        .x = (const uint16_t *)a->x.data,
+        .x_stride = a->x.strides[0],
+        .topk_idx = (const int64_t *)a->topk_idx.data,
+        .idx_stride = a->topk_idx.strides[0],
+        .recv_x = (uint8_t *)a->recv_x.data,
+        .recv_scales = a->recv_x_scales.data,
+        .recv_count = (int32_t *)a->recv_count.data,
+        .src_info = (int32_t *)a->src_info.data,
+        .layout_range = (int64_t *)a->layout_range.data,
+        .cumulative_stats = (int32_t *)a->cumulative_local_expert_recv_stats.data,
+        .wait_cost_stats = (int64_t *)a->dispatch_wait_recv_cost_stats.data,
+    };
+    ep_status_t st = run(g, launch, a->return_recv_hook ? launch_dispatch_send : launch_dispatch_both, &k,
+                         "low-latency dispatch");
+    if (st != EP_SUCCESS)
+        return st;
+    memset(h, 0, sizeof(*h));
+    h->parity = k.parity;
+    h->num_tokens = k.num_tokens, h->max_tokens = k.max_tokens, h->hidden = k.hidden, h->topk = K;
+    h->num_experts = k.num_experts;
+    h->recv_pending = a->return_recv_hook;
+    h->kargs = k;
+    g->ll_seq++;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_ll_dispatch_hook(ep_group_t g, ep_ll_handle_t *h, const ep_launch_t *launch) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(g, "group"));
+    EP_CHECK(ep_check_not_null(h, "handle"));
+    EP_CHECK(ep_group_check_usable(g));
+    if (!h->recv_pending)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this dispatch's receive already ran (or it had no hook)");
+    EP_CHECK(run(g, launch, launch_dispatch_recv, &h->kargs, "low-latency dispatch receive"));
+    h->recv_pending = 0;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_ll_combine(ep_group_t g, const ep_ll_combine_args_t *a, const ep_ll_handle_t *h,
+                          ep_ll_combine_handle_t *ch, const ep_launch_t *launch) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(g, "group"));
+    EP_CHECK(ep_check_not_null(a, "args"));
+    EP_CHECK(ep_check_not_null(h, "handle"));
+    EP_CHECK(ep_check_not_null(ch, "combine_handle"));
+    EP_CHECK(ep_group_check_usable(g));
+    EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_ll_combine_args_t"));
+    if (h->recv_pending)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "handle: the dispatch's receive hook has not run yet");
+    const int R = g->num_ranks;
+    const int64_t L = h->num_experts / R, RT = (int64_t)R * h->max_tokens, N = h->num_tokens, K = h->topk;
+    ep_tensor_spec_t xs = {"x", EP_DTYPE_BFLOAT16, 3, {L, RT, h->hidden}, 1, 16};
+    EP_CHECK(ep_check_tensor(&a->x, &xs));
+    ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {N, K}, 1, 0};
+    EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
+    ep_tensor_spec_t ws = {"topk_weights", EP_DTYPE_FLOAT32, 2, {N, K}, 1, 0};
+    EP_CHECK(ep_check_tensor(&a->topk_weights, &ws));
+    ep_tensor_spec_t os = {"out", EP_DTYPE_BFLOAT16, 2, {N, h->hidden}, 1, 16};
+    EP_CHECK(ep_check_tensor(&a->out, &os));
+    ep_tensor_spec_t cs = {"combine_wait_recv_cost_stats", EP_DTYPE_INT64, 1, {R}, 1, 0};
+    EP_CHECK(ep_check_optional_tensor(&a->combine_wait_recv_cost_stats, &cs));
+    ep_ll_combine_kargs_t k = {
+        .num_tokens = (int)N,
+        .max_tokens = h->max_tokens,
+        .hidden = h->hidden,
+        .topk = (int)K,
+        .num_experts = h->num_experts,
+        .parity = h->parity,
+        .half_bytes = h->kargs.half_bytes,
+        .x = (const uint16_t *)a->x.data,
+        .x_stride0 = a->x.strides[0],
+        .x_stride1 = a->x.strides[1],
+        .topk_idx = (const int64_t *)a->topk_idx.data,
+        .idx_stride = a->topk_idx.strides[0],
+        .weights = (const float *)a->topk_weights.data,
+        .w_stride = a->topk_weights.strides[0],
+        .out = (uint16_t *)a->out.data,
+        .out_stride = a->out.strides[0],
+        .wait_cost_stats = (int64_t *)a->combine_wait_recv_cost_stats.data,
+    };
+    EP_CHECK(run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k,
+                 "low-latency combine"));
+    ch->recv_pending = a->return_recv_hook;
+    ch->kargs = k;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_ll_combine_hook(ep_group_t g, ep_ll_combine_handle_t *ch, const ep_launch_t *launch) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(g, "group"));
+    EP_CHECK(ep_check_not_null(ch, "combine_handle"));
+    EP_CHECK(ep_group_check_usable(g));
+    if (!ch->recv_pending)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this combine's receive already ran (or it had no hook)");
+    EP_CHECK(run(g, launch, launch_combine_recv, &ch->kargs, "low-latency combine receive"));
+    ch->recv_pending = 0;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_clean_low_latency_buffer(ep_group_t g, int max_tokens, int hidden, int topk, int num_experts,
+                                        void *cuda_stream) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(g, "group"));
+    size_t bytes = ep_low_latency_buffer_bytes(g->num_ranks, max_tokens, hidden, topk, num_experts);
+    if (bytes == 0 || bytes > g->config.num_nvl_bytes)
+        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "clean_low_latency_buffer: %zu bytes needed, the group has %zu",
+                       bytes, g->config.num_nvl_bytes);
+    int previous;
+    EP_CHECK(ep_device_enter(g->device, &previous));
+    cudaError_t err = cudaMemsetAsync((char *)g->window_mem + EP_CTRL_BYTES, 0, bytes, (cudaStream_t)cuda_stream);
+    ep_device_restore(previous);
+    if (err != cudaSuccess)
+        return ep_cuda_fail(err, "cudaMemsetAsync (clean_low_latency_buffer)", __FILE__, __LINE__);
+    return ep_group_barrier(g, cuda_stream);
+}
