@@ -10,6 +10,7 @@ typedef struct {
     const char *jsonl, *machine, *commit;
 } gpu_opts_t;
 #include "bench_ht.h"
+#include "bench_ll.h"
 #include "demo.h"
 
 #include <stdio.h>
@@ -70,11 +71,13 @@ int main(int argc, char **argv) {
         gpus = 8;
     }
     if (gpus >= 2) {
-        printf("epcomm-bench: %d GPUs: group check, then the high-throughput benchmark (low-latency mode is not "
-               "implemented yet), then the CPU reference.\n", gpus);
+        printf("epcomm-bench: %d GPUs: group check, then the high-throughput and low-latency benchmarks, then the "
+               "CPU reference.\n", gpus);
         failed |= demo_gpu_group(gpus);
         bench_ht_args_t b = {gpus, a.hidden, a.topk, a.experts, o.quick, o.jsonl, o.machine, o.commit};
         failed |= bench_ht_run(&b);
+        bench_ll_args_t ll = {gpus, a.hidden, a.topk, a.experts, o.jsonl, o.machine, o.commit};
+        failed |= bench_ll_run(&ll);
     }
     failed |= demo_ref_round_trip(&a);
     printf("epcomm-bench: %s\n", failed ? "FAILED" : "all checks passed");

@@ -71,6 +71,7 @@ for R in 2 4; do
   run_gpu_test test_layout_gpu "$R"
   run_gpu_test test_ht_gpu "$R" --rounds 2
   run_gpu_test test_ht_modes_gpu "$R"
+  run_gpu_test test_ll_gpu "$R"
 done
 
 COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"
@@ -88,7 +89,7 @@ if [[ -s "$LOGS/ht.jsonl" ]] && python3 -c 'import matplotlib' 2>/dev/null; then
   python3 "$ROOT/tools/plot_bench.py" "$LOGS/ht.jsonl" "$LOGS/ht.png" >> "$TESTS" 2>&1 || true
 fi
 
-for f in "$LOGS"/bench-r*.log; do [[ -f $f ]] && sed -n '/^high-throughput/,/^$/p' "$f"; done
+for f in "$LOGS"/bench-r*.log; do [[ -f $f ]] && sed -n '/^high-throughput/,/^$/p;/^low-latency/,/^$/p' "$f"; done
 echo
 echo "== summary ($(head -1 "$LOGS/machine.txt"), $(sed -n 2p "$LOGS/machine.txt"), $NGPU GPUs)"
 cat "$SUMMARY"

@@ -1,0 +1,231 @@
+/* Low-latency benchmark: for T in {1, 32, 128, 256} tokens per rank, the median and p99 of CUDA-event-timed
+ * calls (after warm-up) of dispatch (FP8, one call including its receive) and combine (BF16), slowest rank
+ * reported; and an NCCL grouped send/recv of the same bytes as our dispatch (each token once per destination
+ * rank, FP8 row + scales). Bytes: what crosses to other ranks per rank. */
+#define _DEFAULT_SOURCE
+#include "bench_ll.h"
+#include "epcomm.h"
+#include "epref.h"
+#include "ll.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LL_WARMUP 20
+#define LL_ITERS 200
+#define NUM_T 4
+
+static const int token_counts[NUM_T] = {1, 32, 128, 256};
+
+typedef struct {
+    double med[NUM_T][3], p99[NUM_T][3]; /* [T][dispatch, combine, nccl] in us */
+    double bytes[NUM_T];
+    int failed;
+} ll_rank_out_t;
+
+static int cmpd(const void *x, const void *y) {
+    double a = *(const double *)x, b = *(const double *)y;
+    return a < b ? -1 : a > b;
+}
+
+static void stats(double *t, int n, double *med, double *p99) {
+    qsort(t, (size_t)n, sizeof(double), cmpd);
+    *med = t[n / 2];
+    *p99 = t[(n * 99) / 100];
+}
+
+/* The inputs of rank r at T tokens: bf16 rows and top-k routing of |randn| + 1 scores. */
+static void draw_rank(int T, int H, int K, int E, int r, uint16_t *x, int64_t *idx, float *w) {
+    epref_rng_t rng;
+    epref_rng_seed(&rng, 5 + (uint64_t)T, (uint64_t)r);
+    for (size_t i = 0; i < (size_t)T * H; i++)
+        x[i] = epref_float_to_bf16(epref_rng_normal(&rng));
+    epref_random_routing(&rng, T, K, E, 0.0f, idx, w);
+}
+
+static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, const ncclUniqueId *nid,
+                  ll_rank_out_t *out) {
+    const int R = a->ranks, H = a->hidden, K = a->topk, E = a->experts, L = E / R, Tmax = 256;
+    cudaSetDevice(rank);
+    ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+    cfg.num_nvl_bytes = ep_low_latency_buffer_bytes(R, Tmax, H, K, E);
+    ep_group_t g = NULL;
+    ncclComm_t comm;
+    if (ep_group_create(id, R, rank, rank, &cfg, &g) != EP_SUCCESS || ncclCommInitRank(&comm, R, *nid, rank) != ncclSuccess) {
+        fprintf(stderr, "rank %d: setup: %s\n", rank, ep_last_error());
+        return 1;
+    }
+    cudaStream_t s;
+    cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0), cudaEventCreate(&e1);
+    const int64_t RT = (int64_t)R * Tmax;
+    void *dx, *didx, *dw, *rx, *rs, *rc, *si, *lr, *dy, *dout, *nsend, *nrecv;
+    cudaMalloc(&dx, (size_t)Tmax * H * 2);
+    cudaMalloc(&didx, (size_t)Tmax * K * 8);
+    cudaMalloc(&dw, (size_t)Tmax * K * 4);
+    cudaMalloc(&rx, (size_t)L * RT * H);
+    cudaMalloc(&rs, (size_t)L * (H / 128) * RT * 4);
+    cudaMalloc(&rc, (size_t)L * 4);
+    cudaMalloc(&si, (size_t)L * RT * 4);
+    cudaMalloc(&lr, (size_t)L * R * 8);
+    cudaMalloc(&dy, (size_t)L * RT * H * 2);
+    cudaMalloc(&dout, (size_t)Tmax * H * 2);
+    size_t row = (size_t)H + (size_t)H / 128 * 4;
+    cudaMalloc(&nsend, (size_t)Tmax * R * row);
+    cudaMalloc(&nrecv, (size_t)Tmax * R * row);
+    cudaMemset(dy, 0x3c, (size_t)L * RT * H * 2);
+    double *t = malloc(sizeof(double) * LL_ITERS);
+    for (int ti = 0; ti < NUM_T; ti++) {
+        int T = token_counts[ti], N = T;
+        /* Every rank's inputs come from (seed, rank): draw all of them, so the NCCL baseline knows what each
+         * peer sends; keep our own. */
+        int32_t counts[8][8];
+        uint16_t *x = malloc((size_t)N * H * 2);
+        int64_t *idx = malloc((size_t)N * K * 8);
+        float *w = malloc((size_t)N * K * 4);
+        for (int r = 0; r < R; r++) {
+            draw_rank(T, H, K, E, r, x, idx, w);
+            epref_dispatch_layout(idx, N, K, R, E, counts[r], NULL, NULL);
+        }
+        draw_rank(T, H, K, E, rank, x, idx, w);
+        int32_t *per_rank = counts[rank];
+        double remote = 0;
+        for (int d = 0; d < R; d++)
+            remote += d == rank ? 0 : per_rank[d];
+        out->bytes[ti] = remote * (double)row;
+        cudaMemcpy(dx, x, (size_t)N * H * 2, cudaMemcpyHostToDevice);
+        cudaMemcpy(didx, idx, (size_t)N * K * 8, cudaMemcpyHostToDevice);
+        cudaMemcpy(dw, w, (size_t)N * K * 4, cudaMemcpyHostToDevice);
+        const int64_t RTt = (int64_t)R * T;
+        ep_ll_dispatch_args_t da = {.size = sizeof(da)};
+        da.x = ep_tensor_2d(dx, EP_DTYPE_BFLOAT16, N, H);
+        da.topk_idx = ep_tensor_2d(didx, EP_DTYPE_INT64, N, K);
+        da.max_tokens = T, da.num_experts = E, da.use_fp8 = 1;
+        da.recv_x = ep_tensor_3d(rx, EP_DTYPE_FLOAT8_E4M3, L, RTt, H);
+        da.recv_x_scales = ep_tensor_3d(rs, EP_DTYPE_FLOAT32, L, H / 128, RTt);
+        da.recv_count = ep_tensor_1d(rc, EP_DTYPE_INT32, L);
+        da.src_info = ep_tensor_2d(si, EP_DTYPE_INT32, L, RTt);
+        da.layout_range = ep_tensor_2d(lr, EP_DTYPE_INT64, L, R);
+        ep_ll_combine_args_t ca = {.size = sizeof(ca)};
+        ca.x = ep_tensor_3d(dy, EP_DTYPE_BFLOAT16, L, RTt, H);
+        ca.topk_idx = da.topk_idx;
+        ca.topk_weights = ep_tensor_2d(dw, EP_DTYPE_FLOAT32, N, K);
+        ca.out = ep_tensor_2d(dout, EP_DTYPE_BFLOAT16, N, H);
+        ep_launch_t l = EP_LAUNCH_INIT;
+        l.stream = s;
+        /* T changes the buffer's layout: clear it so no stale bytes can pass for a header. */
+        if (ep_clean_low_latency_buffer(g, T, H, K, E, s) != EP_SUCCESS) {
+            fprintf(stderr, "rank %d: clean: %s\n", rank, ep_last_error());
+            out->failed = 1;
+        }
+        for (int op = 0; op < 3; op++) {
+            for (int i = 0; i < LL_WARMUP + LL_ITERS; i++) {
+                ep_ll_handle_t h;
+                ep_ll_combine_handle_t ch;
+                int bad = 0;
+                if (op == 1)
+                    bad |= ep_ll_dispatch(g, &da, &h, &l) != EP_SUCCESS; /* untimed: combine needs a dispatch */
+                cudaEventRecord(e0, s);
+                if (op == 0)
+                    bad |= ep_ll_dispatch(g, &da, &h, &l) != EP_SUCCESS;
+                else if (op == 1)
+                    bad |= ep_ll_combine(g, &ca, &h, &ch, &l) != EP_SUCCESS;
+                else {
+                    ncclGroupStart();
+                    for (int p = 0; p < R; p++) {
+                        size_t b = (size_t)per_rank[p] * row;
+                        ncclSend((char *)nsend + (size_t)p * T * row, b, ncclUint8, p, comm, s);
+                        ncclRecv((char *)nrecv + (size_t)p * T * row, (size_t)counts[p][rank] * row, ncclUint8, p,
+                                 comm, s);
+                    }
+                    bad |= ncclGroupEnd() != ncclSuccess;
+                }
+                cudaEventRecord(e1, s);
+                if (op == 0) /* keep dispatch/combine alternating so buffer halves stay in step */
+                    bad |= ep_ll_combine(g, &ca, &h, &ch, &l) != EP_SUCCESS;
+                cudaEventSynchronize(e1);
+                float ms = 0;
+                cudaEventElapsedTime(&ms, e0, e1);
+                if (bad) {
+                    fprintf(stderr, "rank %d: T=%d op %d: %s\n", rank, T, op, ep_last_error());
+                    out->failed = 1;
+                    break;
+                }
+                if (i >= LL_WARMUP)
+                    t[i - LL_WARMUP] = ms * 1e3;
+                cudaStreamSynchronize(s);
+            }
+            stats(t, LL_ITERS, &out->med[ti][op], &out->p99[ti][op]);
+        }
+        free(x), free(idx), free(w);
+    }
+    if (ep_group_synchronize(g, s) != EP_SUCCESS)
+        out->failed = 1;
+    ncclCommDestroy(comm);
+    ep_group_destroy(g);
+    free(t);
+    return out->failed;
+}
+
+int bench_ll_run(const bench_ll_args_t *a) {
+    ep_unique_id_t id;
+    ncclUniqueId nid;
+    if (a->ranks > 8 || ep_get_unique_id(&id) != EP_SUCCESS || ncclGetUniqueId(&nid) != ncclSuccess)
+        return 1;
+    ll_rank_out_t *sh = mmap(NULL, sizeof(ll_rank_out_t) * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    memset(sh, 0, sizeof(ll_rank_out_t) * 8);
+    fflush(stdout);
+    pid_t pids[8];
+    for (int r = 0; r < a->ranks; r++)
+        if ((pids[r] = fork()) == 0) {
+            int rc = worker(a, r, &id, &nid, &sh[r]);
+            fflush(stdout);
+            _exit(rc);
+        }
+    int failed = 0;
+    for (int r = 0; r < a->ranks; r++) {
+        int st = 0;
+        waitpid(pids[r], &st, 0);
+        failed |= !WIFEXITED(st) || WEXITSTATUS(st) != 0;
+    }
+    if (!failed) {
+        static const char *ops[3] = {"ll_dispatch", "ll_combine", "nccl_dispatch"};
+        FILE *js = a->jsonl ? fopen(a->jsonl, "a") : NULL;
+        char date[32];
+        time_t now = time(NULL);
+        strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+        printf("\nlow-latency, EP%d, H=%d, top-%d of %d experts, FP8 dispatch, BF16 combine (per call: slowest "
+               "rank's median and p99 of %d)\n", a->ranks, a->hidden, a->topk, a->experts, LL_ITERS);
+        printf("| %-13s | %6s | %9s | %9s | %12s |\n", "op", "tokens", "median us", "p99 us", "remote MB");
+        printf("|---------------|--------|-----------|-----------|--------------|\n");
+        for (int ti = 0; ti < NUM_T; ti++)
+            for (int op = 0; op < 3; op++) {
+                double med = 0, p99 = 0, bytes = 0;
+                for (int r = 0; r < a->ranks; r++) {
+                    med = sh[r].med[ti][op] > med ? sh[r].med[ti][op] : med;
+                    p99 = sh[r].p99[ti][op] > p99 ? sh[r].p99[ti][op] : p99;
+                    bytes += sh[r].bytes[ti] / a->ranks;
+                }
+                printf("| %-13s | %6d | %9.1f | %9.1f | %12.2f |\n", ops[op], token_counts[ti], med, p99, bytes / 1e6);
+                if (js)
+                    fprintf(js, "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"H200\", "
+                            "\"mode\": \"ll\", \"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, "
+                            "\"experts\": %d, \"dtype\": \"%s\", \"sms\": 0, \"time_us\": %.2f, \"p99_us\": %.2f, "
+                            "\"link_gbps\": %.2f, \"correct\": null}\n", date, a->commit ? a->commit : "unknown",
+                            a->machine ? a->machine : "unknown", ops[op], a->ranks, token_counts[ti], a->hidden,
+                            a->topk, a->experts, op == 1 ? "bf16" : "fp8", med, p99, bytes / med / 1e3);
+            }
+        if (js)
+            fclose(js);
+    }
+    munmap(sh, sizeof(ll_rank_out_t) * 8);
+    return failed;
+}
