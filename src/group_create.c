@@ -53,10 +53,16 @@ ep_status_t ep_device_enter(int device, int *previous) {
 
 void ep_device_restore(int previous) { cudaSetDevice(previous); }
 
-static ep_group_t group_alloc(const ep_group_config_t *config) {
+static ep_group_t group_alloc(const ep_group_config_t *config, int rank, int num_ranks, int device,
+                              ncclComm_t comm) {
     ep_group_t g = calloc(1, sizeof(*g));
     if (g == NULL)
         return NULL;
+    g->rank = rank;
+    g->num_ranks = num_ranks;
+    g->device = device;
+    g->comm = comm;
+    g->owns_comm = comm == NULL; /* ep_group_create makes its own */
     g->config = *config;
     g->timeout_ms = config->timeout_ms > 0 ? config->timeout_ms : ep_env_timeout_ms();
     g->config.timeout_ms = g->timeout_ms;
@@ -266,15 +272,11 @@ ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int rank, i
     EP_CHECK(check_device_exists(cuda_device));
     int previous;
     EP_CHECK(ep_device_enter(cuda_device, &previous));
-    ep_group_t g = group_alloc(config);
+    ep_group_t g = group_alloc(config, rank, num_ranks, cuda_device, NULL);
     if (g == NULL) {
         ep_device_restore(previous);
         return ep_fail(EP_ERROR_OUT_OF_MEMORY, "group: out of host memory");
     }
-    g->rank = rank;
-    g->num_ranks = num_ranks;
-    g->device = cuda_device;
-    g->owns_comm = 1;
     ncclUniqueId nid;
     memcpy(nid.internal, id->internal, sizeof(nid.internal));
     ncclConfig_t nccl_config = NCCL_CONFIG_INITIALIZER;
@@ -312,16 +314,11 @@ ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_device, co
                        comm_device, cuda_device);
     int previous;
     EP_CHECK(ep_device_enter(cuda_device, &previous));
-    ep_group_t g = group_alloc(config);
+    ep_group_t g = group_alloc(config, rank, num_ranks, cuda_device, comm);
     if (g == NULL) {
         ep_device_restore(previous);
         return ep_fail(EP_ERROR_OUT_OF_MEMORY, "group: out of host memory");
     }
-    g->rank = rank;
-    g->num_ranks = num_ranks;
-    g->device = cuda_device;
-    g->comm = comm;
-    g->owns_comm = 0;
     ep_status_t st = finish_create(g, group);
     ep_device_restore(previous);
     return st;

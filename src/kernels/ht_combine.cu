@@ -7,6 +7,7 @@
  * one rounding to bf16. */
 #include "ht_kernels.h"
 #include "ht_layout.h"
+#include "bf16.cuh"
 #include "sync.cuh"
 
 #define COMBINE_WARPS 16
@@ -16,29 +17,9 @@ __device__ __forceinline__ char *combine_region(const ep_dev_group_t &g, int ran
     return g.window[rank] + EP_CTRL_BYTES + ep_ht_combine_base(a.data_bytes, a.parity);
 }
 
-/* Float to bf16, round to nearest even; NaN stays a quiet NaN with its sign (as the reference defines). */
-__device__ __forceinline__ uint16_t f32_to_bf16(float f) {
-    uint32_t b = __float_as_uint(f);
-    if ((b & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((b >> 16) | 0x0040u);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-}
-
-__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-
 __device__ __forceinline__ void add_bf16x8(float acc[8], uint4 v) {
-    acc[0] += bf16_lo(v.x), acc[1] += bf16_hi(v.x), acc[2] += bf16_lo(v.y), acc[3] += bf16_hi(v.y);
-    acc[4] += bf16_lo(v.z), acc[5] += bf16_hi(v.z), acc[6] += bf16_lo(v.w), acc[7] += bf16_hi(v.w);
-}
-
-__device__ __forceinline__ uint4 pack_bf16x8(const float acc[8]) {
-    uint4 r;
-    r.x = f32_to_bf16(acc[0]) | ((uint32_t)f32_to_bf16(acc[1]) << 16);
-    r.y = f32_to_bf16(acc[2]) | ((uint32_t)f32_to_bf16(acc[3]) << 16);
-    r.z = f32_to_bf16(acc[4]) | ((uint32_t)f32_to_bf16(acc[5]) << 16);
-    r.w = f32_to_bf16(acc[6]) | ((uint32_t)f32_to_bf16(acc[7]) << 16);
-    return r;
+    acc[0] += ep_bf16_lo(v.x), acc[1] += ep_bf16_hi(v.x), acc[2] += ep_bf16_lo(v.y), acc[3] += ep_bf16_hi(v.y);
+    acc[4] += ep_bf16_lo(v.z), acc[5] += ep_bf16_hi(v.z), acc[6] += ep_bf16_lo(v.w), acc[7] += ep_bf16_hi(v.w);
 }
 
 __global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_send_kernel(ep_dev_group_t g, ep_ht_combine_args_t a) {
@@ -163,7 +144,7 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_reduce_kernel(e
                     add_bf16x8(acc[u], ((const uint4 *)(a.bias0 + t * a.bias0_stride))[c]);
                 if (a.bias1)
                     add_bf16x8(acc[u], ((const uint4 *)(a.bias1 + t * a.bias1_stride))[c]);
-                ((uint4 *)(a.out + t * a.out_stride))[c] = pack_bf16x8(acc[u]);
+                ((uint4 *)(a.out + t * a.out_stride))[c] = ep_pack_bf16x8(acc[u]);
             }
         }
         if (a.out_weights && lane < a.topk) {

@@ -5,6 +5,7 @@
  * order (a duplicated expert reads the row of its first k) and rounds once to bf16. */
 #include "ll_kernels.h"
 #include "ll_layout.h"
+#include "bf16.cuh"
 #include "sync.cuh"
 
 #define LL_COMBINE_THREADS 512
@@ -12,13 +13,6 @@
 
 __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
-}
-
-__device__ __forceinline__ uint16_t to_bf16(float f) {
-    uint32_t b = __float_as_uint(f);
-    if ((b & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((b >> 16) | 0x0040u);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
 __global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_send_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
@@ -48,18 +42,9 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_send_kernel(ep_
             dst[q] = src[q];
     }
     __syncthreads();
-    if (tid == 0) {
-        __threadfence_system();
-        unsigned done = atomicAdd(&g.ll_state[6 + p], 1u);
-        if (done == gridDim.x - 1) {
-            g.ll_state[6 + p] = 0;
-            g.ll_state[2 + p] = epoch;
-            __threadfence_system();
-            for (int d = 0; d < R; d++)
-                ep_store_release_sys((uint64_t *)(g.window[d] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + me,
-                                     (uint64_t)epoch << 32);
-        }
-    }
+    if (tid == 0)
+        ep_last_block_signal(g, &g.ll_state[6 + p], &g.ll_state[2 + p], epoch, EP_CTRL_LL_COMBINE_FLAGS, p,
+                             (uint64_t)epoch << 32);
 }
 
 __global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_recv_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
@@ -101,16 +86,11 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_recv_kernel(ep_
             uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                acc[2 * j] = __fmaf_rn(w, __uint_as_float(words[j] << 16), acc[2 * j]);
-                acc[2 * j + 1] = __fmaf_rn(w, __uint_as_float(words[j] & 0xffff0000u), acc[2 * j + 1]);
+                acc[2 * j] = __fmaf_rn(w, ep_bf16_lo(words[j]), acc[2 * j]);
+                acc[2 * j + 1] = __fmaf_rn(w, ep_bf16_hi(words[j]), acc[2 * j + 1]);
             }
         }
-        uint4 r;
-        r.x = to_bf16(acc[0]) | ((uint32_t)to_bf16(acc[1]) << 16);
-        r.y = to_bf16(acc[2]) | ((uint32_t)to_bf16(acc[3]) << 16);
-        r.z = to_bf16(acc[4]) | ((uint32_t)to_bf16(acc[5]) << 16);
-        r.w = to_bf16(acc[6]) | ((uint32_t)to_bf16(acc[7]) << 16);
-        ((uint4 *)(a.out + (int64_t)t * a.out_stride))[c] = r;
+        ((uint4 *)(a.out + (int64_t)t * a.out_stride))[c] = ep_pack_bf16x8(acc);
     }
 }
 

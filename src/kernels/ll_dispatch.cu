@@ -127,18 +127,9 @@ __global__ void __launch_bounds__(LL_SEND_THREADS) ll_dispatch_send_kernel(ep_de
     }
     /* The last block to finish tells every rank how many tokens this rank has (and that they landed). */
     __syncthreads();
-    if (tid == 0) {
-        __threadfence_system();
-        unsigned done = atomicAdd(&g.ll_state[4 + p], 1u);
-        if (done == gridDim.x - 1) {
-            g.ll_state[4 + p] = 0;
-            g.ll_state[p] = epoch;
-            __threadfence_system();
-            for (int d = 0; d < R; d++)
-                ep_store_release_sys(ll_flag(g, d, p, me, EP_CTRL_LL_DISPATCH_FLAGS),
-                                     ((uint64_t)epoch << 32) | (uint32_t)a.num_tokens);
-        }
-    }
+    if (tid == 0)
+        ep_last_block_signal(g, &g.ll_state[4 + p], &g.ll_state[p], epoch, EP_CTRL_LL_DISPATCH_FLAGS, p,
+                             ((uint64_t)epoch << 32) | (uint32_t)a.num_tokens);
 }
 
 /* Exclusive prefix of `valid` over the block; returns this thread's position, writes the total. */

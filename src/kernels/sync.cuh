@@ -75,6 +75,22 @@ __device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const 
     return true;
 }
 
+/* Called by thread 0 of every block of a send kernel when the block's stores are issued: the last block to
+ * get here (all others' stores fenced before they counted themselves) stores the new epoch and raises
+ * `flag_value` in this rank's slot of every rank's flag array at `flags_offset` + parity * R. */
+__device__ __forceinline__ void ep_last_block_signal(const ep_dev_group_t &g, uint32_t *done, uint32_t *epoch_word,
+                                                     uint32_t epoch, int flags_offset, int parity,
+                                                     uint64_t flag_value) {
+    __threadfence_system();
+    if (atomicAdd(done, 1u) != gridDim.x - 1)
+        return;
+    *done = 0;
+    *epoch_word = epoch;
+    __threadfence_system();
+    for (int d = 0; d < g.num_ranks; d++)
+        ep_store_release_sys((uint64_t *)(g.window[d] + flags_offset) + parity * g.num_ranks + g.rank, flag_value);
+}
+
 /* A cross-rank barrier run by one CTA (threads 0..R-1 talk to rank p = threadIdx.x), by epochs: each rank
  * counts completed barriers; barrier n writes n into this rank's slot of every peer's flag array and waits
  * until every slot of its own array reaches n. Flags only grow, so nothing is ever reset and no two barriers
