@@ -6,7 +6,6 @@
 #include "bench_ll.h"
 #include "epcomm.h"
 #include "epref.h"
-#include "ll.h"
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -105,7 +104,7 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         cudaMemcpy(didx, idx, (size_t)N * K * 8, cudaMemcpyHostToDevice);
         cudaMemcpy(dw, w, (size_t)N * K * 4, cudaMemcpyHostToDevice);
         const int64_t RTt = (int64_t)R * T;
-        ep_ll_dispatch_args_t da = {.size = sizeof(da)};
+        ep_low_latency_dispatch_args_t da = EP_LOW_LATENCY_DISPATCH_ARGS_INIT;
         da.x = ep_tensor_2d(dx, EP_DTYPE_BFLOAT16, N, H);
         da.topk_idx = ep_tensor_2d(didx, EP_DTYPE_INT64, N, K);
         da.max_tokens = T, da.num_experts = E, da.use_fp8 = 1;
@@ -114,7 +113,7 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         da.recv_count = ep_tensor_1d(rc, EP_DTYPE_INT32, L);
         da.src_info = ep_tensor_2d(si, EP_DTYPE_INT32, L, RTt);
         da.layout_range = ep_tensor_2d(lr, EP_DTYPE_INT64, L, R);
-        ep_ll_combine_args_t ca = {.size = sizeof(ca)};
+        ep_low_latency_combine_args_t ca = EP_LOW_LATENCY_COMBINE_ARGS_INIT;
         ca.x = ep_tensor_3d(dy, EP_DTYPE_BFLOAT16, L, RTt, H);
         ca.topk_idx = da.topk_idx;
         ca.topk_weights = ep_tensor_2d(dw, EP_DTYPE_FLOAT32, N, K);
@@ -128,16 +127,15 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         }
         for (int op = 0; op < 3; op++) {
             for (int i = 0; i < LL_WARMUP + LL_ITERS; i++) {
-                ep_ll_handle_t h;
-                ep_ll_combine_handle_t ch;
+                ep_ll_handle_t h = NULL;
                 int bad = 0;
                 if (op == 1)
-                    bad |= ep_ll_dispatch(g, &da, &h, &l) != EP_SUCCESS; /* untimed: combine needs a dispatch */
+                    bad |= ep_low_latency_dispatch(g, &da, &h, &l) != EP_SUCCESS; /* untimed: combine needs one */
                 cudaEventRecord(e0, s);
                 if (op == 0)
-                    bad |= ep_ll_dispatch(g, &da, &h, &l) != EP_SUCCESS;
+                    bad |= ep_low_latency_dispatch(g, &da, &h, &l) != EP_SUCCESS;
                 else if (op == 1)
-                    bad |= ep_ll_combine(g, &ca, &h, &ch, &l) != EP_SUCCESS;
+                    bad |= ep_low_latency_combine(g, &ca, h, &l) != EP_SUCCESS;
                 else {
                     ncclGroupStart();
                     for (int p = 0; p < R; p++) {
@@ -150,8 +148,9 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
                 }
                 cudaEventRecord(e1, s);
                 if (op == 0) /* keep dispatch/combine alternating so buffer halves stay in step */
-                    bad |= ep_ll_combine(g, &ca, &h, &ch, &l) != EP_SUCCESS;
+                    bad |= ep_low_latency_combine(g, &ca, h, &l) != EP_SUCCESS;
                 cudaEventSynchronize(e1);
+                ep_ll_handle_destroy(h);
                 float ms = 0;
                 cudaEventElapsedTime(&ms, e0, e1);
                 if (bad) {

@@ -260,6 +260,68 @@ EP_API ep_status_t ep_handle_info(ep_handle_t handle, int *num_tokens, int *num_
 /* Releases a handle (its device memory is freed in stream order on the group's stream). NULL is a no-op. */
 EP_API ep_status_t ep_handle_destroy(ep_handle_t handle);
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Low-latency mode: decode (DeepEP: low_latency_dispatch / low_latency_combine)
+ * ------------------------------------------------------------------------------------------------------- */
+typedef struct ep_ll_handle *ep_ll_handle_t;
+
+/* Bytes of symmetric buffer (config.num_nvl_bytes) the low-latency mode needs for these sizes. */
+EP_API size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int topk,
+                                          int num_experts);
+
+typedef struct {
+    size_t size;               /* sizeof(ep_low_latency_dispatch_args_t) */
+    ep_tensor_t x;             /* [N, H] bfloat16, N <= max_tokens, H % 128 == 0 (% 512 with UE8M0) */
+    ep_tensor_t topk_idx;      /* [N, K] int64, K <= 16, -1 = no expert */
+    int max_tokens;            /* T (DeepEP's num_max_dispatch_tokens_per_rank), the same on every rank */
+    int num_experts;           /* E, E % R == 0 */
+    int use_fp8, round_scale, use_ue8m0;
+    int return_recv_hook;      /* 1: only the sends now; ep_low_latency_dispatch_hook completes the receive */
+    /* outputs (caller's memory, contiguous) */
+    ep_tensor_t recv_x;        /* [L, R*T, H] float8_e4m3 (use_fp8) or bfloat16 */
+    ep_tensor_t recv_x_scales; /* use_fp8: [L, H/128, R*T] float32, or [L, H/512, R*T] int32 (UE8M0, 4 per word)
+                                  i.e. column-major in the last two dims of DeepEP's [L, R*T, S] */
+    ep_tensor_t recv_count;    /* [L] int32 */
+    ep_tensor_t src_info;      /* [L, R*T] int32: source token index of each row */
+    ep_tensor_t layout_range;  /* [L, R] int64: (begin << 32) | count of the rows from each source rank */
+    ep_tensor_t cumulative_local_expert_recv_stats; /* [L] int32 (added to), or data NULL */
+    ep_tensor_t dispatch_wait_recv_cost_stats;      /* [R] int64 nanoseconds (added to), or data NULL */
+} ep_low_latency_dispatch_args_t;
+
+#define EP_LOW_LATENCY_DISPATCH_ARGS_INIT {.size = sizeof(ep_low_latency_dispatch_args_t)}
+
+/* Collective. Each token goes once to every rank holding one of its experts; the receiver packs the
+ * (token, expert) pairs per local expert in (source rank, source token) order. Never waits on the host: the
+ * call (and its hook) can be captured in a CUDA graph. *handle receives a new handle for combine and the hook;
+ * at most two dispatch results may be alive at once (the buffer has two halves). */
+EP_API ep_status_t ep_low_latency_dispatch(ep_group_t group, const ep_low_latency_dispatch_args_t *args,
+                                           ep_ll_handle_t *handle, const ep_launch_t *launch);
+EP_API ep_status_t ep_low_latency_dispatch_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);
+
+typedef struct {
+    size_t size;               /* sizeof(ep_low_latency_combine_args_t) */
+    ep_tensor_t x;             /* [L, R*T, H] bfloat16: each expert's output rows, in the dispatch's order */
+    ep_tensor_t topk_idx;      /* [N, K] int64: the dispatch's */
+    ep_tensor_t topk_weights;  /* [N, K] float32 */
+    ep_tensor_t out;           /* [N, H] bfloat16 (caller's memory) */
+    int return_recv_hook;      /* 1: only the sends now; ep_low_latency_combine_hook completes the receive */
+    ep_tensor_t combine_wait_recv_cost_stats; /* [R] int64 nanoseconds (added to), or data NULL */
+} ep_low_latency_combine_args_t;
+
+#define EP_LOW_LATENCY_COMBINE_ARGS_INIT {.size = sizeof(ep_low_latency_combine_args_t)}
+
+/* Collective. out[t] = bf16(sum over k of topk_weights[t, k] * row[t, k]), float32 fmaf in k order, -1
+ * entries skipped, a token with none is 0 (bit-exact with the CPU reference). */
+EP_API ep_status_t ep_low_latency_combine(ep_group_t group, const ep_low_latency_combine_args_t *args,
+                                          ep_ll_handle_t handle, const ep_launch_t *launch);
+EP_API ep_status_t ep_low_latency_combine_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);
+/* Releases a low-latency handle. NULL is a no-op. */
+EP_API ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle);
+/* Zeroes the low-latency region after high-throughput use of the same buffer, or when T / H / K / E change
+ * (collective: ends with a barrier). */
+EP_API ep_status_t ep_clean_low_latency_buffer(ep_group_t group, int max_tokens, int hidden, int topk,
+                                               int num_experts, void *cuda_stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,6 +8,7 @@
 #include "kernels/ll_layout.h"
 #include "launch.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 static ep_ll_layout_t layout_for(int R, int T, int H, int K, int E) { return ep_ll_layout(R, T, H, K, E / R); }
@@ -18,9 +19,9 @@ size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens, int hidden, in
     return (size_t)(2 * layout_for(num_ranks, max_tokens, hidden, topk, num_experts).half_bytes);
 }
 
-static ep_status_t check_dispatch(ep_group_t g, const ep_ll_dispatch_args_t *a) {
+static ep_status_t check_dispatch(ep_group_t g, const ep_low_latency_dispatch_args_t *a) {
     EP_CHECK(ep_check_not_null(a, "args"));
-    EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_ll_dispatch_args_t"));
+    EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_low_latency_dispatch_args_t"));
     const int R = g->num_ranks;
     EP_CHECK(ep_check_range(a->max_tokens, 1, 1 << 16, "num_max_dispatch_tokens_per_rank"));
     ep_tensor_spec_t xs = {"x", EP_DTYPE_BFLOAT16, 2, {EP_ANY, EP_ANY}, 1, 16};
@@ -96,13 +97,8 @@ static cudaError_t launch_combine_both(const ep_dev_group_t *d, const void *k, c
     return err == cudaSuccess ? ep_launch_ll_combine_recv(d, (const ep_ll_combine_kargs_t *)k, s) : err;
 }
 
-ep_status_t ep_ll_dispatch(ep_group_t g, const ep_ll_dispatch_args_t *a, ep_ll_handle_t *h, const ep_launch_t *launch) {
-    ep_clear_error();
-    EP_CHECK(ep_check_not_null(g, "group"));
-    EP_CHECK(ep_check_not_null(h, "handle"));
-    EP_CHECK(ep_group_check_usable(g));
-    EP_CHECK(check_dispatch(g, a));
-    const int R = g->num_ranks, K = (int)a->topk_idx.shape[1];
+static ep_ll_dispatch_kargs_t dispatch_kargs(ep_group_t g, const ep_low_latency_dispatch_args_t *a) {
+    const int K = (int)a->topk_idx.shape[1];
     ep_ll_dispatch_kargs_t k = {
         .num_tokens = (int)a->x.shape[0],
         .max_tokens = a->max_tokens,
@@ -113,7 +109,7 @@ ep_status_t ep_ll_dispatch(ep_group_t g, const ep_ll_dispatch_args_t *a, ep_ll_h
         .round_scale = a->use_fp8 && a->round_scale,
         .use_ue8m0 = a->use_fp8 && a->use_ue8m0,
         .parity = (int)(g->ll_seq & 1),
-        .half_bytes = layout_for(R, a->max_tokens, (int)a->x.shape[1], K, a->num_experts).half_bytes,
+        .half_bytes = layout_for(g->num_ranks, a->max_tokens, (int)a->x.shape[1], K, a->num_experts).half_bytes,
         .x = (const uint16_t *)a->x.data,
         .x_stride = a->x.strides[0],
         .topk_idx = (const int64_t *)a->topk_idx.data,
@@ -126,63 +122,87 @@ ep_status_t ep_ll_dispatch(ep_group_t g, const ep_ll_dispatch_args_t *a, ep_ll_h
         .cumulative_stats = (int32_t *)a->cumulative_local_expert_recv_stats.data,
         .wait_cost_stats = (int64_t *)a->dispatch_wait_recv_cost_stats.data,
     };
-    ep_status_t st = run(g, launch, a->return_recv_hook ? launch_dispatch_send : launch_dispatch_both, &k,
+    return k;
+}
+
+ep_status_t ep_low_latency_dispatch(ep_group_t g, const ep_low_latency_dispatch_args_t *a, ep_ll_handle_t *handle,
+                                    const ep_launch_t *launch) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(g, "group"));
+    EP_CHECK(ep_check_not_null(handle, "handle"));
+    EP_CHECK(ep_group_check_usable(g));
+    EP_CHECK(check_dispatch(g, a));
+    ep_ll_handle_t h = calloc(1, sizeof(*h));
+    if (h == NULL)
+        return ep_fail(EP_ERROR_OUT_OF_MEMORY, "low-latency handle: out of host memory");
+    h->group = g;
+    h->dispatch = dispatch_kargs(g, a);
+    h->parity = h->dispatch.parity;
+    ep_status_t st = run(g, launch, a->return_recv_hook ? launch_dispatch_send : launch_dispatch_both, &h->dispatch,
                          "low-latency dispatch");
-    if (st != EP_SUCCESS)
+    if (st != EP_SUCCESS) {
+        free(h);
         return st;
-    memset(h, 0, sizeof(*h));
-    h->parity = k.parity;
-    h->num_tokens = k.num_tokens, h->max_tokens = k.max_tokens, h->hidden = k.hidden, h->topk = K;
-    h->num_experts = k.num_experts;
-    h->recv_pending = a->return_recv_hook;
-    h->kargs = k;
+    }
+    h->dispatch_recv_pending = a->return_recv_hook;
     g->ll_seq++;
+    g->live_handles++;
+    *handle = h;
     return EP_SUCCESS;
 }
 
-ep_status_t ep_ll_dispatch_hook(ep_group_t g, ep_ll_handle_t *h, const ep_launch_t *launch) {
-    ep_clear_error();
+static ep_status_t check_handle(ep_group_t g, ep_ll_handle_t h) {
     EP_CHECK(ep_check_not_null(g, "group"));
     EP_CHECK(ep_check_not_null(h, "handle"));
-    EP_CHECK(ep_group_check_usable(g));
-    if (!h->recv_pending)
+    if (h->group != g)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "handle: it belongs to another group");
+    return ep_group_check_usable(g);
+}
+
+ep_status_t ep_low_latency_dispatch_hook(ep_group_t g, ep_ll_handle_t h, const ep_launch_t *launch) {
+    ep_clear_error();
+    EP_CHECK(check_handle(g, h));
+    if (!h->dispatch_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this dispatch's receive already ran (or it had no hook)");
-    EP_CHECK(run(g, launch, launch_dispatch_recv, &h->kargs, "low-latency dispatch receive"));
-    h->recv_pending = 0;
+    EP_CHECK(run(g, launch, launch_dispatch_recv, &h->dispatch, "low-latency dispatch receive"));
+    h->dispatch_recv_pending = 0;
     return EP_SUCCESS;
 }
 
-ep_status_t ep_ll_combine(ep_group_t g, const ep_ll_combine_args_t *a, const ep_ll_handle_t *h,
-                          ep_ll_combine_handle_t *ch, const ep_launch_t *launch) {
-    ep_clear_error();
-    EP_CHECK(ep_check_not_null(g, "group"));
+static ep_status_t check_combine(ep_group_t g, const ep_low_latency_combine_args_t *a, ep_ll_handle_t h) {
     EP_CHECK(ep_check_not_null(a, "args"));
-    EP_CHECK(ep_check_not_null(h, "handle"));
-    EP_CHECK(ep_check_not_null(ch, "combine_handle"));
-    EP_CHECK(ep_group_check_usable(g));
-    EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_ll_combine_args_t"));
-    if (h->recv_pending)
+    EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_low_latency_combine_args_t"));
+    if (h->dispatch_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "handle: the dispatch's receive hook has not run yet");
+    const ep_ll_dispatch_kargs_t *d = &h->dispatch;
     const int R = g->num_ranks;
-    const int64_t L = h->num_experts / R, RT = (int64_t)R * h->max_tokens, N = h->num_tokens, K = h->topk;
-    ep_tensor_spec_t xs = {"x", EP_DTYPE_BFLOAT16, 3, {L, RT, h->hidden}, 1, 16};
+    const int64_t L = d->num_experts / R, RT = (int64_t)R * d->max_tokens, N = d->num_tokens, K = d->topk;
+    ep_tensor_spec_t xs = {"x", EP_DTYPE_BFLOAT16, 3, {L, RT, d->hidden}, 1, 16};
     EP_CHECK(ep_check_tensor(&a->x, &xs));
     ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {N, K}, 1, 0};
     EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
     ep_tensor_spec_t ws = {"topk_weights", EP_DTYPE_FLOAT32, 2, {N, K}, 1, 0};
     EP_CHECK(ep_check_tensor(&a->topk_weights, &ws));
-    ep_tensor_spec_t os = {"out", EP_DTYPE_BFLOAT16, 2, {N, h->hidden}, 1, 16};
+    ep_tensor_spec_t os = {"out", EP_DTYPE_BFLOAT16, 2, {N, d->hidden}, 1, 16};
     EP_CHECK(ep_check_tensor(&a->out, &os));
     ep_tensor_spec_t cs = {"combine_wait_recv_cost_stats", EP_DTYPE_INT64, 1, {R}, 1, 0};
-    EP_CHECK(ep_check_optional_tensor(&a->combine_wait_recv_cost_stats, &cs));
+    return ep_check_optional_tensor(&a->combine_wait_recv_cost_stats, &cs);
+}
+
+ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_args_t *a, ep_ll_handle_t h,
+                                   const ep_launch_t *launch) {
+    ep_clear_error();
+    EP_CHECK(check_handle(g, h));
+    EP_CHECK(check_combine(g, a, h));
+    const ep_ll_dispatch_kargs_t *d = &h->dispatch;
     ep_ll_combine_kargs_t k = {
-        .num_tokens = (int)N,
-        .max_tokens = h->max_tokens,
-        .hidden = h->hidden,
-        .topk = (int)K,
-        .num_experts = h->num_experts,
+        .num_tokens = d->num_tokens,
+        .max_tokens = d->max_tokens,
+        .hidden = d->hidden,
+        .topk = d->topk,
+        .num_experts = d->num_experts,
         .parity = h->parity,
-        .half_bytes = h->kargs.half_bytes,
+        .half_bytes = d->half_bytes,
         .x = (const uint16_t *)a->x.data,
         .x_stride0 = a->x.strides[0],
         .x_stride1 = a->x.strides[1],
@@ -196,20 +216,28 @@ ep_status_t ep_ll_combine(ep_group_t g, const ep_ll_combine_args_t *a, const ep_
     };
     EP_CHECK(run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k,
                  "low-latency combine"));
-    ch->recv_pending = a->return_recv_hook;
-    ch->kargs = k;
+    h->combine = k;
+    h->combined = 1;
+    h->combine_recv_pending = a->return_recv_hook;
     return EP_SUCCESS;
 }
 
-ep_status_t ep_ll_combine_hook(ep_group_t g, ep_ll_combine_handle_t *ch, const ep_launch_t *launch) {
+ep_status_t ep_low_latency_combine_hook(ep_group_t g, ep_ll_handle_t h, const ep_launch_t *launch) {
     ep_clear_error();
-    EP_CHECK(ep_check_not_null(g, "group"));
-    EP_CHECK(ep_check_not_null(ch, "combine_handle"));
-    EP_CHECK(ep_group_check_usable(g));
-    if (!ch->recv_pending)
+    EP_CHECK(check_handle(g, h));
+    if (!h->combine_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this combine's receive already ran (or it had no hook)");
-    EP_CHECK(run(g, launch, launch_combine_recv, &ch->kargs, "low-latency combine receive"));
-    ch->recv_pending = 0;
+    EP_CHECK(run(g, launch, launch_combine_recv, &h->combine, "low-latency combine receive"));
+    h->combine_recv_pending = 0;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_ll_handle_destroy(ep_ll_handle_t h) {
+    ep_clear_error();
+    if (h == NULL)
+        return EP_SUCCESS;
+    h->group->live_handles--;
+    free(h);
     return EP_SUCCESS;
 }
 

@@ -5,7 +5,6 @@
  * Both the one-call path and the hook path (send, then hook) are run, several rounds with fresh data. */
 #define _POSIX_C_SOURCE 200809L
 #include "epref.h"
-#include "ll.h"
 #include "mp.h"
 
 #include <cuda_runtime_api.h>
@@ -88,7 +87,7 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
     cudaMemcpy(dw, w[rank], (size_t)N * K * 4, cudaMemcpyHostToDevice);
     cudaMemset(rc, 0xFF, (size_t)L * 4);
     cudaMemset(lr, 0xFF, (size_t)L * R * 8);
-    ep_ll_dispatch_args_t a = {.size = sizeof(a)};
+    ep_low_latency_dispatch_args_t a = EP_LOW_LATENCY_DISPATCH_ARGS_INIT;
     a.x = ep_tensor_2d(dx, EP_DTYPE_BFLOAT16, N, H);
     a.topk_idx = ep_tensor_2d(didx, EP_DTYPE_INT64, N, K);
     a.max_tokens = T, a.num_experts = E, a.use_fp8 = c->fp8, a.round_scale = c->round_scale, a.use_ue8m0 = c->ue8m0;
@@ -99,10 +98,15 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
     a.recv_count = ep_tensor_1d(rc, EP_DTYPE_INT32, L);
     a.src_info = ep_tensor_2d(si, EP_DTYPE_INT32, L, RT);
     a.layout_range = ep_tensor_2d(lr, EP_DTYPE_INT64, L, R);
-    ep_ll_handle_t h;
-    MP_EXPECT_STATUS(rank, ep_ll_dispatch(g, &a, &h, NULL), EP_SUCCESS);
-    if (hook)
-        MP_EXPECT_STATUS(rank, ep_ll_dispatch_hook(g, &h, NULL), EP_SUCCESS);
+    ep_ll_handle_t h = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_SUCCESS);
+    if (hook) {
+        /* Before the hook, the combine must refuse the handle. */
+        ep_low_latency_combine_args_t early = EP_LOW_LATENCY_COMBINE_ARGS_INIT;
+        MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &early, h, NULL), EP_ERROR_INVALID_ARGUMENT);
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    }
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
     const epref_ll_dispatch_result_t *want = &ref[rank];
     int32_t *gc = malloc((size_t)L * 4);
@@ -155,16 +159,15 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
         cudaMalloc(&dout, (size_t)N * H * 2 + 16);
         cudaMemcpy(dy, ys[rank], (size_t)L * RT * H * 2, cudaMemcpyHostToDevice);
         cudaMemset(dout, 0xFF, (size_t)N * H * 2);
-        ep_ll_combine_args_t ca = {.size = sizeof(ca)};
+        ep_low_latency_combine_args_t ca = EP_LOW_LATENCY_COMBINE_ARGS_INIT;
         ca.x = ep_tensor_3d(dy, EP_DTYPE_BFLOAT16, L, RT, H);
         ca.topk_idx = a.topk_idx;
         ca.topk_weights = ep_tensor_2d(dw, EP_DTYPE_FLOAT32, N, K);
         ca.out = ep_tensor_2d(dout, EP_DTYPE_BFLOAT16, N, H);
         ca.return_recv_hook = hook;
-        ep_ll_combine_handle_t ch;
-        MP_EXPECT_STATUS(rank, ep_ll_combine(g, &ca, &h, &ch, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &ca, h, NULL), EP_SUCCESS);
         if (hook)
-            MP_EXPECT_STATUS(rank, ep_ll_combine_hook(g, &ch, NULL), EP_SUCCESS);
+            MP_EXPECT_STATUS(rank, ep_low_latency_combine_hook(g, h, NULL), EP_SUCCESS);
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
         uint16_t *got = malloc((size_t)N * H * 2 + 16);
         cudaMemcpy(got, dout, (size_t)N * H * 2, cudaMemcpyDeviceToHost);
@@ -177,6 +180,7 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
         free(want_out), free(got);
         cudaFree(dy), cudaFree(dout);
     }
+    MP_EXPECT_STATUS(rank, ep_ll_handle_destroy(h), EP_SUCCESS);
     for (int d = 0; d < R; d++)
         epref_ll_dispatch_result_free(&ref[d]);
     for (int r = 0; r < R; r++)
