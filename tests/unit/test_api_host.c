@@ -83,6 +83,31 @@ static void group_accessors_reject_null(void) {
     TCHECK_EQ_INT(ep_group_destroy(NULL), EP_SUCCESS);
 }
 
+static void operations_reject_null_without_side_effects(void) {
+    ep_dispatch_args_t da = EP_DISPATCH_ARGS_INIT;
+    ep_dispatch_result_t dr = EP_DISPATCH_RESULT_INIT;
+    ep_combine_args_t ca = EP_COMBINE_ARGS_INIT;
+    ep_low_latency_dispatch_args_t lda = EP_LOW_LATENCY_DISPATCH_ARGS_INIT;
+    ep_low_latency_combine_args_t lca = EP_LOW_LATENCY_COMBINE_ARGS_INIT;
+    ep_ll_handle_t lh = NULL;
+    int best = -1, candidates[1] = {8};
+    TCHECK_EQ_INT(ep_dispatch(NULL, &da, &dr, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "group: expected a non-NULL pointer");
+    TCHECK_EQ_INT(ep_combine(NULL, &ca, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(ep_get_dispatch_layout(NULL, NULL, 8, NULL, NULL, NULL, NULL, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(ep_autotune_normal(NULL, &da, candidates, 1, &best, NULL, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(best, -1);
+    TCHECK_EQ_INT(ep_low_latency_dispatch(NULL, &lda, &lh, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK(lh == NULL, "handle set on an argument error");
+    TCHECK_EQ_INT(ep_low_latency_combine(NULL, &lca, NULL, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(ep_low_latency_dispatch_hook(NULL, NULL, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(ep_low_latency_combine_hook(NULL, NULL, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(ep_clean_low_latency_buffer(NULL, 128, 7168, 8, 256, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(ep_handle_info(NULL, NULL, NULL, NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_EQ_INT(ep_handle_destroy(NULL), EP_SUCCESS);
+    TCHECK_EQ_INT(ep_ll_handle_destroy(NULL), EP_SUCCESS);
+}
+
 static void unique_id_needs_no_gpu(void) {
     ep_unique_id_t a, b;
     TCHECK_EQ_INT(ep_get_unique_id(NULL), EP_ERROR_INVALID_ARGUMENT);
@@ -116,6 +141,7 @@ int main(void) {
     TRUN(tensor_constructors_are_row_major);
     TRUN(group_create_rejects_bad_arguments_without_side_effects);
     TRUN(group_accessors_reject_null);
+    TRUN(operations_reject_null_without_side_effects);
     TRUN(unique_id_needs_no_gpu);
     TRUN(group_create_without_gpu_fails_cleanly);
     return TDONE();

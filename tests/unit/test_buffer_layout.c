@@ -1,0 +1,86 @@
+/* The buffer layouts that host code and kernels share (ht_layout.h, ll_layout.h) and the public size hints:
+ * a buffer of the hinted size holds what it promises, and no two arrays of a region overlap. */
+#include "epcomm.h"
+#include "kernels/ht_layout.h"
+#include "kernels/ll_layout.h"
+#include "tcheck.h"
+
+typedef struct {
+    uint64_t begin, end;
+} span_t;
+
+static int spans_disjoint_and_inside(const span_t *s, int n, uint64_t limit) {
+    for (int i = 0; i < n; i++) {
+        if (s[i].end > limit || s[i].begin > s[i].end)
+            return 0;
+        for (int j = i + 1; j < n; j++)
+            if (s[i].begin < s[j].end && s[j].begin < s[i].end && s[i].begin != s[i].end && s[j].begin != s[j].end)
+                return 0;
+    }
+    return 1;
+}
+
+static void normal_hint_holds_every_row(void) {
+    const int ranks[] = {2, 3, 4, 5, 8}, tokens[] = {1, 777, 4096}, hiddens[] = {128, 7168, 16384}, topks[] = {1, 8, 32};
+    for (int a = 0; a < 5; a++)
+        for (int b = 0; b < 3; b++)
+            for (int c = 0; c < 3; c++)
+                for (int d = 0; d < 3; d++)
+                    for (int fp8 = 0; fp8 < 2; fp8++) {
+                        int R = ranks[a], N = tokens[b], H = hiddens[c], K = topks[d], S = fp8 ? H / 128 : 0;
+                        size_t bytes = ep_normal_buffer_bytes(R, N, H, fp8 ? 1 : 2, S, K);
+                        ep_ht_dispatch_region_t dr = ep_ht_dispatch_region(bytes, (uint64_t)H * (fp8 ? 1 : 2),
+                                                                           (uint64_t)S * 4, (uint64_t)K);
+                        ep_ht_combine_region_t cr = ep_ht_combine_region(bytes, (uint64_t)H * 2, (uint64_t)K);
+                        TCHECK(dr.rows >= (uint64_t)R * N, "R=%d N=%d H=%d K=%d: dispatch holds %llu rows", R, N, H,
+                               K, (unsigned long long)dr.rows);
+                        TCHECK(cr.rows >= (uint64_t)R * N, "R=%d N=%d H=%d K=%d: combine holds %llu rows", R, N, H,
+                               K, (unsigned long long)cr.rows);
+                        span_t s[5] = {{dr.x_off, dr.x_off + dr.rows * dr.x_row_bytes},
+                                       {dr.scales_off, dr.scales_off + dr.rows * dr.scale_row_bytes},
+                                       {dr.idx_off, dr.idx_off + dr.rows * K * 8},
+                                       {dr.weights_off, dr.weights_off + dr.rows * K * 4},
+                                       {dr.src_off, dr.src_off + dr.rows * 4}};
+                        TCHECK(spans_disjoint_and_inside(s, 5, dr.quarter_bytes), "dispatch arrays overlap (R=%d)", R);
+                        TCHECK(dr.idx_off % 16 == 0 && dr.weights_off % 16 == 0 && dr.src_off % 16 == 0,
+                               "dispatch arrays not 16-byte aligned");
+                        TCHECK(ep_ht_combine_base(bytes, 1) + cr.quarter_bytes <= bytes, "combine half past the end");
+                    }
+}
+
+static void low_latency_hint_holds_every_slot(void) {
+    const int ranks[] = {2, 4, 8}, tokens[] = {1, 128, 1024}, hiddens[] = {128, 7168}, topks[] = {1, 8, 16};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int c = 0; c < 2; c++)
+                for (int d = 0; d < 3; d++) {
+                    int R = ranks[a], T = tokens[b], H = hiddens[c], K = topks[d], E = 32 * R, L = E / R;
+                    size_t bytes = ep_low_latency_buffer_bytes(R, T, H, K, E);
+                    ep_ll_layout_t l = ep_ll_layout(R, T, H, K, L);
+                    TCHECK(bytes == 2 * l.half_bytes, "hint %zu != two halves %llu", bytes,
+                           (unsigned long long)(2 * l.half_bytes));
+                    TCHECK(l.scales_off + (uint64_t)H / 128 * 4 <= l.slot_bytes, "FP8 scales overflow the slot");
+                    TCHECK(l.data_off + 2 * (uint64_t)H <= l.slot_bytes, "bf16 row overflows the slot");
+                    span_t s[5] = {{l.dispatch_off, l.dispatch_off + (uint64_t)R * T * l.slot_bytes},
+                                   {l.combine_off, l.combine_off + (uint64_t)T * K * 2 * H},
+                                   {l.count_off, l.count_off + (uint64_t)L * 4},
+                                   {l.srck_off, l.srck_off + (uint64_t)L * R * T * 4},
+                                   {l.range_off, l.range_off + (uint64_t)L * R * 8}};
+                    TCHECK(spans_disjoint_and_inside(s, 5, l.half_bytes), "low-latency arrays overlap (R=%d T=%d)", R, T);
+                    TCHECK(l.slot_bytes % 16 == 0 && l.combine_off % 16 == 0, "low-latency arrays not aligned");
+                }
+}
+
+static void size_hints_reject_nonsense(void) {
+    TCHECK_EQ_INT(ep_normal_buffer_bytes(0, 10, 128, 2, 0, 8), 0);
+    TCHECK_EQ_INT(ep_normal_buffer_bytes(4, -1, 128, 2, 0, 8), 0);
+    TCHECK_EQ_INT(ep_low_latency_buffer_bytes(4, 0, 7168, 8, 256), 0);
+    TCHECK_EQ_INT(ep_low_latency_buffer_bytes(4, 128, 7168, 8, 2), 0);
+}
+
+int main(void) {
+    TRUN(normal_hint_holds_every_row);
+    TRUN(low_latency_hint_holds_every_slot);
+    TRUN(size_hints_reject_nonsense);
+    return TDONE();
+}
