@@ -72,6 +72,7 @@ for R in 2 4; do
   run_gpu_test test_ht_gpu "$R" --rounds 2
   run_gpu_test test_ht_modes_gpu "$R"
   run_gpu_test test_ll_gpu "$R"
+  run_gpu_test test_ll_modes_gpu "$R"
 done
 
 COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"

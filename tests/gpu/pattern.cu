@@ -76,3 +76,16 @@ extern "C" cudaError_t test_delay_copy(void *dst, const void *src, size_t bytes,
     delay_copy_kernel<<<1, 1024, 0, s>>>((uint4 *)dst, (const uint4 *)src, bytes / 16, (uint64_t)delay_ms * 1000000u);
     return cudaGetLastError();
 }
+
+__global__ void busy_kernel(float *sink, int iters) {
+    float a = threadIdx.x * 1e-3f, b = 1.0001f;
+    for (int i = 0; i < iters; i++)
+        a = fmaf(a, b, 1e-7f);
+    if (a == 12345.0f) /* never true: keeps the loop */
+        sink[threadIdx.x] = a;
+}
+
+extern "C" cudaError_t test_busy_kernel(float *sink, int blocks, int iters, cudaStream_t s) {
+    busy_kernel<<<blocks, 1024, 0, s>>>(sink, iters);
+    return cudaGetLastError();
+}

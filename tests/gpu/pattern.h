@@ -31,6 +31,10 @@ cudaError_t pattern_poison(const ep_dev_group_t *g, size_t bytes, cudaStream_t s
  * consumer ordered after it (by an event) really waits. */
 cudaError_t test_delay_copy(void *dst, const void *src, size_t bytes, int delay_ms, cudaStream_t s);
 
+/* A compute-bound kernel on every SM (`blocks` blocks, ~`iters` dependent FMAs per thread): its run time
+ * shows whether other kernels hold SMs meanwhile. */
+cudaError_t test_busy_kernel(float *sink, int blocks, int iters, cudaStream_t s);
+
 #ifdef __cplusplus
 }
 #endif

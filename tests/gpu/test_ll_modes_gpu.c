@@ -1,0 +1,358 @@
+/* Low-latency mode beyond single calls, one process per GPU:
+ *  - double_buffering: two dispatches alive at once (both with hooks), received and combined out of order,
+ *    then a third dispatch reusing the first half; all checked against the reference;
+ *  - graph_replay: dispatch + combine captured once, replayed with new inputs, checked every time;
+ *  - hook_frees_sms: a compute kernel on every SM runs as fast between a hooked send and its receive as
+ *    alone (nothing of ours holds SMs in between);
+ *  - missing_peer_times_out: a rank that never dispatches: the receive times out naming it;
+ *  - argument errors: N > T, K > 16, H not a multiple of 128, UE8M0 without round_scale, too small a buffer. */
+#define _POSIX_C_SOURCE 200809L
+#include "epref.h"
+#include "mp.h"
+#include "pattern.h"
+
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define T 64
+#define H 2048
+#define K 8
+#define E 64
+
+typedef struct {
+    epref_rank_input_t in[8];
+    uint16_t *x[8];
+    int64_t *idx[8];
+    float *w[8];
+} inputs_t;
+
+static void make_inputs(inputs_t *in, int R, uint64_t seed) {
+    memset(in, 0, sizeof(*in));
+    for (int r = 0; r < R; r++) {
+        epref_rng_t rng;
+        epref_rng_seed(&rng, seed, (uint64_t)r);
+        int n = T - 5 * r;
+        in->x[r] = malloc((size_t)n * H * 2);
+        in->idx[r] = malloc((size_t)n * K * 8);
+        in->w[r] = malloc((size_t)n * K * 4);
+        for (size_t i = 0; i < (size_t)n * H; i++)
+            in->x[r][i] = epref_float_to_bf16(epref_rng_normal(&rng));
+        epref_random_routing(&rng, n, K, E, 0.1f, in->idx[r], in->w[r]);
+        in->in[r] = (epref_rank_input_t){.num_tokens = n, .x = (const uint8_t *)in->x[r], .row_bytes = H * 2,
+                                         .stride_bytes = H * 2, .topk = K, .topk_idx = in->idx[r],
+                                         .topk_weights = in->w[r]};
+    }
+}
+
+static void free_inputs(inputs_t *in, int R) {
+    for (int r = 0; r < R; r++)
+        free(in->x[r]), free(in->idx[r]), free(in->w[r]);
+}
+
+/* Device buffers of one dispatch/combine pair (BF16 dispatch; the expert output is x itself). */
+typedef struct {
+    void *x, *idx, *w, *rx, *rc, *si, *lr, *out;
+    ep_low_latency_dispatch_args_t da;
+    ep_low_latency_combine_args_t ca;
+} pair_t;
+
+static void pair_init(pair_t *p, int R) {
+    const int64_t L = E / R, RT = (int64_t)R * T;
+    cudaMalloc(&p->x, (size_t)T * H * 2);
+    cudaMalloc(&p->idx, (size_t)T * K * 8);
+    cudaMalloc(&p->w, (size_t)T * K * 4);
+    cudaMalloc(&p->rx, (size_t)L * RT * H * 2);
+    cudaMalloc(&p->rc, (size_t)L * 4);
+    cudaMalloc(&p->si, (size_t)L * RT * 4);
+    cudaMalloc(&p->lr, (size_t)L * R * 8);
+    cudaMalloc(&p->out, (size_t)T * H * 2);
+    cudaMemset(p->rx, 0, (size_t)L * RT * H * 2);
+}
+
+static void pair_load(pair_t *p, const inputs_t *in, int rank, int R) {
+    const int64_t L = E / R, RT = (int64_t)R * T;
+    int n = in->in[rank].num_tokens;
+    cudaMemcpy(p->x, in->x[rank], (size_t)n * H * 2, cudaMemcpyHostToDevice);
+    cudaMemcpy(p->idx, in->idx[rank], (size_t)n * K * 8, cudaMemcpyHostToDevice);
+    cudaMemcpy(p->w, in->w[rank], (size_t)n * K * 4, cudaMemcpyHostToDevice);
+    cudaMemset(p->out, 0xFF, (size_t)T * H * 2);
+    p->da = (ep_low_latency_dispatch_args_t)EP_LOW_LATENCY_DISPATCH_ARGS_INIT;
+    p->da.x = ep_tensor_2d(p->x, EP_DTYPE_BFLOAT16, n, H);
+    p->da.topk_idx = ep_tensor_2d(p->idx, EP_DTYPE_INT64, n, K);
+    p->da.max_tokens = T, p->da.num_experts = E;
+    p->da.recv_x = ep_tensor_3d(p->rx, EP_DTYPE_BFLOAT16, L, RT, H);
+    p->da.recv_count = ep_tensor_1d(p->rc, EP_DTYPE_INT32, L);
+    p->da.src_info = ep_tensor_2d(p->si, EP_DTYPE_INT32, L, RT);
+    p->da.layout_range = ep_tensor_2d(p->lr, EP_DTYPE_INT64, L, R);
+    p->ca = (ep_low_latency_combine_args_t)EP_LOW_LATENCY_COMBINE_ARGS_INIT;
+    p->ca.x = p->da.recv_x; /* identity experts */
+    p->ca.topk_idx = p->da.topk_idx;
+    p->ca.topk_weights = ep_tensor_2d(p->w, EP_DTYPE_FLOAT32, n, K);
+    p->ca.out = ep_tensor_2d(p->out, EP_DTYPE_BFLOAT16, n, H);
+}
+
+static void pair_free(pair_t *p) {
+    cudaFree(p->x), cudaFree(p->idx), cudaFree(p->w), cudaFree(p->rx), cudaFree(p->rc), cudaFree(p->si);
+    cudaFree(p->lr), cudaFree(p->out);
+}
+
+/* Receive counts and the combined output against the reference (identity experts). */
+static int check_pair(int rank, int R, const inputs_t *in, const pair_t *p, const char *what) {
+    int failures = 0, L = E / R, n = in->in[rank].num_tokens;
+    epref_ll_dispatch_result_t ref[8];
+    const uint16_t *ys[8];
+    for (int d = 0; d < R; d++) {
+        epref_ll_dispatch(in->in, R, E, T, H, d, 0, 0, 0, &ref[d]);
+        ys[d] = (const uint16_t *)ref[d].x;
+    }
+    int32_t *rc = malloc((size_t)L * 4);
+    cudaMemcpy(rc, p->rc, (size_t)L * 4, cudaMemcpyDeviceToHost);
+    for (int l = 0; l < L; l++)
+        if (rc[l] != ref[rank].recv_count[l])
+            MP_FAIL(rank, "%s: recv_count[%d] = %d, want %d", what, l, rc[l], ref[rank].recv_count[l]);
+    uint16_t *want = malloc((size_t)n * H * 2 + 16), *got = malloc((size_t)n * H * 2 + 16);
+    epref_ll_combine(ys, ref, R, E, rank, n, K, in->idx[rank], in->w[rank], 0, want);
+    cudaMemcpy(got, p->out, (size_t)n * H * 2, cudaMemcpyDeviceToHost);
+    if (memcmp(got, want, (size_t)n * H * 2) != 0)
+        MP_FAIL(rank, "%s: combined output differs from the reference", what);
+    for (int d = 0; d < R; d++)
+        epref_ll_dispatch_result_free(&ref[d]);
+    free(rc), free(want), free(got);
+    return failures;
+}
+
+static ep_group_t make_group(int rank, int R, const ep_unique_id_t *id, int64_t timeout_ms) {
+    cudaSetDevice(rank);
+    ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
+    cfg.num_nvl_bytes = ep_low_latency_buffer_bytes(R, T, H, K, E);
+    cfg.timeout_ms = timeout_ms;
+    ep_group_t g = NULL;
+    if (ep_group_create(id, R, rank, rank, &cfg, &g) != EP_SUCCESS)
+        fprintf(stderr, "[rank %d] create: %s\n", rank, ep_last_error());
+    return g;
+}
+
+static int double_buffering(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = make_group(rank, R, id, 0);
+    if (!g)
+        return 1;
+    inputs_t ia, ib, ic;
+    make_inputs(&ia, R, 1), make_inputs(&ib, R, 2), make_inputs(&ic, R, 3);
+    pair_t a, b;
+    pair_init(&a, R), pair_init(&b, R);
+    pair_load(&a, &ia, rank, R), pair_load(&b, &ib, rank, R);
+    a.da.return_recv_hook = b.da.return_recv_hook = 1;
+    ep_ll_handle_t ha = NULL, hb = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a.da, &ha, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &b.da, &hb, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, hb, NULL), EP_SUCCESS); /* out of order */
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, ha, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &a.ca, ha, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &b.ca, hb, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    failures += check_pair(rank, R, &ia, &a, "first of two alive");
+    failures += check_pair(rank, R, &ib, &b, "second of two alive");
+    /* A third dispatch reuses the first half. */
+    pair_load(&a, &ic, rank, R);
+    ep_ll_handle_t hc = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a.da, &hc, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &a.ca, hc, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    failures += check_pair(rank, R, &ic, &a, "third, reusing the first half");
+    ep_ll_handle_destroy(ha), ep_ll_handle_destroy(hb), ep_ll_handle_destroy(hc);
+    free_inputs(&ia, R), free_inputs(&ib, R), free_inputs(&ic, R);
+    pair_free(&a), pair_free(&b);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
+static int graph_replay(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = make_group(rank, R, id, 0);
+    if (!g)
+        return 1;
+    cudaStream_t s;
+    cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    inputs_t in;
+    make_inputs(&in, R, 10);
+    pair_t p;
+    pair_init(&p, R);
+    pair_load(&p, &in, rank, R);
+    ep_launch_t l = EP_LAUNCH_INIT;
+    l.stream = s;
+    ep_ll_handle_t h = NULL;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec = NULL;
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, &l), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, &l), EP_SUCCESS);
+    if (cudaStreamEndCapture(s, &graph) != cudaSuccess || cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) {
+        MP_FAIL(rank, "capture failed: %s", cudaGetErrorString(cudaGetLastError()));
+        return failures;
+    }
+    free_inputs(&in, R);
+    for (int replay = 0; replay < 4 && !failures; replay++) {
+        make_inputs(&in, R, 20 + (uint64_t)replay); /* same token counts, new values and routing */
+        pair_load(&p, &in, rank, R);
+        cudaGraphLaunch(exec, s);
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
+        char what[32];
+        snprintf(what, sizeof(what), "graph replay %d", replay);
+        failures += check_pair(rank, R, &in, &p, what);
+        free_inputs(&in, R);
+    }
+    cudaGraphExecDestroy(exec), cudaGraphDestroy(graph);
+    ep_ll_handle_destroy(h);
+    pair_free(&p);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
+static float time_busy(float *sink, int sms, cudaStream_t s) {
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0), cudaEventCreate(&e1);
+    cudaEventRecord(e0, s);
+    test_busy_kernel(sink, sms, 200000, s);
+    cudaEventRecord(e1, s);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    cudaEventDestroy(e0), cudaEventDestroy(e1);
+    return ms;
+}
+
+static int hook_frees_sms(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = make_group(rank, R, id, 0);
+    if (!g)
+        return 1;
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, rank);
+    float *sink;
+    cudaMalloc((void **)&sink, 4096);
+    cudaStream_t s;
+    cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    inputs_t in;
+    make_inputs(&in, R, 30);
+    pair_t p;
+    pair_init(&p, R);
+    pair_load(&p, &in, rank, R);
+    p.da.return_recv_hook = 1;
+    time_busy(sink, 2 * sms, s); /* warm-up */
+    float alone = time_busy(sink, 2 * sms, s);
+    ep_ll_handle_t h = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS); /* the sends are done */
+    float between = time_busy(sink, 2 * sms, s);                        /* before the hook */
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    failures += check_pair(rank, R, &in, &p, "hooked dispatch");
+    if (between > alone * 1.10f + 0.05f)
+        MP_FAIL(rank, "a busy kernel took %.3f ms between send and hook, %.3f ms alone", between, alone);
+    if (rank == 0)
+        printf("     busy kernel on all SMs: %.3f ms alone, %.3f ms between a send and its hook\n", alone, between);
+    ep_ll_handle_destroy(h);
+    free_inputs(&in, R);
+    pair_free(&p);
+    cudaFree(sink);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
+static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    const int64_t timeout_ms = 1500;
+    ep_group_t g = make_group(rank, R, id, timeout_ms);
+    if (!g)
+        return 1;
+    inputs_t in;
+    make_inputs(&in, R, 40);
+    pair_t p;
+    pair_init(&p, R);
+    pair_load(&p, &in, rank, R);
+    if (rank == R - 1) {
+        struct timespec nap = {(time_t)(2 * timeout_ms + 1000) / 1000, 0};
+        nanosleep(&nap, NULL);
+    } else {
+        ep_ll_handle_t h = NULL;
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS); /* enqueued */
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
+        char want[48];
+        snprintf(want, sizeof(want), "waiting for rank %d", R - 1);
+        if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "low-latency dispatch"))
+            MP_FAIL(rank, "timeout message: %s", ep_last_error());
+        if (rank == 0)
+            printf("     rank 0 saw: %s\n", ep_last_error());
+        ep_ll_handle_destroy(h);
+    }
+    free_inputs(&in, R);
+    pair_free(&p);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
+static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = make_group(rank, R, id, 0);
+    if (!g)
+        return 1;
+    inputs_t in;
+    make_inputs(&in, R, 50);
+    pair_t p;
+    pair_init(&p, R);
+    pair_load(&p, &in, rank, R);
+    ep_ll_handle_t h = NULL;
+    ep_low_latency_dispatch_args_t a = p.da;
+    a.max_tokens = in.in[rank].num_tokens - 1; /* N > T */
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    if (!strstr(ep_last_error(), "x.shape[0]"))
+        MP_FAIL(rank, "N > T message: %s", ep_last_error());
+    a = p.da;
+    a.x.shape[1] = H - 64;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    a = p.da;
+    a.use_fp8 = 1, a.use_ue8m0 = 1;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    a = p.da;
+    a.topk_idx.shape[1] = 17;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    a = p.da;
+    a.max_tokens = 4 * T; /* a larger T than the buffer was made for */
+    a.recv_x.shape[1] = (int64_t)R * 4 * T, a.recv_x.strides[0] = (int64_t)R * 4 * T * H;
+    a.src_info.shape[1] = (int64_t)R * 4 * T;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_BUFFER_TOO_SMALL);
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    if (h != NULL)
+        MP_FAIL(rank, "a refused dispatch returned a handle");
+    /* Nothing was launched: a good dispatch still works. */
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    failures += check_pair(rank, R, &in, &p, "after refusals");
+    ep_ll_handle_destroy(h);
+    free_inputs(&in, R);
+    pair_free(&p);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
+int main(int argc, char **argv) {
+    int ranks = 2;
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--ranks") == 0)
+            ranks = atoi(argv[++i]);
+    int failed = 0;
+    failed += mp_run("ll.double_buffering", ranks, double_buffering, NULL, 120) != 0;
+    failed += mp_run("ll.graph_replay", ranks, graph_replay, NULL, 120) != 0;
+    failed += mp_run("ll.hook_frees_sms", ranks, hook_frees_sms, NULL, 120) != 0;
+    failed += mp_run("ll.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
+    failed += mp_run("ll.argument_errors", ranks, argument_errors, NULL, 60) != 0;
+    printf("%d passed, %d failed\n", 5 - failed, failed);
+    return failed;
+}
