@@ -21,8 +21,8 @@
 #include <unistd.h>
 
 #define MAX_ROWS 96
-#define WARMUP 5
-#define ITERS 30
+#define WARMUP   5
+#define ITERS    30
 
 typedef struct {
     char op[24];
@@ -415,10 +415,12 @@ static void print_and_record(const bench_ht_args_t *a, rank_rows_t *all) {
     time_t now = time(NULL);
     strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
     printf("\nhigh-throughput, EP%d, H=%d, top-%d of %d experts (time: slowest rank's median of %d; GB/s: mean "
-           "bytes per rank / that time)\n", a->ranks, a->hidden, a->topk, a->experts, ITERS);
-    printf("| %-16s | %-5s | %6s | %4s | %9s | %12s | %9s | %8s | %7s |\n", "op", "dtype", "tokens", "SMs",
-           "time us", "logical GB/s", "link GB/s", "vs NCCL", "correct");
-    printf("|------------------|-------|--------|------|-----------|--------------|-----------|----------|---------|\n");
+           "bytes per rank / that time)\n",
+           a->ranks, a->hidden, a->topk, a->experts, ITERS);
+    printf("| %-16s | %-5s | %6s | %4s | %9s | %12s | %9s | %8s | %7s |\n", "op", "dtype", "tokens", "SMs", "time us",
+           "logical GB/s", "link GB/s", "vs NCCL", "correct");
+    printf(
+        "|------------------|-------|--------|------|-----------|--------------|-----------|----------|---------|\n");
     for (int i = 0; i < all[0].n; i++) {
         row_t r = all[0].rows[i];
         double logical = 0, link = 0;
@@ -443,14 +445,21 @@ static void print_and_record(const bench_ht_args_t *a, rank_rows_t *all) {
         if (nccl_us > 0 && strcmp(r.op, "nccl_dispatch") != 0)
             snprintf(ratio, sizeof(ratio), "%.2fx", nccl_us / r.time_us);
         printf("| %-16s | %-5s | %6d | %4d | %9.1f | %12.1f | %9.1f | %8s | %7s |\n", r.op, r.dtype, r.tokens, r.sms,
-               r.time_us, lg, kg, ratio, correct < 0 ? "-" : correct ? "yes" : "NO");
+               r.time_us, lg, kg, ratio,
+               correct < 0 ? "-"
+               : correct   ? "yes"
+                           : "NO");
         if (js)
-            fprintf(js, "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"H200\", \"mode\": \"ht\", "
+            fprintf(js,
+                    "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"H200\", \"mode\": \"ht\", "
                     "\"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, \"experts\": %d, "
                     "\"dtype\": \"%s\", \"sms\": %d, \"time_us\": %.2f, \"logical_gbps\": %.2f, \"link_gbps\": %.2f, "
-                    "\"correct\": %s}\n", date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown",
-                    r.op, a->ranks, r.tokens, a->hidden, a->topk, a->experts, r.dtype, r.sms, r.time_us, lg, kg,
-                    correct < 0 ? "null" : correct ? "true" : "false");
+                    "\"correct\": %s}\n",
+                    date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", r.op, a->ranks,
+                    r.tokens, a->hidden, a->topk, a->experts, r.dtype, r.sms, r.time_us, lg, kg,
+                    correct < 0 ? "null"
+                    : correct   ? "true"
+                                : "false");
     }
     if (js)
         fclose(js);
@@ -465,8 +474,8 @@ int bench_ht_run(const bench_ht_args_t *a) {
         fprintf(stderr, "bench: setup failed: %s\n", ep_last_error());
         return 1;
     }
-    rank_rows_t *shared = mmap(NULL, sizeof(rank_rows_t) * (size_t)a->ranks, PROT_READ | PROT_WRITE,
-                               MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    rank_rows_t *shared =
+        mmap(NULL, sizeof(rank_rows_t) * (size_t)a->ranks, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (shared == MAP_FAILED)
         return 1;
     memset(shared, 0, sizeof(rank_rows_t) * (size_t)a->ranks);

@@ -18,8 +18,8 @@
 #include <unistd.h>
 
 #define LL_WARMUP 20
-#define LL_ITERS 200
-#define NUM_T 4
+#define LL_ITERS  200
+#define NUM_T     4
 
 static const int token_counts[NUM_T] = {1, 32, 128, 256};
 
@@ -57,7 +57,8 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
     cfg.num_nvl_bytes = ep_low_latency_buffer_bytes(R, Tmax, H, K, E);
     ep_group_t g = NULL;
     ncclComm_t comm;
-    if (ep_group_create(id, R, rank, rank, &cfg, &g) != EP_SUCCESS || ncclCommInitRank(&comm, R, *nid, rank) != ncclSuccess) {
+    if (ep_group_create(id, R, rank, rank, &cfg, &g) != EP_SUCCESS ||
+        ncclCommInitRank(&comm, R, *nid, rank) != ncclSuccess) {
         fprintf(stderr, "rank %d: setup: %s\n", rank, ep_last_error());
         return 1;
     }
@@ -141,8 +142,8 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
                     for (int p = 0; p < R; p++) {
                         size_t b = (size_t)per_rank[p] * row;
                         ncclSend((char *)nsend + (size_t)p * T * row, b, ncclUint8, p, comm, s);
-                        ncclRecv((char *)nrecv + (size_t)p * T * row, (size_t)counts[p][rank] * row, ncclUint8, p,
-                                 comm, s);
+                        ncclRecv((char *)nrecv + (size_t)p * T * row, (size_t)counts[p][rank] * row, ncclUint8, p, comm,
+                                 s);
                     }
                     bad |= ncclGroupEnd() != ncclSuccess;
                 }
@@ -179,7 +180,8 @@ int bench_ll_run(const bench_ll_args_t *a) {
     ncclUniqueId nid;
     if (a->ranks > 8 || ep_get_unique_id(&id) != EP_SUCCESS || ncclGetUniqueId(&nid) != ncclSuccess)
         return 1;
-    ll_rank_out_t *sh = mmap(NULL, sizeof(ll_rank_out_t) * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ll_rank_out_t *sh =
+        mmap(NULL, sizeof(ll_rank_out_t) * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     memset(sh, 0, sizeof(ll_rank_out_t) * 8);
     fflush(stdout);
     pid_t pids[8];
@@ -202,7 +204,8 @@ int bench_ll_run(const bench_ll_args_t *a) {
         time_t now = time(NULL);
         strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
         printf("\nlow-latency, EP%d, H=%d, top-%d of %d experts, FP8 dispatch, BF16 combine (per call: slowest "
-               "rank's median and p99 of %d)\n", a->ranks, a->hidden, a->topk, a->experts, LL_ITERS);
+               "rank's median and p99 of %d)\n",
+               a->ranks, a->hidden, a->topk, a->experts, LL_ITERS);
         printf("| %-13s | %6s | %9s | %9s | %12s |\n", "op", "tokens", "median us", "p99 us", "remote MB");
         printf("|---------------|--------|-----------|-----------|--------------|\n");
         for (int ti = 0; ti < NUM_T; ti++)
@@ -215,12 +218,15 @@ int bench_ll_run(const bench_ll_args_t *a) {
                 }
                 printf("| %-13s | %6d | %9.1f | %9.1f | %12.2f |\n", ops[op], token_counts[ti], med, p99, bytes / 1e6);
                 if (js)
-                    fprintf(js, "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"H200\", "
-                            "\"mode\": \"ll\", \"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, "
-                            "\"experts\": %d, \"dtype\": \"%s\", \"sms\": 0, \"time_us\": %.2f, \"p99_us\": %.2f, "
-                            "\"link_gbps\": %.2f, \"correct\": null}\n", date, a->commit ? a->commit : "unknown",
-                            a->machine ? a->machine : "unknown", ops[op], a->ranks, token_counts[ti], a->hidden,
-                            a->topk, a->experts, op == 1 ? "bf16" : "fp8", med, p99, bytes / med / 1e3);
+                    fprintf(
+                        js,
+                        "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"H200\", "
+                        "\"mode\": \"ll\", \"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, "
+                        "\"experts\": %d, \"dtype\": \"%s\", \"sms\": 0, \"time_us\": %.2f, \"p99_us\": %.2f, "
+                        "\"link_gbps\": %.2f, \"correct\": null}\n",
+                        date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", ops[op], a->ranks,
+                        token_counts[ti], a->hidden, a->topk, a->experts, op == 1 ? "bf16" : "fp8", med, p99,
+                        bytes / med / 1e3);
             }
         if (js)
             fclose(js);

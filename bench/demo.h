@@ -3,8 +3,8 @@
 #define EP_BENCH_DEMO_H
 
 typedef struct {
-    int ranks;      /* simulated ranks for the CPU reference */
-    int tokens;     /* per rank */
+    int ranks;  /* simulated ranks for the CPU reference */
+    int tokens; /* per rank */
     int hidden;
     int topk;
     int experts;

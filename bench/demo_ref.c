@@ -103,8 +103,8 @@ static long long normal_round_trip(const demo_args_t *a, rank_data_t *ranks) {
     uint16_t *out = malloc((size_t)a->tokens * (size_t)a->hidden * sizeof(uint16_t) + 16);
     uint8_t *in_rank = malloc((size_t)a->tokens * (size_t)R + 1);
     for (int r = 0; r < R; r++) {
-        if (epref_combine(in, recv, (const uint16_t *const *)y, y_stride, NULL, R, a->experts, r, a->hidden, NULL,
-                          NULL, out, NULL) != EPREF_OK) {
+        if (epref_combine(in, recv, (const uint16_t *const *)y, y_stride, NULL, R, a->experts, r, a->hidden, NULL, NULL,
+                          out, NULL) != EPREF_OK) {
             fprintf(stderr, "combine: %s\n", epref_last_error());
             return -1;
         }
@@ -151,8 +151,8 @@ static long long ll_round_trip(const demo_args_t *a, rank_data_t *ranks) {
     long long bad = 0;
     uint16_t *out = malloc((size_t)a->tokens * (size_t)a->hidden * sizeof(uint16_t) + 16);
     for (int r = 0; r < R; r++) {
-        if (epref_ll_combine(y, recv, R, a->experts, r, a->tokens, a->topk, ranks[r].topk_idx,
-                             ranks[r].topk_weights, 0, out) != EPREF_OK) {
+        if (epref_ll_combine(y, recv, R, a->experts, r, a->tokens, a->topk, ranks[r].topk_idx, ranks[r].topk_weights, 0,
+                             out) != EPREF_OK) {
             fprintf(stderr, "ll combine: %s\n", epref_last_error());
             return -1;
         }

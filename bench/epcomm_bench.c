@@ -29,16 +29,26 @@ static int parse_args(int argc, char **argv, demo_args_t *a, gpu_opts_t *o) {
             fprintf(stderr, "missing value after %s\n", k);
             return 1;
         }
-        if (strcmp(k, "--gpus") == 0) o->gpus = atoi(v);
-        else if (strcmp(k, "--jsonl") == 0) o->jsonl = v;
-        else if (strcmp(k, "--machine") == 0) o->machine = v;
-        else if (strcmp(k, "--commit") == 0) o->commit = v;
-        else if (strcmp(k, "--ranks") == 0) a->ranks = atoi(v);
-        else if (strcmp(k, "--tokens") == 0) a->tokens = atoi(v);
-        else if (strcmp(k, "--hidden") == 0) a->hidden = atoi(v);
-        else if (strcmp(k, "--topk") == 0) a->topk = atoi(v);
-        else if (strcmp(k, "--experts") == 0) a->experts = atoi(v);
-        else if (strcmp(k, "--seed") == 0) a->seed = strtoull(v, NULL, 10);
+        if (strcmp(k, "--gpus") == 0)
+            o->gpus = atoi(v);
+        else if (strcmp(k, "--jsonl") == 0)
+            o->jsonl = v;
+        else if (strcmp(k, "--machine") == 0)
+            o->machine = v;
+        else if (strcmp(k, "--commit") == 0)
+            o->commit = v;
+        else if (strcmp(k, "--ranks") == 0)
+            a->ranks = atoi(v);
+        else if (strcmp(k, "--tokens") == 0)
+            a->tokens = atoi(v);
+        else if (strcmp(k, "--hidden") == 0)
+            a->hidden = atoi(v);
+        else if (strcmp(k, "--topk") == 0)
+            a->topk = atoi(v);
+        else if (strcmp(k, "--experts") == 0)
+            a->experts = atoi(v);
+        else if (strcmp(k, "--seed") == 0)
+            a->seed = strtoull(v, NULL, 10);
         else {
             fprintf(stderr, "unknown option %s\n", k);
             return 1;
@@ -65,14 +75,17 @@ int main(int argc, char **argv) {
         gpus = o.gpus;
     if (gpus < 2) {
         printf("epcomm-bench: %s: no GPU run; running the CPU reference instead.\n",
-               o.cpu_only ? "--cpu-only" : gpus == 1 ? "only 1 GPU found (a group needs 2)" : "no CUDA GPU found");
+               o.cpu_only  ? "--cpu-only"
+               : gpus == 1 ? "only 1 GPU found (a group needs 2)"
+                           : "no CUDA GPU found");
     } else if (gpus > 8) {
         printf("epcomm-bench: %d GPUs; one NVLink group holds at most 8, using 8.\n", gpus);
         gpus = 8;
     }
     if (gpus >= 2) {
         printf("epcomm-bench: %d GPUs: group check, then the high-throughput and low-latency benchmarks, then the "
-               "CPU reference.\n", gpus);
+               "CPU reference.\n",
+               gpus);
         failed |= demo_gpu_group(gpus);
         bench_ht_args_t b = {gpus, a.hidden, a.topk, a.experts, o.quick, o.jsonl, o.machine, o.commit};
         failed |= bench_ht_run(&b);

@@ -25,7 +25,7 @@ extern "C" {
 #define EP_VERSION_MAJOR 0
 #define EP_VERSION_MINOR 1
 #define EP_VERSION_PATCH 0
-#define EP_VERSION_CODE (EP_VERSION_MAJOR * 10000 + EP_VERSION_MINOR * 100 + EP_VERSION_PATCH)
+#define EP_VERSION_CODE  (EP_VERSION_MAJOR * 10000 + EP_VERSION_MINOR * 100 + EP_VERSION_PATCH)
 
 /* ---------------------------------------------------------------------------------------------------------
  * Status and errors
@@ -39,11 +39,11 @@ typedef enum {
     EP_ERROR_NCCL = 5,             /* an NCCL call failed */
     EP_ERROR_TIMEOUT = 6,          /* a peer or the device did not arrive in time (message: rank, stage) */
     EP_ERROR_OUT_OF_MEMORY = 7,
-    EP_ERROR_IN_PROGRESS = 8,      /* work is still in flight (e.g. destroy while busy); retry later */
-    EP_ERROR_PEER_UNREACHABLE = 9, /* two ranks of the group cannot reach each other's memory */
+    EP_ERROR_IN_PROGRESS = 8,       /* work is still in flight (e.g. destroy while busy); retry later */
+    EP_ERROR_PEER_UNREACHABLE = 9,  /* two ranks of the group cannot reach each other's memory */
     EP_ERROR_VERSION_MISMATCH = 10, /* NCCL library and headers differ */
-    EP_ERROR_DEVICE_INPUT = 11,    /* the device found bad input data (e.g. expert id out of range) */
-    EP_ERROR_GROUP_FAILED = 12,    /* an earlier error left the group unusable; only destroy is allowed */
+    EP_ERROR_DEVICE_INPUT = 11,     /* the device found bad input data (e.g. expert id out of range) */
+    EP_ERROR_GROUP_FAILED = 12,     /* an earlier error left the group unusable; only destroy is allowed */
     EP_ERROR_INTERNAL = 13,
 } ep_status_t;
 
@@ -96,15 +96,16 @@ typedef struct {
 } ep_unique_id_t;
 
 typedef struct {
-    size_t size;              /* sizeof(ep_group_config_t): lets the struct grow */
-    size_t num_nvl_bytes;     /* symmetric NVLink buffer per rank (DeepEP's num_nvl_bytes) */
-    size_t num_rdma_bytes;    /* scale-out buffer per rank (DeepEP's num_rdma_bytes); 0 for none */
-    int low_latency_mode;     /* the group will be used for low-latency kernels */
-    int num_sms;              /* SMs high-throughput kernels may use; 0: the default */
-    int64_t timeout_ms;       /* every device and host wait; 0: EPCOMM_TIMEOUT_MS or 30000 */
+    size_t size;           /* sizeof(ep_group_config_t): lets the struct grow */
+    size_t num_nvl_bytes;  /* symmetric NVLink buffer per rank (DeepEP's num_nvl_bytes) */
+    size_t num_rdma_bytes; /* scale-out buffer per rank (DeepEP's num_rdma_bytes); 0 for none */
+    int low_latency_mode;  /* the group will be used for low-latency kernels */
+    int num_sms;           /* SMs high-throughput kernels may use; 0: the default */
+    int64_t timeout_ms;    /* every device and host wait; 0: EPCOMM_TIMEOUT_MS or 30000 */
 } ep_group_config_t;
 
-#define EP_GROUP_CONFIG_INIT {sizeof(ep_group_config_t), 0, 0, 0, 0, 0}
+#define EP_GROUP_CONFIG_INIT                                                                                           \
+    { sizeof(ep_group_config_t), 0, 0, 0, 0, 0 }
 
 /* Writes a fresh NCCL unique id (call on one rank, send it to the others). Makes no CUDA call, so a
  * process may call it before forking workers. */
@@ -118,8 +119,8 @@ EP_API ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int 
 /* Like ep_group_create, over an NCCL communicator the caller already has (an ncclComm_t). The caller keeps
  * ownership of the communicator and must keep it alive until ep_group_destroy returns. */
 struct ncclComm;
-EP_API ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_device,
-                                             const ep_group_config_t *config, ep_group_t *group);
+EP_API ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_device, const ep_group_config_t *config,
+                                             ep_group_t *group);
 
 /* Releases everything the group holds. Collective when the group is healthy. Returns EP_ERROR_IN_PROGRESS
  * (and destroys nothing) while work is in flight on the group's stream. A group whose peer failed is torn
@@ -158,7 +159,8 @@ typedef struct {
     void *finish_event;   /* a cudaEvent_t of the caller's: when set, recorded on the group's stream after the op */
 } ep_launch_t;
 
-#define EP_LAUNCH_INIT {sizeof(ep_launch_t), NULL, NULL, 0, NULL}
+#define EP_LAUNCH_INIT                                                                                                 \
+    { sizeof(ep_launch_t), NULL, NULL, 0, NULL }
 
 /* ---------------------------------------------------------------------------------------------------------
  * Dispatch layout (DeepEP: get_dispatch_layout)
@@ -182,8 +184,8 @@ typedef struct ep_handle *ep_handle_t;
 /* Bytes of symmetric NVLink buffer (config.num_nvl_bytes) that normal mode needs so that up to
  * max_tokens_per_rank tokens of `hidden` elements of `elem_bytes` bytes (2: bf16, 1: fp8), with num_scales
  * 4-byte scales per token and `topk` experts per token, can be dispatched and combined in one group. */
-EP_API size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int elem_bytes,
-                                     int num_scales, int topk);
+EP_API size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int elem_bytes, int num_scales,
+                                     int topk);
 
 typedef struct {
     size_t size;                       /* sizeof(ep_dispatch_args_t) */
@@ -202,26 +204,28 @@ typedef struct {
     ep_handle_t cached_handle;         /* non-NULL: resend new x with this handle's routing, no host wait */
 } ep_dispatch_args_t;
 
-#define EP_DISPATCH_ARGS_INIT {.size = sizeof(ep_dispatch_args_t)}
+#define EP_DISPATCH_ARGS_INIT                                                                                          \
+    { .size = sizeof(ep_dispatch_args_t) }
 
 /* The recv_* outputs are views into the group's buffer, valid until the group's next dispatch: copy them if
  * they must live longer (zero-copy is what lets the receiver spend no SM time on the transfer). */
 typedef struct {
-    size_t size;                    /* sizeof(ep_dispatch_result_t) */
-    int num_recv_tokens;            /* Nr, or -1 when the host does not know it (worst-token or cached mode) */
-    int num_rows;                   /* rows in the recv_* views: Nr, or num_worst_tokens */
-    ep_tensor_t recv_x;             /* [rows, H], same dtype as x, ordered by (source rank, source token) */
-    ep_tensor_t recv_x_scales;      /* [rows, S] (FP8), else data NULL */
-    ep_tensor_t recv_topk_idx;      /* [rows, K] int64: local expert ids, -1 for experts elsewhere / past Nr;
-                                       data NULL for a cached dispatch without topk_idx */
-    ep_tensor_t recv_topk_weights;  /* [rows, K] float32, 0 where idx is -1; data NULL without weights */
-    ep_tensor_t recv_src_idx;       /* [rows] int32: token index at the source rank, -1 past Nr */
+    size_t size;                         /* sizeof(ep_dispatch_result_t) */
+    int num_recv_tokens;                 /* Nr, or -1 when the host does not know it (worst-token or cached mode) */
+    int num_rows;                        /* rows in the recv_* views: Nr, or num_worst_tokens */
+    ep_tensor_t recv_x;                  /* [rows, H], same dtype as x, ordered by (source rank, source token) */
+    ep_tensor_t recv_x_scales;           /* [rows, S] (FP8), else data NULL */
+    ep_tensor_t recv_topk_idx;           /* [rows, K] int64: local expert ids, -1 for experts elsewhere / past Nr;
+                                            data NULL for a cached dispatch without topk_idx */
+    ep_tensor_t recv_topk_weights;       /* [rows, K] float32, 0 where idx is -1; data NULL without weights */
+    ep_tensor_t recv_src_idx;            /* [rows] int32: token index at the source rank, -1 past Nr */
     int32_t *num_recv_tokens_per_expert; /* caller's host array of >= E/R entries, or NULL: filled unless the
                                             host does not wait (worst-token / cached mode) */
-    ep_handle_t handle;             /* new handle (not in cached mode): release with ep_handle_destroy */
+    ep_handle_t handle;                  /* new handle (not in cached mode): release with ep_handle_destroy */
 } ep_dispatch_result_t;
 
-#define EP_DISPATCH_RESULT_INIT {.size = sizeof(ep_dispatch_result_t)}
+#define EP_DISPATCH_RESULT_INIT                                                                                        \
+    { .size = sizeof(ep_dispatch_result_t) }
 
 /* Collective. Sends each token once to every rank that holds one of its experts. In the default mode the
  * host waits (with the group's timeout) for the receive count through mapped memory; with num_worst_tokens
@@ -230,17 +234,18 @@ EP_API ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args,
                                const ep_launch_t *launch);
 
 typedef struct {
-    size_t size;                 /* sizeof(ep_combine_args_t) */
-    ep_tensor_t x;               /* [rows, H] bfloat16: row i answers received row i of the handle's dispatch */
-    ep_tensor_t topk_weights;    /* [rows, K] float32 to sum back, or data NULL */
-    ep_tensor_t bias0, bias1;    /* [N, H] bfloat16, or data NULL */
-    ep_tensor_t out;             /* [N, H] bfloat16 (caller's memory) */
+    size_t size;                  /* sizeof(ep_combine_args_t) */
+    ep_tensor_t x;                /* [rows, H] bfloat16: row i answers received row i of the handle's dispatch */
+    ep_tensor_t topk_weights;     /* [rows, K] float32 to sum back, or data NULL */
+    ep_tensor_t bias0, bias1;     /* [N, H] bfloat16, or data NULL */
+    ep_tensor_t out;              /* [N, H] bfloat16 (caller's memory) */
     ep_tensor_t out_topk_weights; /* [N, K] float32 when topk_weights is given, else data NULL */
     ep_handle_t handle;
     int num_sms;
 } ep_combine_args_t;
 
-#define EP_COMBINE_ARGS_INIT {.size = sizeof(ep_combine_args_t)}
+#define EP_COMBINE_ARGS_INIT                                                                                           \
+    { .size = sizeof(ep_combine_args_t) }
 
 /* Collective. out[t] = sum over the ranks token t went to, in ascending rank order, of that rank's row,
  * then + bias0, + bias1, accumulated in float32 and rounded once (bitwise reproducible). */
@@ -270,13 +275,13 @@ EP_API size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens_per_rank
                                           int num_experts);
 
 typedef struct {
-    size_t size;               /* sizeof(ep_low_latency_dispatch_args_t) */
-    ep_tensor_t x;             /* [N, H] bfloat16, N <= max_tokens, H % 128 == 0 (% 512 with UE8M0) */
-    ep_tensor_t topk_idx;      /* [N, K] int64, K <= 16, -1 = no expert */
-    int max_tokens;            /* T (DeepEP's num_max_dispatch_tokens_per_rank), the same on every rank */
-    int num_experts;           /* E, E % R == 0 */
+    size_t size;          /* sizeof(ep_low_latency_dispatch_args_t) */
+    ep_tensor_t x;        /* [N, H] bfloat16, N <= max_tokens, H % 128 == 0 (% 512 with UE8M0) */
+    ep_tensor_t topk_idx; /* [N, K] int64, K <= 16, -1 = no expert */
+    int max_tokens;       /* T (DeepEP's num_max_dispatch_tokens_per_rank), the same on every rank */
+    int num_experts;      /* E, E % R == 0 */
     int use_fp8, round_scale, use_ue8m0;
-    int return_recv_hook;      /* 1: only the sends now; ep_low_latency_dispatch_hook completes the receive */
+    int return_recv_hook; /* 1: only the sends now; ep_low_latency_dispatch_hook completes the receive */
     /* outputs (caller's memory, contiguous) */
     ep_tensor_t recv_x;        /* [L, R*T, H] float8_e4m3 (use_fp8) or bfloat16 */
     ep_tensor_t recv_x_scales; /* use_fp8: [L, H/128, R*T] float32, or [L, H/512, R*T] int32 (UE8M0, 4 per word)
@@ -288,7 +293,8 @@ typedef struct {
     ep_tensor_t dispatch_wait_recv_cost_stats;      /* [R] int64 nanoseconds (added to), or data NULL */
 } ep_low_latency_dispatch_args_t;
 
-#define EP_LOW_LATENCY_DISPATCH_ARGS_INIT {.size = sizeof(ep_low_latency_dispatch_args_t)}
+#define EP_LOW_LATENCY_DISPATCH_ARGS_INIT                                                                              \
+    { .size = sizeof(ep_low_latency_dispatch_args_t) }
 
 /* Collective. Each token goes once to every rank holding one of its experts; the receiver packs the
  * (token, expert) pairs per local expert in (source rank, source token) order. Never waits on the host: the
@@ -299,16 +305,17 @@ EP_API ep_status_t ep_low_latency_dispatch(ep_group_t group, const ep_low_latenc
 EP_API ep_status_t ep_low_latency_dispatch_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);
 
 typedef struct {
-    size_t size;               /* sizeof(ep_low_latency_combine_args_t) */
-    ep_tensor_t x;             /* [L, R*T, H] bfloat16: each expert's output rows, in the dispatch's order */
-    ep_tensor_t topk_idx;      /* [N, K] int64: the dispatch's */
-    ep_tensor_t topk_weights;  /* [N, K] float32 */
-    ep_tensor_t out;           /* [N, H] bfloat16 (caller's memory) */
-    int return_recv_hook;      /* 1: only the sends now; ep_low_latency_combine_hook completes the receive */
+    size_t size;              /* sizeof(ep_low_latency_combine_args_t) */
+    ep_tensor_t x;            /* [L, R*T, H] bfloat16: each expert's output rows, in the dispatch's order */
+    ep_tensor_t topk_idx;     /* [N, K] int64: the dispatch's */
+    ep_tensor_t topk_weights; /* [N, K] float32 */
+    ep_tensor_t out;          /* [N, H] bfloat16 (caller's memory) */
+    int return_recv_hook;     /* 1: only the sends now; ep_low_latency_combine_hook completes the receive */
     ep_tensor_t combine_wait_recv_cost_stats; /* [R] int64 nanoseconds (added to), or data NULL */
 } ep_low_latency_combine_args_t;
 
-#define EP_LOW_LATENCY_COMBINE_ARGS_INIT {.size = sizeof(ep_low_latency_combine_args_t)}
+#define EP_LOW_LATENCY_COMBINE_ARGS_INIT                                                                               \
+    { .size = sizeof(ep_low_latency_combine_args_t) }
 
 /* Collective. out[t] = bf16(sum over k of topk_weights[t, k] * row[t, k]), float32 fmaf in k order, -1
  * entries skipped, a token with none is 0 (bit-exact with the CPU reference). */
@@ -319,8 +326,8 @@ EP_API ep_status_t ep_low_latency_combine_hook(ep_group_t group, ep_ll_handle_t 
 EP_API ep_status_t ep_ll_handle_destroy(ep_ll_handle_t handle);
 /* Zeroes the low-latency region after high-throughput use of the same buffer, or when T / H / K / E change
  * (collective: ends with a barrier). */
-EP_API ep_status_t ep_clean_low_latency_buffer(ep_group_t group, int max_tokens, int hidden, int topk,
-                                               int num_experts, void *cuda_stream);
+EP_API ep_status_t ep_clean_low_latency_buffer(ep_group_t group, int max_tokens, int hidden, int topk, int num_experts,
+                                               void *cuda_stream);
 
 #ifdef __cplusplus
 }

@@ -84,38 +84,37 @@ double epref_logfmt_error_bound(const uint16_t *x, int n);
  * tokens_per_rank[R], tokens_per_expert[E], is_token_in_rank[N, R] (0/1).
  * Fails with EPREF_BAD_EXPERT (message names token, k and value) for ids outside [-1, E).
  * Requires E % R == 0. */
-epref_status_t epref_dispatch_layout(const int64_t *topk_idx, int num_tokens, int topk, int num_ranks,
-                                     int num_experts, int32_t *tokens_per_rank, int32_t *tokens_per_expert,
-                                     uint8_t *is_token_in_rank);
+epref_status_t epref_dispatch_layout(const int64_t *topk_idx, int num_tokens, int topk, int num_ranks, int num_experts,
+                                     int32_t *tokens_per_rank, int32_t *tokens_per_expert, uint8_t *is_token_in_rank);
 
 /* ---- the inputs of one simulated rank ---- */
 typedef struct {
-    int num_tokens;               /* N (may be 0) */
-    const uint8_t *x;             /* [N] rows of row_bytes, stride_bytes apart */
-    size_t row_bytes;             /* same on every rank */
-    size_t stride_bytes;          /* >= row_bytes */
-    const uint32_t *scales;       /* [N, num_scales] 4-byte words, or NULL */
-    int num_scales;               /* words per row (0 when scales == NULL) */
-    size_t scales_stride;         /* in words, >= num_scales */
-    int topk;                     /* K >= 1, same on every rank */
-    const int64_t *topk_idx;      /* [N, K], row stride K */
-    const float *topk_weights;    /* [N, K], row stride K, or NULL (then NULL on every rank with tokens) */
+    int num_tokens;            /* N (may be 0) */
+    const uint8_t *x;          /* [N] rows of row_bytes, stride_bytes apart */
+    size_t row_bytes;          /* same on every rank */
+    size_t stride_bytes;       /* >= row_bytes */
+    const uint32_t *scales;    /* [N, num_scales] 4-byte words, or NULL */
+    int num_scales;            /* words per row (0 when scales == NULL) */
+    size_t scales_stride;      /* in words, >= num_scales */
+    int topk;                  /* K >= 1, same on every rank */
+    const int64_t *topk_idx;   /* [N, K], row stride K */
+    const float *topk_weights; /* [N, K], row stride K, or NULL (then NULL on every rank with tokens) */
 } epref_rank_input_t;
 
 /* ---- high-throughput (normal) dispatch: what destination rank `rank` receives ---- */
 typedef struct {
-    int num_recv;   /* Nr: real received tokens */
-    int num_rows;   /* rows in the arrays: Nr, or num_worst_tokens when that was given */
+    int num_recv; /* Nr: real received tokens */
+    int num_rows; /* rows in the arrays: Nr, or num_worst_tokens when that was given */
     size_t row_bytes;
     int num_scales; /* words per row, 0 if no scales */
     int topk;       /* K */
     int num_local_experts;
-    uint8_t *x;                 /* [num_rows, row_bytes] packed; rows past Nr are zero */
-    uint32_t *scales;           /* [num_rows, num_scales] or NULL; rows past Nr zero */
-    int64_t *topk_idx;          /* [num_rows, K]: local expert ids, -1 for experts elsewhere; -1 past Nr */
-    float *topk_weights;        /* [num_rows, K]: 0 where idx is -1; NULL when inputs had no weights */
-    int32_t *src_rank;          /* [num_rows]: source rank of each row (-1 past Nr) */
-    int32_t *src_token;         /* [num_rows]: token index at the source (-1 past Nr) */
+    uint8_t *x;                   /* [num_rows, row_bytes] packed; rows past Nr are zero */
+    uint32_t *scales;             /* [num_rows, num_scales] or NULL; rows past Nr zero */
+    int64_t *topk_idx;            /* [num_rows, K]: local expert ids, -1 for experts elsewhere; -1 past Nr */
+    float *topk_weights;          /* [num_rows, K]: 0 where idx is -1; NULL when inputs had no weights */
+    int32_t *src_rank;            /* [num_rows]: source rank of each row (-1 past Nr) */
+    int32_t *src_token;           /* [num_rows]: token index at the source (-1 past Nr) */
     int32_t *num_recv_per_expert; /* [L]: per local expert, rounded up to expert_alignment; NULL (and
                                      per_expert_valid = 0) in worst-token mode */
     int per_expert_valid;
@@ -151,7 +150,7 @@ typedef struct {
     int num_ranks;         /* R */
     int hidden;            /* H */
     int use_fp8, round_scale, use_ue8m0;
-    int32_t *recv_count;   /* [L] */
+    int32_t *recv_count; /* [L] */
     /* [L, R*T, H]: bf16 (uint16_t) when !use_fp8, else e4m3 bytes. Rows past recv_count are zero. */
     void *x;
     /* FP8 only: [L, R*T, H/128] float scale_inv (use_ue8m0 == 0), or [L, R*T, H/512] packed int32 words
@@ -178,8 +177,7 @@ void epref_ll_dispatch_result_free(epref_ll_dispatch_result_t *r);
  * epref_logfmt_roundtrip per 128-channel group before weighting. */
 epref_status_t epref_ll_combine(const uint16_t *const *expert_out, const epref_ll_dispatch_result_t *recv,
                                 int num_ranks, int num_experts, int rank, int num_tokens, int topk,
-                                const int64_t *topk_idx, const float *topk_weights, int use_logfmt,
-                                uint16_t *out);
+                                const int64_t *topk_idx, const float *topk_weights, int use_logfmt, uint16_t *out);
 
 /* ---- deterministic random inputs, so every process draws the same data ---- */
 typedef struct {

@@ -10,8 +10,8 @@
 
 #define AUTOTUNE_RUNS 5
 
-static ep_status_t time_candidate(ep_group_t g, const ep_dispatch_args_t *args, ep_handle_t h, int sms,
-                                  cudaStream_t s, void *out, cudaEvent_t ev[2], float *us) {
+static ep_status_t time_candidate(ep_group_t g, const ep_dispatch_args_t *args, ep_handle_t h, int sms, cudaStream_t s,
+                                  void *out, cudaEvent_t ev[2], float *us) {
     ep_launch_t l = EP_LAUNCH_INIT;
     l.stream = s;
     ep_dispatch_args_t da = *args;
@@ -71,7 +71,7 @@ ep_status_t ep_autotune_normal(ep_group_t group, const ep_dispatch_args_t *args,
         EP_CHECK(ep_check_range(candidates[i], 1, 1024, "candidates[i]"));
     if (args->cached_handle != NULL || args->num_worst_tokens != 0)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "args: autotune needs a plain dispatch (no cached_handle, "
-                       "num_worst_tokens 0)");
+                                                  "num_worst_tokens 0)");
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(group, launch, &frame));
     cudaStream_t s = (cudaStream_t)frame.opts.stream;

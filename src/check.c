@@ -35,8 +35,8 @@ static ep_status_t check_shape(const ep_tensor_t *t, const ep_tensor_spec_t *spe
     int mismatch = 0;
     for (int i = 0; i < t->ndim; i++) {
         if (t->shape[i] < 0)
-            return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: dimension %d has negative extent %" PRId64,
-                           spec->name, i, t->shape[i]);
+            return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: dimension %d has negative extent %" PRId64, spec->name, i,
+                           t->shape[i]);
         if (spec->shape[i] != EP_ANY && spec->shape[i] != t->shape[i])
             mismatch = 1;
     }
@@ -65,17 +65,20 @@ static ep_status_t check_strides(const ep_tensor_t *t, const ep_tensor_spec_t *s
         last += span * (uint64_t)t->strides[i];
     }
     if (spec->inner_contiguous && t->ndim > 0 && t->shape[t->ndim - 1] > 1 && t->strides[t->ndim - 1] != 1)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: expected the last dimension to be contiguous (stride 1), "
-                       "got stride %" PRId64, spec->name, t->strides[t->ndim - 1]);
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "%s: expected the last dimension to be contiguous (stride 1), "
+                       "got stride %" PRId64,
+                       spec->name, t->strides[t->ndim - 1]);
     if (spec->align_bytes > 1) {
         if ((uintptr_t)t->data % spec->align_bytes != 0)
             return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: data pointer %p is not %zu-byte aligned", spec->name,
                            t->data, spec->align_bytes);
         for (int i = 0; i + 1 < t->ndim; i++) {
             if (t->shape[i] > 1 && ((uint64_t)t->strides[i] * elem) % spec->align_bytes != 0)
-                return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: stride %d (%" PRId64 " elements = %" PRIu64
-                               " bytes) is not a multiple of %zu bytes", spec->name, i, t->strides[i],
-                               (uint64_t)t->strides[i] * elem, spec->align_bytes);
+                return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                               "%s: stride %d (%" PRId64 " elements = %" PRIu64
+                               " bytes) is not a multiple of %zu bytes",
+                               spec->name, i, t->strides[i], (uint64_t)t->strides[i] * elem, spec->align_bytes);
         }
     }
     return EP_SUCCESS;
@@ -92,8 +95,7 @@ ep_status_t ep_check_tensor(const ep_tensor_t *t, const ep_tensor_spec_t *spec) 
     if (t == NULL)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: expected a tensor, got NULL", spec->name);
     if (t->ndim < 0 || t->ndim > EP_MAX_DIMS)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: ndim %d is outside [0, %d]", spec->name, t->ndim,
-                       EP_MAX_DIMS);
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: ndim %d is outside [0, %d]", spec->name, t->ndim, EP_MAX_DIMS);
     EP_CHECK(check_dtype_and_rank(t, spec));
     EP_CHECK(check_shape(t, spec));
     if (t->data == NULL && !tensor_is_empty(t))
@@ -107,12 +109,12 @@ ep_status_t ep_check_optional_tensor(const ep_tensor_t *t, const ep_tensor_spec_
     return ep_check_tensor(t, spec);
 }
 
-ep_status_t ep_check_same_extent(const ep_tensor_t *a, int dim_a, const char *name_a, const ep_tensor_t *b,
-                                 int dim_b, const char *name_b) {
+ep_status_t ep_check_same_extent(const ep_tensor_t *a, int dim_a, const char *name_a, const ep_tensor_t *b, int dim_b,
+                                 const char *name_b) {
     if (a->shape[dim_a] != b->shape[dim_b])
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
-                       "%s: dimension %d is %" PRId64 ", expected %" PRId64 " to match %s dimension %d", name_a,
-                       dim_a, a->shape[dim_a], b->shape[dim_b], name_b, dim_b);
+                       "%s: dimension %d is %" PRId64 ", expected %" PRId64 " to match %s dimension %d", name_a, dim_a,
+                       a->shape[dim_a], b->shape[dim_b], name_b, dim_b);
     return EP_SUCCESS;
 }
 
@@ -138,15 +140,14 @@ ep_status_t ep_check_multiple(int64_t value, int64_t multiple, const char *name)
 
 ep_status_t ep_check_capacity(size_t have_bytes, size_t need_bytes, const char *what) {
     if (have_bytes < need_bytes)
-        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "%s: %zu bytes needed, %zu available", what, need_bytes,
-                       have_bytes);
+        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "%s: %zu bytes needed, %zu available", what, need_bytes, have_bytes);
     return EP_SUCCESS;
 }
 
 ep_status_t ep_check_struct_size(size_t given, size_t min_size, size_t max_size, const char *name) {
     if (given < min_size || given > max_size)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
-                       "%s.size: expected sizeof(%s) (%zu), got %zu (initialise it with the _INIT macro)", name,
-                       name, max_size, given);
+                       "%s.size: expected sizeof(%s) (%zu), got %zu (initialise it with the _INIT macro)", name, name,
+                       max_size, given);
     return EP_SUCCESS;
 }

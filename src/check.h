@@ -14,20 +14,20 @@
 #define EP_ANY (-1)
 
 typedef struct {
-    const char *name;            /* the argument's name in messages */
+    const char *name; /* the argument's name in messages */
     ep_dtype_t dtype;
     int ndim;
-    int64_t shape[EP_MAX_DIMS];  /* EP_ANY for a free extent */
-    int inner_contiguous;        /* the last dimension must have stride 1 */
-    size_t align_bytes;          /* data pointer and every outer stride (in bytes) multiple of this; 0: none */
+    int64_t shape[EP_MAX_DIMS]; /* EP_ANY for a free extent */
+    int inner_contiguous;       /* the last dimension must have stride 1 */
+    size_t align_bytes;         /* data pointer and every outer stride (in bytes) multiple of this; 0: none */
 } ep_tensor_spec_t;
 
 ep_status_t ep_check_tensor(const ep_tensor_t *t, const ep_tensor_spec_t *spec);
 /* Like ep_check_tensor, but a NULL descriptor or NULL data means "not given" and passes. */
 ep_status_t ep_check_optional_tensor(const ep_tensor_t *t, const ep_tensor_spec_t *spec);
 /* Checks that two tensors agree on a dimension (e.g. topk_weights and topk_idx rows). */
-ep_status_t ep_check_same_extent(const ep_tensor_t *a, int dim_a, const char *name_a, const ep_tensor_t *b,
-                                 int dim_b, const char *name_b);
+ep_status_t ep_check_same_extent(const ep_tensor_t *a, int dim_a, const char *name_a, const ep_tensor_t *b, int dim_b,
+                                 const char *name_b);
 
 ep_status_t ep_check_not_null(const void *p, const char *name);
 ep_status_t ep_check_range(int64_t value, int64_t lo, int64_t hi, const char *name); /* lo <= v <= hi */

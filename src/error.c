@@ -29,9 +29,13 @@ const char *ep_status_string(ep_status_t status) {
     return "EP_ERROR_UNKNOWN: unknown status";
 }
 
-const char *ep_last_error(void) { return last_message; }
+const char *ep_last_error(void) {
+    return last_message;
+}
 
-void ep_clear_error(void) { last_message[0] = '\0'; }
+void ep_clear_error(void) {
+    last_message[0] = '\0';
+}
 
 ep_status_t ep_fail(ep_status_t status, const char *fmt, ...) {
     va_list ap;
@@ -62,11 +66,11 @@ ep_status_t ep_fail_context(ep_status_t status, const char *fmt, ...) {
 
 ep_status_t ep_cuda_fail(cudaError_t err, const char *call, const char *file, int line) {
     ep_status_t status = err == cudaErrorMemoryAllocation ? EP_ERROR_OUT_OF_MEMORY : EP_ERROR_CUDA;
-    return ep_fail(status, "%s failed: %s (%s) at %s:%d", call, cudaGetErrorName(err), cudaGetErrorString(err),
-                   file, line);
+    return ep_fail(status, "%s failed: %s (%s) at %s:%d", call, cudaGetErrorName(err), cudaGetErrorString(err), file,
+                   line);
 }
 
 ep_status_t ep_nccl_fail(ncclResult_t res, const char *call, const char *file, int line) {
-    return ep_fail(EP_ERROR_NCCL, "%s failed: %s (NCCL %d) at %s:%d", call, ncclGetErrorString(res), (int)res,
-                   file, line);
+    return ep_fail(EP_ERROR_NCCL, "%s failed: %s (NCCL %d) at %s:%d", call, ncclGetErrorString(res), (int)res, file,
+                   line);
 }

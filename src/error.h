@@ -24,26 +24,26 @@ void ep_clear_error(void);
 ep_status_t ep_cuda_fail(cudaError_t err, const char *call, const char *file, int line);
 ep_status_t ep_nccl_fail(ncclResult_t res, const char *call, const char *file, int line);
 
-#define EP_CUDA_CHECK(call)                                                                                 \
-    do {                                                                                                    \
-        cudaError_t ep_cuda_err_ = (call);                                                                  \
-        if (ep_cuda_err_ != cudaSuccess)                                                                    \
-            return ep_cuda_fail(ep_cuda_err_, #call, __FILE__, __LINE__);                                   \
+#define EP_CUDA_CHECK(call)                                                                                            \
+    do {                                                                                                               \
+        cudaError_t ep_cuda_err_ = (call);                                                                             \
+        if (ep_cuda_err_ != cudaSuccess)                                                                               \
+            return ep_cuda_fail(ep_cuda_err_, #call, __FILE__, __LINE__);                                              \
     } while (0)
 
-#define EP_NCCL_CHECK(call)                                                                                 \
-    do {                                                                                                    \
-        ncclResult_t ep_nccl_res_ = (call);                                                                 \
-        if (ep_nccl_res_ != ncclSuccess)                                                                    \
-            return ep_nccl_fail(ep_nccl_res_, #call, __FILE__, __LINE__);                                   \
+#define EP_NCCL_CHECK(call)                                                                                            \
+    do {                                                                                                               \
+        ncclResult_t ep_nccl_res_ = (call);                                                                            \
+        if (ep_nccl_res_ != ncclSuccess)                                                                               \
+            return ep_nccl_fail(ep_nccl_res_, #call, __FILE__, __LINE__);                                              \
     } while (0)
 
 /* Propagates a failed epcomm status unchanged (its message is already recorded). */
-#define EP_CHECK(call)                                                                                      \
-    do {                                                                                                    \
-        ep_status_t ep_st_ = (call);                                                                        \
-        if (ep_st_ != EP_SUCCESS)                                                                           \
-            return ep_st_;                                                                                  \
+#define EP_CHECK(call)                                                                                                 \
+    do {                                                                                                               \
+        ep_status_t ep_st_ = (call);                                                                                   \
+        if (ep_st_ != EP_SUCCESS)                                                                                      \
+            return ep_st_;                                                                                             \
     } while (0)
 
 #endif

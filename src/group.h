@@ -24,7 +24,7 @@ struct ep_group {
     int rank;
     int num_ranks;
     int device;
-    int num_device_sms; /* multiprocessors of the device */
+    int num_device_sms;       /* multiprocessors of the device */
     ep_group_config_t config; /* with defaults filled in */
     int64_t timeout_ms;
 

@@ -14,7 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+static size_t align_up(size_t v, size_t a) {
+    return (v + a - 1) / a * a;
+}
 
 size_t ep_group_window_bytes(const ep_group_config_t *config) {
     return EP_CTRL_BYTES + align_up(config->num_nvl_bytes, EP_WINDOW_ALIGN);
@@ -22,8 +24,8 @@ size_t ep_group_window_bytes(const ep_group_config_t *config) {
 
 static ep_status_t check_config(const ep_group_config_t *config) {
     EP_CHECK(ep_check_not_null(config, "config"));
-    EP_CHECK(ep_check_struct_size(config->size, sizeof(ep_group_config_t), sizeof(ep_group_config_t),
-                                  "ep_group_config_t"));
+    EP_CHECK(
+        ep_check_struct_size(config->size, sizeof(ep_group_config_t), sizeof(ep_group_config_t), "ep_group_config_t"));
     EP_CHECK(ep_check_range(config->num_sms, 0, 1024, "config.num_sms"));
     EP_CHECK(ep_check_range(config->timeout_ms, 0, INT64_C(1) << 40, "config.timeout_ms"));
     if (config->num_rdma_bytes != 0)
@@ -40,7 +42,8 @@ static ep_status_t check_nccl_version(void) {
         return ep_fail(EP_ERROR_VERSION_MISMATCH,
                        "the NCCL library loaded is version %d but epcomm was built with headers of version %d; "
                        "kernels inline NCCL's device structures, so both must match (set LD_LIBRARY_PATH or "
-                       "rebuild with NCCL_HOME)", version, NCCL_VERSION_CODE);
+                       "rebuild with NCCL_HOME)",
+                       version, NCCL_VERSION_CODE);
     return EP_SUCCESS;
 }
 
@@ -51,10 +54,11 @@ ep_status_t ep_device_enter(int device, int *previous) {
     return EP_SUCCESS;
 }
 
-void ep_device_restore(int previous) { cudaSetDevice(previous); }
+void ep_device_restore(int previous) {
+    cudaSetDevice(previous);
+}
 
-static ep_group_t group_alloc(const ep_group_config_t *config, int rank, int num_ranks, int device,
-                              ncclComm_t comm) {
+static ep_group_t group_alloc(const ep_group_config_t *config, int rank, int num_ranks, int device, ncclComm_t comm) {
     ep_group_t g = calloc(1, sizeof(*g));
     if (g == NULL)
         return NULL;
@@ -112,7 +116,8 @@ static ep_status_t check_peers_reachable(ep_group_t g) {
     return ep_fail(EP_ERROR_PEER_UNREACHABLE,
                    "rank %d (CUDA device %d) cannot reach rank(s) %s by NVLink/P2P load-store (it reaches %d of "
                    "%d ranks); epcomm needs peer access between all ranks of a node, and scale-out is not "
-                   "supported yet", g->rank, g->device, missing, n, g->num_ranks);
+                   "supported yet",
+                   g->rank, g->device, missing, n, g->num_ranks);
 }
 
 /* The settings every rank must agree on; exchanged at creation so a mismatch is an error, not a hang. */
@@ -140,13 +145,12 @@ static ep_status_t check_same_config(ep_group_t g) {
     if (cudaMemcpy(dev + g->num_ranks, &mine, sizeof(mine), cudaMemcpyHostToDevice) != cudaSuccess)
         st = ep_fail(EP_ERROR_CUDA, "config exchange: cudaMemcpy failed");
     if (st == EP_SUCCESS)
-        st = ep_nccl_complete(g->comm,
-                              ncclAllGather(dev + g->num_ranks, dev, words, ncclUint64, g->comm, g->stream),
+        st = ep_nccl_complete(g->comm, ncclAllGather(dev + g->num_ranks, dev, words, ncclUint64, g->comm, g->stream),
                               g->timeout_ms, "ncclAllGather (config exchange)");
     if (st == EP_SUCCESS)
         st = ep_group_wait_stream(g, g->stream, "config exchange");
-    if (st == EP_SUCCESS && cudaMemcpy(all, dev, sizeof(*all) * (size_t)g->num_ranks, cudaMemcpyDeviceToHost) !=
-                                cudaSuccess)
+    if (st == EP_SUCCESS &&
+        cudaMemcpy(all, dev, sizeof(*all) * (size_t)g->num_ranks, cudaMemcpyDeviceToHost) != cudaSuccess)
         st = ep_fail(EP_ERROR_CUDA, "config exchange: cudaMemcpy failed");
     for (int r = 0; st == EP_SUCCESS && r < g->num_ranks; r++) {
         const config_fingerprint_t *o = &all[r];
@@ -156,12 +160,13 @@ static ep_status_t check_same_config(ep_group_t g) {
         else if (o->num_nvl_bytes != mine.num_nvl_bytes)
             st = ep_fail(EP_ERROR_INVALID_ARGUMENT,
                          "config.num_nvl_bytes: every rank must pass the same value; rank %d passed %llu, rank %d "
-                         "passed %llu", r, (unsigned long long)o->num_nvl_bytes, g->rank,
-                         (unsigned long long)mine.num_nvl_bytes);
+                         "passed %llu",
+                         r, (unsigned long long)o->num_nvl_bytes, g->rank, (unsigned long long)mine.num_nvl_bytes);
         else if (o->low_latency_mode != mine.low_latency_mode)
             st = ep_fail(EP_ERROR_INVALID_ARGUMENT,
                          "config.low_latency_mode: every rank must pass the same value; rank %d passed %d, rank %d "
-                         "passed %d", r, (int)o->low_latency_mode, g->rank, (int)mine.low_latency_mode);
+                         "passed %d",
+                         r, (int)o->low_latency_mode, g->rank, (int)mine.low_latency_mode);
     }
     cudaFree(dev);
     free(all);
@@ -171,10 +176,9 @@ static ep_status_t check_same_config(ep_group_t g) {
 static ep_status_t create_window(ep_group_t g) {
     g->window_bytes = ep_group_window_bytes(&g->config);
     EP_NCCL_CHECK(ncclMemAlloc(&g->window_mem, g->window_bytes));
-    EP_CHECK(ep_nccl_complete(g->comm,
-                              ncclCommWindowRegister(g->comm, g->window_mem, g->window_bytes, &g->window,
-                                                     NCCL_WIN_COLL_SYMMETRIC),
-                              g->timeout_ms, "ncclCommWindowRegister"));
+    EP_CHECK(ep_nccl_complete(
+        g->comm, ncclCommWindowRegister(g->comm, g->window_mem, g->window_bytes, &g->window, NCCL_WIN_COLL_SYMMETRIC),
+        g->timeout_ms, "ncclCommWindowRegister"));
     /* Flags and low-latency headers must start at zero; ncclMemAlloc does not promise that. */
     EP_CUDA_CHECK(cudaMemsetAsync(g->window_mem, 0, g->window_bytes, g->stream));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->window_bases_dev, sizeof(char *) * EP_MAX_NVL_RANKS));
@@ -187,8 +191,8 @@ static ep_status_t create_window(ep_group_t g) {
 static ep_status_t create_local_state(ep_group_t g) {
     EP_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     EP_CUDA_CHECK(cudaEventCreateWithFlags(&g->order_event, cudaEventDisableTiming));
-    EP_CUDA_CHECK(cudaHostAlloc((void **)&g->mapped_host, sizeof(ep_mapped_t),
-                                cudaHostAllocMapped | cudaHostAllocPortable));
+    EP_CUDA_CHECK(
+        cudaHostAlloc((void **)&g->mapped_host, sizeof(ep_mapped_t), cudaHostAllocMapped | cudaHostAllocPortable));
     memset(g->mapped_host, 0, sizeof(ep_mapped_t));
     EP_CUDA_CHECK(cudaHostGetDevicePointer((void **)&g->mapped_dev, g->mapped_host, 0));
     EP_CUDA_CHECK(cudaDeviceGetAttribute(&g->num_device_sms, cudaDevAttrMultiProcessorCount, g->device));
@@ -210,8 +214,10 @@ static ep_status_t create_local_state(ep_group_t g) {
  * last step is a collective that every rank enters only after its own setup finished. */
 static ep_status_t group_setup(ep_group_t g) {
     if (g->num_ranks > EP_MAX_NVL_RANKS)
-        return ep_fail(EP_ERROR_UNSUPPORTED, "num_ranks: at most %d ranks in one NVLink domain are supported, "
-                       "got %d (scale-out is not supported yet)", EP_MAX_NVL_RANKS, g->num_ranks);
+        return ep_fail(EP_ERROR_UNSUPPORTED,
+                       "num_ranks: at most %d ranks in one NVLink domain are supported, "
+                       "got %d (scale-out is not supported yet)",
+                       EP_MAX_NVL_RANKS, g->num_ranks);
     EP_CHECK(check_peers_reachable(g));
     EP_CHECK(create_local_state(g));
     EP_CHECK(check_same_config(g));
@@ -226,8 +232,8 @@ static ep_status_t finish_create(ep_group_t g, ep_group_t *out) {
         group_release_local(g);
         return st;
     }
-    ep_log(EP_LOG_INFO, g->rank, g->device, "group of %d ranks ready: window %zu bytes, timeout %lld ms",
-           g->num_ranks, g->window_bytes, (long long)g->timeout_ms);
+    ep_log(EP_LOG_INFO, g->rank, g->device, "group of %d ranks ready: window %zu bytes, timeout %lld ms", g->num_ranks,
+           g->window_bytes, (long long)g->timeout_ms);
     *out = g;
     return EP_SUCCESS;
 }
@@ -281,8 +287,8 @@ ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int rank, i
     memcpy(nid.internal, id->internal, sizeof(nid.internal));
     ncclConfig_t nccl_config = NCCL_CONFIG_INITIALIZER;
     nccl_config.blocking = 0;
-    ep_status_t st = ep_nccl_complete(NULL, ncclCommInitRankConfig(&g->comm, num_ranks, nid, rank, &nccl_config),
-                                      0, "ncclCommInitRankConfig");
+    ep_status_t st = ep_nccl_complete(NULL, ncclCommInitRankConfig(&g->comm, num_ranks, nid, rank, &nccl_config), 0,
+                                      "ncclCommInitRankConfig");
     if (st == EP_SUCCESS)
         st = ep_nccl_complete(g->comm, ncclInProgress, g->timeout_ms, "ncclCommInitRankConfig (waiting for peers)");
     if (st != EP_SUCCESS) {
@@ -310,8 +316,8 @@ ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_device, co
     EP_NCCL_CHECK(ncclCommUserRank(comm, &rank));
     EP_NCCL_CHECK(ncclCommCount(comm, &num_ranks));
     if (comm_device != cuda_device)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "cuda_device: the communicator drives device %d, got %d",
-                       comm_device, cuda_device);
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "cuda_device: the communicator drives device %d, got %d", comm_device,
+                       cuda_device);
     int previous;
     EP_CHECK(ep_device_enter(cuda_device, &previous));
     ep_group_t g = group_alloc(config, rank, num_ranks, cuda_device, comm);

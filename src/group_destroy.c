@@ -76,22 +76,27 @@ ep_status_t ep_group_destroy(ep_group_t group) {
     if (group == NULL)
         return EP_SUCCESS;
     if (group->live_handles > 0)
-        return ep_fail(EP_ERROR_IN_PROGRESS, "rank %d: ep_group_destroy: %d dispatch handles still refer to the "
-                       "group; release them with ep_handle_destroy first", group->rank, group->live_handles);
+        return ep_fail(EP_ERROR_IN_PROGRESS,
+                       "rank %d: ep_group_destroy: %d dispatch handles still refer to the "
+                       "group; release them with ep_handle_destroy first",
+                       group->rank, group->live_handles);
     int previous;
     EP_CHECK(ep_device_enter(group->device, &previous));
     cudaError_t busy = cudaStreamQuery(group->stream);
     if (busy == cudaErrorNotReady) {
         ep_device_restore(previous);
-        return ep_fail(EP_ERROR_IN_PROGRESS, "rank %d: ep_group_destroy: work is still in flight on the group's "
-                       "stream; synchronize (ep_group_synchronize) before destroying", group->rank);
+        return ep_fail(EP_ERROR_IN_PROGRESS,
+                       "rank %d: ep_group_destroy: work is still in flight on the group's "
+                       "stream; synchronize (ep_group_synchronize) before destroying",
+                       group->rank);
     }
     ep_group_take_device_error(group);
     ep_status_t st = EP_SUCCESS;
     if (group->failed == EP_SUCCESS && handshake_all_ok(group)) {
         st = teardown_collective(group);
     } else {
-        ep_log(EP_LOG_WARN, group->rank, group->device, "destroy: tearing down locally (group failed or a peer "
+        ep_log(EP_LOG_WARN, group->rank, group->device,
+               "destroy: tearing down locally (group failed or a peer "
                "did not agree)");
         announce_abort(group);
         teardown_local(group);

@@ -85,8 +85,10 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
     if (status == 0)
         return EP_SUCCESS;
     if (e->peer >= 0)
-        ep_fail((ep_status_t)status, "rank %d: timed out after %.1f ms in stage '%s' waiting for rank %d "
-                "(epoch %llu)", (int)e->rank, (double)e->waited_ns / 1e6, ep_stage_name(e->stage), (int)e->peer,
+        ep_fail((ep_status_t)status,
+                "rank %d: timed out after %.1f ms in stage '%s' waiting for rank %d "
+                "(epoch %llu)",
+                (int)e->rank, (double)e->waited_ns / 1e6, ep_stage_name(e->stage), (int)e->peer,
                 (unsigned long long)e->detail);
     else
         ep_fail((ep_status_t)status, "rank %d: device error in stage '%s' (detail %llu)", (int)e->rank,
@@ -103,19 +105,23 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
     const char *op = ep_stage_name(e->op);
     switch (e->kind) {
     case EP_INPUT_CAPACITY:
-        st = ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "rank %d: %s: rank %d must receive %lld rows but its buffer holds "
+        st = ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
+                     "rank %d: %s: rank %d must receive %lld rows but its buffer holds "
                      "%lld; nothing was sent (use a larger num_nvl_bytes, see the size hints, or a larger "
-                     "num_worst_tokens)", g->rank, op, (int)e->k, (long long)e->value, (long long)e->token);
+                     "num_worst_tokens)",
+                     g->rank, op, (int)e->k, (long long)e->value, (long long)e->token);
         break;
     case EP_INPUT_LAYOUT_MISMATCH:
-        st = ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: %s: is_token_in_rank sends %lld tokens to rank %d but "
+        st = ep_fail(EP_ERROR_DEVICE_INPUT,
+                     "rank %d: %s: is_token_in_rank sends %lld tokens to rank %d but "
                      "num_tokens_per_rank says %lld; nothing was sent (pass the layout of the same topk_idx)",
                      g->rank, op, (long long)e->value, (int)e->k, (long long)e->token);
         break;
     default:
-        st = ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: %s: topk_idx[%lld, %d] = %lld is outside [-1, num_experts) "
-                     "(%u bad entries, skipped)", g->rank, op, (long long)e->token, (int)e->k, (long long)e->value,
-                     count);
+        st = ep_fail(EP_ERROR_DEVICE_INPUT,
+                     "rank %d: %s: topk_idx[%lld, %d] = %lld is outside [-1, num_experts) "
+                     "(%u bad entries, skipped)",
+                     g->rank, op, (long long)e->token, (int)e->k, (long long)e->value, count);
     }
     memset((void *)e, 0, sizeof(*e));
     return st;
@@ -123,8 +129,7 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
 
 ep_status_t ep_group_check_usable(ep_group_t g) {
     if (g->failed != EP_SUCCESS)
-        return ep_fail(g->failed, "%s (the group failed earlier; only ep_group_destroy is allowed)",
-                       g->failed_message);
+        return ep_fail(g->failed, "%s (the group failed earlier; only ep_group_destroy is allowed)", g->failed_message);
     return ep_group_take_device_error(g);
 }
 
@@ -148,8 +153,10 @@ ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *
         if (err == cudaErrorNotReady) {
             if (now_ms() > deadline) {
                 cudaEventDestroy(ev);
-                ep_fail(EP_ERROR_TIMEOUT, "rank %d: host wait for stage '%s' timed out after %lld ms (the device "
-                        "is still busy)", g->rank, stage, (long long)limit);
+                ep_fail(EP_ERROR_TIMEOUT,
+                        "rank %d: host wait for stage '%s' timed out after %lld ms (the device "
+                        "is still busy)",
+                        g->rank, stage, (long long)limit);
                 return ep_group_mark_failed(g, EP_ERROR_TIMEOUT);
             }
             backoff_sleep(&round);
@@ -181,8 +188,10 @@ ep_status_t ep_group_check_stream(ep_group_t g, cudaStream_t stream, const char 
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: not a valid CUDA stream (%s)", name, cudaGetErrorString(err));
     }
     if (device != g->device)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: the stream belongs to CUDA device %d, expected the group's "
-                       "device %d", name, device, g->device);
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "%s: the stream belongs to CUDA device %d, expected the group's "
+                       "device %d",
+                       name, device, g->device);
     return EP_SUCCESS;
 }
 

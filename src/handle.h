@@ -6,15 +6,15 @@
 
 struct ep_handle {
     ep_group_t group;
-    int num_tokens;    /* N at this rank */
-    int num_recv;      /* Nr, or -1 when the host does not know it */
-    int num_rows;      /* rows of the dispatch outputs (Nr or num_worst_tokens) */
+    int num_tokens; /* N at this rank */
+    int num_recv;   /* Nr, or -1 when the host does not know it */
+    int num_rows;   /* rows of the dispatch outputs (Nr or num_worst_tokens) */
     int num_worst_tokens;
     int num_experts;
     int topk;
     int32_t counts[EP_MAX_NVL_RANKS * EP_MAX_NVL_RANKS]; /* host copy, valid when num_recv >= 0 */
-    void *device_mem;  /* counts, num_recv, send_pos: cudaMallocAsync'd on the group's stream, or cudaMalloc'd
-                          when made during a CUDA-graph capture (replays need it to outlive each launch) */
+    void *device_mem; /* counts, num_recv, send_pos: cudaMallocAsync'd on the group's stream, or cudaMalloc'd
+                         when made during a CUDA-graph capture (replays need it to outlive each launch) */
     int captured;
     ep_ht_routing_t routing;
 };

@@ -41,9 +41,10 @@ static ep_status_t check_combine_args(ep_group_t g, const ep_combine_args_t *a) 
             for (int d = 0; d < g->num_ranks; d++)
                 total += h->counts[s * g->num_ranks + d];
             if (total > (int64_t)reg.rows)
-                return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "combine: rank %d gets back %lld rows but the combine "
-                               "buffer holds %llu; num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)", s,
-                               (long long)total, (unsigned long long)reg.rows,
+                return ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
+                               "combine: rank %d gets back %lld rows but the combine "
+                               "buffer holds %llu; num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)",
+                               s, (long long)total, (unsigned long long)reg.rows,
                                ep_normal_buffer_bytes(g->num_ranks, (int)((total + g->num_ranks - 1) / g->num_ranks),
                                                       (int)H, 2, 0, h->topk));
         }

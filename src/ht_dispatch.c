@@ -12,7 +12,7 @@
 #include <string.h>
 #include <time.h>
 
-#define EP_MAX_TOPK 32
+#define EP_MAX_TOPK       32
 #define EP_DEFAULT_HT_SMS 24
 
 int ep_group_ht_blocks(ep_group_t g, int requested) {
@@ -25,7 +25,8 @@ size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden
     if (num_ranks < 1 || max_tokens_per_rank < 0 || hidden < 0 || elem_bytes < 1 || num_scales < 0 || topk < 0)
         return 0;
     uint64_t rows = (uint64_t)num_ranks * (uint64_t)max_tokens_per_rank;
-    uint64_t dispatch_row = (uint64_t)hidden * (uint64_t)elem_bytes + (uint64_t)num_scales * 4 + (uint64_t)topk * 12 + 4;
+    uint64_t dispatch_row =
+        (uint64_t)hidden * (uint64_t)elem_bytes + (uint64_t)num_scales * 4 + (uint64_t)topk * 12 + 4;
     uint64_t combine_row = (uint64_t)hidden * 2 + (uint64_t)topk * 4;
     uint64_t quarter = (dispatch_row > combine_row ? dispatch_row : combine_row) * rows + 80;
     quarter = (quarter + 4095) / 4096 * 4096;
@@ -39,8 +40,10 @@ static ep_status_t check_x(const ep_dispatch_args_t *a, int *num_scales) {
     ep_tensor_spec_t xs = {"x", a->x.dtype, 2, {EP_ANY, EP_ANY}, 1, 16};
     EP_CHECK(ep_check_tensor(&a->x, &xs));
     if ((a->x.shape[1] * (int64_t)ep_dtype_size(a->x.dtype)) % 16 != 0)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "x: rows must be a multiple of 16 bytes; hidden %lld of %s is %lld "
-                       "bytes", (long long)a->x.shape[1], ep_dtype_name(a->x.dtype),
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "x: rows must be a multiple of 16 bytes; hidden %lld of %s is %lld "
+                       "bytes",
+                       (long long)a->x.shape[1], ep_dtype_name(a->x.dtype),
                        (long long)(a->x.shape[1] * (int64_t)ep_dtype_size(a->x.dtype)));
     *num_scales = 0;
     if (a->x.dtype == EP_DTYPE_BFLOAT16) {
@@ -94,7 +97,7 @@ static ep_status_t check_dispatch_args(ep_group_t g, const ep_dispatch_args_t *a
         return check_routing(g, a);
     if (a->topk_weights.data != NULL && a->topk_idx.data == NULL)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "topk_weights: a cached dispatch that sends weights needs topk_idx "
-                       "too (to make the expert ids local)");
+                                                  "too (to make the expert ids local)");
     ep_handle_t h = a->cached_handle;
     if (h->group != g)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "cached_handle: it belongs to another group");
@@ -172,8 +175,8 @@ static ep_status_t run_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_hand
 
 static void fill_views(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int num_scales,
                        const ep_ht_dispatch_region_t *reg, ep_dispatch_result_t *r) {
-    char *region = (char *)g->window_mem + EP_CTRL_BYTES + ep_ht_dispatch_base(g->config.num_nvl_bytes,
-                                                                               (int)(g->dispatch_seq & 1));
+    char *region = (char *)g->window_mem + EP_CTRL_BYTES +
+                   ep_ht_dispatch_base(g->config.num_nvl_bytes, (int)(g->dispatch_seq & 1));
     int rows = h->num_rows, K = h->topk;
     r->num_recv_tokens = h->num_recv;
     r->num_rows = rows;
@@ -242,15 +245,15 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     EP_CHECK(ep_group_check_usable(group));
     int num_scales = 0;
     EP_CHECK(check_dispatch_args(group, args, result, &num_scales));
-    int topk = args->cached_handle ? args->cached_handle->topk
-                                   : args->topk_idx.data ? (int)args->topk_idx.shape[1] : 0;
+    int topk = args->cached_handle ? args->cached_handle->topk : args->topk_idx.data ? (int)args->topk_idx.shape[1] : 0;
     ep_ht_dispatch_region_t reg = ep_ht_dispatch_region(
         group->config.num_nvl_bytes, (uint64_t)(args->x.shape[1] * (int64_t)ep_dtype_size(args->x.dtype)),
         (uint64_t)num_scales * 4, (uint64_t)topk);
     int64_t capacity = (int64_t)reg.rows;
     if (args->num_worst_tokens > 0) {
         if ((uint64_t)args->num_worst_tokens > reg.rows)
-            return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "num_worst_tokens: %d rows asked for, but the dispatch buffer "
+            return ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
+                           "num_worst_tokens: %d rows asked for, but the dispatch buffer "
                            "holds %llu; num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)",
                            args->num_worst_tokens, (unsigned long long)reg.rows,
                            ep_normal_buffer_bytes(1, args->num_worst_tokens, (int)args->x.shape[1],
@@ -260,7 +263,8 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(group, launch, &frame));
     if (args->cached_handle == NULL && args->num_worst_tokens == 0 && ep_launch_is_capturing(&frame))
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the default dispatch waits on the host for the "
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "num_worst_tokens: the default dispatch waits on the host for the "
                        "receive count and cannot be captured in a CUDA graph; pass num_worst_tokens > 0 or a "
                        "cached handle");
     EP_CHECK(ep_launch_begin(group, &frame));

@@ -6,7 +6,7 @@
 #include "group.h"
 
 typedef struct {
-    ep_launch_t opts;  /* the caller's options, defaults filled in */
+    ep_launch_t opts; /* the caller's options, defaults filled in */
     int previous_device;
 } ep_launch_frame_t;
 

@@ -6,10 +6,8 @@
 
 #define EP_MAX_TOPK 32
 
-
-static ep_status_t check_layout_args(ep_group_t g, const ep_tensor_t *topk_idx, int num_experts,
-                                     ep_tensor_t *per_rank, ep_tensor_t *per_rdma_rank, ep_tensor_t *per_expert,
-                                     ep_tensor_t *in_rank) {
+static ep_status_t check_layout_args(ep_group_t g, const ep_tensor_t *topk_idx, int num_experts, ep_tensor_t *per_rank,
+                                     ep_tensor_t *per_rdma_rank, ep_tensor_t *per_expert, ep_tensor_t *in_rank) {
     ep_tensor_spec_t idx_spec = {"topk_idx", EP_DTYPE_INT64, 2, {EP_ANY, EP_ANY}, 1, 0};
     EP_CHECK(ep_check_tensor(topk_idx, &idx_spec));
     EP_CHECK(ep_check_range(topk_idx->shape[1], 1, EP_MAX_TOPK, "topk_idx.shape[1] (num_topk)"));
@@ -24,7 +22,7 @@ static ep_status_t check_layout_args(ep_group_t g, const ep_tensor_t *topk_idx, 
     EP_CHECK(ep_check_tensor(in_rank, &in_rank_spec));
     if (per_rdma_rank != NULL && per_rdma_rank->data != NULL)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_tokens_per_rdma_rank: expected none (NULL) inside one "
-                       "NVLink domain");
+                                                  "NVLink domain");
     return EP_SUCCESS;
 }
 

@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static ep_ll_layout_t layout_for(int R, int T, int H, int K, int E) { return ep_ll_layout(R, T, H, K, E / R); }
+static ep_ll_layout_t layout_for(int R, int T, int H, int K, int E) {
+    return ep_ll_layout(R, T, H, K, E / R);
+}
 
 size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens, int hidden, int topk, int num_experts) {
     if (num_ranks < 1 || max_tokens < 1 || hidden < 1 || topk < 1 || num_experts < num_ranks)
@@ -43,8 +45,12 @@ static ep_status_t check_dispatch(ep_group_t g, const ep_low_latency_dispatch_ar
     if (a->recv_x.strides[1] != H || a->recv_x.strides[0] != RT * H)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "recv_x: expected a contiguous tensor");
     if (a->use_fp8) {
-        ep_tensor_spec_t sc = {"recv_x_scales", a->use_ue8m0 ? EP_DTYPE_INT32 : EP_DTYPE_FLOAT32, 3,
-                               {L, H / (a->use_ue8m0 ? 512 : 128), RT}, 1, 4};
+        ep_tensor_spec_t sc = {"recv_x_scales",
+                               a->use_ue8m0 ? EP_DTYPE_INT32 : EP_DTYPE_FLOAT32,
+                               3,
+                               {L, H / (a->use_ue8m0 ? 512 : 128), RT},
+                               1,
+                               4};
         EP_CHECK(ep_check_tensor(&a->recv_x_scales, &sc));
     }
     ep_tensor_spec_t rc = {"recv_count", EP_DTYPE_INT32, 1, {L}, 1, 0};
@@ -59,15 +65,17 @@ static ep_status_t check_dispatch(ep_group_t g, const ep_low_latency_dispatch_ar
     EP_CHECK(ep_check_optional_tensor(&a->dispatch_wait_recv_cost_stats, &ws));
     size_t need = ep_low_latency_buffer_bytes(R, a->max_tokens, (int)H, (int)a->topk_idx.shape[1], a->num_experts);
     if (need > g->config.num_nvl_bytes)
-        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "low-latency buffer: %zu bytes needed for T=%d, H=%lld, K=%lld, "
-                       "E=%d, the group has num_nvl_bytes = %zu (ep_low_latency_buffer_bytes)", need, a->max_tokens,
-                       (long long)H, (long long)a->topk_idx.shape[1], a->num_experts, g->config.num_nvl_bytes);
+        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
+                       "low-latency buffer: %zu bytes needed for T=%d, H=%lld, K=%lld, "
+                       "E=%d, the group has num_nvl_bytes = %zu (ep_low_latency_buffer_bytes)",
+                       need, a->max_tokens, (long long)H, (long long)a->topk_idx.shape[1], a->num_experts,
+                       g->config.num_nvl_bytes);
     return EP_SUCCESS;
 }
 
-static ep_status_t run(ep_group_t g, const ep_launch_t *launch, cudaError_t (*fn)(const ep_dev_group_t *,
-                                                                               const void *, cudaStream_t),
-                       const void *kargs, const char *what) {
+static ep_status_t run(ep_group_t g, const ep_launch_t *launch,
+                       cudaError_t (*fn)(const ep_dev_group_t *, const void *, cudaStream_t), const void *kargs,
+                       const char *what) {
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(g, launch, &frame));
     EP_CHECK(ep_launch_begin(g, &frame));
@@ -214,8 +222,8 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         .out_stride = a->out.strides[0],
         .wait_cost_stats = (int64_t *)a->combine_wait_recv_cost_stats.data,
     };
-    EP_CHECK(run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k,
-                 "low-latency combine"));
+    EP_CHECK(
+        run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k, "low-latency combine"));
     h->combine = k;
     h->combined = 1;
     h->combine_recv_pending = a->return_recv_hook;

@@ -12,8 +12,12 @@ __device__ __forceinline__ uint16_t ep_f32_to_bf16(float f) {
     return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
-__device__ __forceinline__ float ep_bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float ep_bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float ep_bf16_lo(uint32_t w) {
+    return __uint_as_float(w << 16);
+}
+__device__ __forceinline__ float ep_bf16_hi(uint32_t w) {
+    return __uint_as_float(w & 0xffff0000u);
+}
 
 /* Eight floats to eight bf16 in a 16-byte vector. */
 __device__ __forceinline__ uint4 ep_pack_bf16x8(const float a[8]) {

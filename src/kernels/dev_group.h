@@ -12,16 +12,16 @@
 
 /* The symmetric window: a control region (flags) followed by the data buffer. */
 #define EP_WINDOW_ALIGN 4096
-#define EP_CTRL_BYTES (128 * 1024)
+#define EP_CTRL_BYTES   (128 * 1024)
 /* Control region layout (offsets from the window base). */
-#define EP_CTRL_BARRIER_FLAGS 0    /* uint64_t[num_ranks]: epoch each peer last reached, written by it */
-#define EP_CTRL_DESTROY_FLAGS 4096 /* uint64_t[num_ranks]: each peer's destroy vote (written once) */
-#define EP_CTRL_HT_COUNTS 8192     /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
-#define EP_CTRL_HT_EXPERTS 16384   /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
-#define EP_CTRL_HT_EXPERT_WORDS (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
-#define EP_MAX_EXPERTS 6144
+#define EP_CTRL_BARRIER_FLAGS     0     /* uint64_t[num_ranks]: epoch each peer last reached, written by it */
+#define EP_CTRL_DESTROY_FLAGS     4096  /* uint64_t[num_ranks]: each peer's destroy vote (written once) */
+#define EP_CTRL_HT_COUNTS         8192  /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
+#define EP_CTRL_HT_EXPERTS        16384 /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
+#define EP_CTRL_HT_EXPERT_WORDS   (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
+#define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
-#define EP_CTRL_LL_COMBINE_FLAGS 69632  /* uint64_t[2][R]: by parity, epoch << 32, from each expert rank */
+#define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by parity, epoch << 32, from each expert rank */
 
 /* Stages, so that a timeout names what was waited on. */
 typedef enum {
@@ -50,9 +50,9 @@ typedef struct {
 /* Bad input data found by a kernel. Not sticky: the op completes without the bad entries (or, for a
  * capacity overflow, without sending anything) and the host reports it at its next check, then clears it. */
 typedef enum {
-    EP_INPUT_BAD_EXPERT = 1,        /* token, k, value: topk_idx[token, k] = value outside [-1, E) */
-    EP_INPUT_CAPACITY = 2,          /* value rows needed at rank k, token = rows available */
-    EP_INPUT_LAYOUT_MISMATCH = 3,   /* k = rank: is_token_in_rank counts `value`, num_tokens_per_rank says token */
+    EP_INPUT_BAD_EXPERT = 1,      /* token, k, value: topk_idx[token, k] = value outside [-1, E) */
+    EP_INPUT_CAPACITY = 2,        /* value rows needed at rank k, token = rows available */
+    EP_INPUT_LAYOUT_MISMATCH = 3, /* k = rank: is_token_in_rank counts `value`, num_tokens_per_rank says token */
 } ep_input_error_kind_t;
 
 typedef struct {
@@ -68,12 +68,12 @@ typedef struct {
     int rank;
     int num_ranks;
     uint64_t timeout_ns;
-    char *window[EP_MAX_NVL_RANKS]; /* every rank's window base, mapped here (own rank included) */
-    uint64_t *barrier_epoch;        /* local device counter: epochs this rank has completed */
-    ep_dev_error_t *error;          /* host-mapped error record (device pointer) */
+    char *window[EP_MAX_NVL_RANKS];    /* every rank's window base, mapped here (own rank included) */
+    uint64_t *barrier_epoch;           /* local device counter: epochs this rank has completed */
+    ep_dev_error_t *error;             /* host-mapped error record (device pointer) */
     ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
-    uint32_t *ll_state; /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
-                           counters (dispatch p0, p1, combine p0, p1), by buffer parity */
+    uint32_t *ll_state;                /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
+                                          counters (dispatch p0, p1, combine p0, p1), by buffer parity */
 } ep_dev_group_t;
 
 #endif

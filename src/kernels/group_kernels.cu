@@ -2,7 +2,9 @@
 #include "group_kernels.h"
 #include "sync.cuh"
 
-__global__ void barrier_kernel(ep_dev_group_t g, int stage) { ep_cta_barrier(g, stage); }
+__global__ void barrier_kernel(ep_dev_group_t g, int stage) {
+    ep_cta_barrier(g, stage);
+}
 
 extern "C" cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage, cudaStream_t stream) {
     barrier_kernel<<<1, 32, 0, stream>>>(*group, stage);

@@ -17,7 +17,7 @@ cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage, cudaStream
 /* Destroy handshake: writes `vote` (EP_VOTE_OK or EP_VOTE_ABORT) into this rank's slot of every peer's
  * destroy flags; with `wait`, then waits (group timeout) for every peer's vote and writes what it saw to
  * votes_out[peer] (host-mapped): the vote, or 0 if the peer never voted. */
-#define EP_VOTE_OK 1
+#define EP_VOTE_OK    1
 #define EP_VOTE_ABORT 2
 cudaError_t ep_launch_destroy_vote(const ep_dev_group_t *group, int vote, int wait, int32_t *votes_out,
                                    cudaStream_t stream);

@@ -5,12 +5,12 @@
  * they go to one contiguous run of s's combine region (after the runs of lower ranks), so a warp per row
  * copies 16-byte chunks with no gather. Reduce: one warp per token, float32 accumulation, bias0 then bias1,
  * one rounding to bf16. */
+#include "bf16.cuh"
 #include "ht_kernels.h"
 #include "ht_layout.h"
-#include "bf16.cuh"
 #include "sync.cuh"
 
-#define COMBINE_WARPS 16
+#define COMBINE_WARPS  16
 #define COMBINE_UNROLL 4
 
 __device__ __forceinline__ char *combine_region(const ep_dev_group_t &g, int rank, const ep_ht_combine_args_t &a) {
@@ -84,7 +84,8 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_send_kernel(ep_
     }
 }
 
-__global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_reduce_kernel(ep_dev_group_t g, ep_ht_combine_args_t a) {
+__global__ void __launch_bounds__(COMBINE_WARPS * 32)
+    ht_combine_reduce_kernel(ep_dev_group_t g, ep_ht_combine_args_t a) {
     __shared__ int32_t region_start[EP_MAX_NVL_RANKS]; /* rows from destination d start here */
     __shared__ int32_t base[EP_MAX_NVL_RANKS];         /* this rank's first row at destination d */
     const int R = g.num_ranks, me = g.rank, lane = threadIdx.x % 32;

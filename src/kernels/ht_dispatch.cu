@@ -7,7 +7,7 @@
 #include "ht_layout.h"
 #include "sync.cuh"
 
-#define SEND_WARPS 16
+#define SEND_WARPS  16
 #define SEND_UNROLL 4
 
 __device__ __forceinline__ char *dispatch_region(const ep_dev_group_t &g, int rank, const ep_ht_dispatch_args_t &a) {
@@ -104,8 +104,8 @@ __global__ void ht_dispatch_pad_kernel(ep_dev_group_t g, ep_ht_dispatch_args_t a
         ((int32_t *)(region + reg.src_off))[i] = -1;
 }
 
-extern "C" cudaError_t ep_launch_ht_dispatch_pad(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a,
-                                                 int num_rows, cudaStream_t s) {
+extern "C" cudaError_t ep_launch_ht_dispatch_pad(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a, int num_rows,
+                                                 cudaStream_t s) {
     ht_dispatch_pad_kernel<<<32, 256, 0, s>>>(*g, *a, num_rows);
     return cudaGetLastError();
 }

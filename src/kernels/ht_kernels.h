@@ -15,10 +15,10 @@ extern "C" {
 /* What the notify kernel writes to host-mapped memory; `seq` is written last. */
 typedef struct {
     uint32_t seq;
-    int32_t num_recv;                                         /* tokens this rank receives */
-    int32_t ok;                                               /* 0: the op was abandoned (input error) */
-    int32_t counts[EP_MAX_NVL_RANKS * EP_MAX_NVL_RANKS];      /* [src][dst] */
-    int32_t recv_per_expert[EP_MAX_EXPERTS];                  /* [L], aligned */
+    int32_t num_recv;                                    /* tokens this rank receives */
+    int32_t ok;                                          /* 0: the op was abandoned (input error) */
+    int32_t counts[EP_MAX_NVL_RANKS * EP_MAX_NVL_RANKS]; /* [src][dst] */
+    int32_t recv_per_expert[EP_MAX_EXPERTS];             /* [L], aligned */
 } ep_ht_notify_host_t;
 
 /* A dispatch's routing, kept on the device by the handle: enough for combine and cached dispatch. */
@@ -47,7 +47,7 @@ typedef struct {
     const uint8_t *x;
     int64_t x_stride_bytes;
     int64_t x_row_bytes;
-    const uint32_t *scales; /* 4-byte words (float scales or packed UE8M0), or NULL */
+    const uint32_t *scales;               /* 4-byte words (float scales or packed UE8M0), or NULL */
     int64_t scale_stride0, scale_stride1; /* in words */
     int num_scales;
     const int64_t *topk_idx; /* NULL in cached mode without topk */

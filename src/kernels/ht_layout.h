@@ -24,7 +24,7 @@
 typedef struct {
     uint64_t quarter_bytes; /* bytes of one region */
     uint64_t x_row_bytes, scale_row_bytes, topk;
-    uint64_t rows;          /* capacity in rows */
+    uint64_t rows;                                             /* capacity in rows */
     uint64_t x_off, scales_off, idx_off, weights_off, src_off; /* from the region start */
 } ep_ht_dispatch_region_t;
 
@@ -35,12 +35,16 @@ typedef struct {
     uint64_t x_off, weights_off;
 } ep_ht_combine_region_t;
 
-EP_HD uint64_t ep_align16(uint64_t v) { return (v + 15) & ~(uint64_t)15; }
+EP_HD uint64_t ep_align16(uint64_t v) {
+    return (v + 15) & ~(uint64_t)15;
+}
 
-EP_HD uint64_t ep_ht_quarter_bytes(uint64_t data_bytes) { return (data_bytes / 4) & ~(uint64_t)4095; }
+EP_HD uint64_t ep_ht_quarter_bytes(uint64_t data_bytes) {
+    return (data_bytes / 4) & ~(uint64_t)4095;
+}
 
-EP_HD ep_ht_dispatch_region_t ep_ht_dispatch_region(uint64_t data_bytes, uint64_t x_row_bytes,
-                                                     uint64_t scale_row_bytes, uint64_t topk) {
+EP_HD ep_ht_dispatch_region_t ep_ht_dispatch_region(uint64_t data_bytes, uint64_t x_row_bytes, uint64_t scale_row_bytes,
+                                                    uint64_t topk) {
     ep_ht_dispatch_region_t r;
     r.quarter_bytes = ep_ht_quarter_bytes(data_bytes);
     r.x_row_bytes = x_row_bytes;

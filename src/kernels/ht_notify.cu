@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_gro
     }
     for (int i = tid; i < a.num_experts; i += NOTIFY_THREADS) {
         int peer = i / L, l = i % L;
-        int32_t *slot = (int32_t *)(g.window[peer] + EP_CTRL_HT_EXPERTS) + a.parity * EP_CTRL_HT_EXPERT_WORDS +
-                        me * L + l;
+        int32_t *slot =
+            (int32_t *)(g.window[peer] + EP_CTRL_HT_EXPERTS) + a.parity * EP_CTRL_HT_EXPERT_WORDS + me * L + l;
         *(volatile int32_t *)slot = a.tokens_per_expert[i];
     }
     __syncthreads();
@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_gro
         for (int s = 0; s < R; s++)
             into += counts[s][tid];
         if (into > a.capacity_rows) {
-            ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CAPACITY, a.capacity_rows,
-                                  tid, into);
+            ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CAPACITY, a.capacity_rows, tid,
+                                  into);
             abandon = 1;
         }
     }

@@ -3,19 +3,20 @@
  * receiver can sum in exactly the reference's order). The last block raises a flag at every rank. Receive
  * (the hook): one block per token waits for every rank's flag, then sums w[t, k] * row[t, k] with fmaf in k
  * order (a duplicated expert reads the row of its first k) and rounds once to bf16. */
+#include "bf16.cuh"
 #include "ll_kernels.h"
 #include "ll_layout.h"
-#include "bf16.cuh"
 #include "sync.cuh"
 
 #define LL_COMBINE_THREADS 512
-#define LL_COMBINE_SPLIT 4 /* send blocks per local expert */
+#define LL_COMBINE_SPLIT   4 /* send blocks per local expert */
 
 __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
 }
 
-__global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_send_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+    ll_combine_send_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
     __shared__ int64_t ranges[EP_MAX_NVL_RANKS];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
     const int l = blockIdx.x % L, part = blockIdx.x / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -36,8 +37,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_send_kernel(ep_
         int32_t packed = ((const int32_t *)(mine + lay.srck_off))[l * RT + i];
         int t = packed >> 5, k = packed & 31;
         const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
-        uint4 *dst = (uint4 *)(ll_half_c(g, s, p, a.half_bytes) + lay.combine_off +
-                               ((uint64_t)t * K + k) * row_bytes);
+        uint4 *dst = (uint4 *)(ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * row_bytes);
         for (int64_t q = lane; q < row_bytes / 16; q += 32)
             dst[q] = src[q];
     }
@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_send_kernel(ep_
                              (uint64_t)epoch << 32);
 }
 
-__global__ void __launch_bounds__(LL_COMBINE_THREADS) ll_combine_recv_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+    ll_combine_recv_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
     __shared__ int first_k[EP_LL_MAX_TOPK];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, t = blockIdx.x;
     const int tid = threadIdx.x;

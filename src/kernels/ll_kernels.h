@@ -23,11 +23,11 @@ typedef struct {
     const int64_t *topk_idx;
     int64_t idx_stride;
     /* receive side (caller's outputs) */
-    uint8_t *recv_x;       /* [L, R*T, H] e4m3 or bf16, contiguous */
-    void *recv_scales;     /* [L, S, R*T] float or [L, S/4, R*T] int32 (column-major in the last two dims) */
-    int32_t *recv_count;   /* [L] */
-    int32_t *src_info;     /* [L, R*T] */
-    int64_t *layout_range; /* [L, R] */
+    uint8_t *recv_x;           /* [L, R*T, H] e4m3 or bf16, contiguous */
+    void *recv_scales;         /* [L, S, R*T] float or [L, S/4, R*T] int32 (column-major in the last two dims) */
+    int32_t *recv_count;       /* [L] */
+    int32_t *src_info;         /* [L, R*T] */
+    int64_t *layout_range;     /* [L, R] */
     int32_t *cumulative_stats; /* [L] or NULL */
     int64_t *wait_cost_stats;  /* [R] or NULL */
 } ep_ll_dispatch_kargs_t;
@@ -39,7 +39,7 @@ typedef struct {
     int num_tokens, max_tokens, hidden, topk, num_experts;
     int parity;
     uint64_t half_bytes;
-    const uint16_t *x;   /* [L, R*T, H] bf16 expert outputs */
+    const uint16_t *x;            /* [L, R*T, H] bf16 expert outputs */
     int64_t x_stride0, x_stride1; /* elements */
     const int64_t *topk_idx;
     int64_t idx_stride;

@@ -16,7 +16,7 @@
 #define EP_LL_HD static inline
 #endif
 
-#define EP_LL_MAX_TOPK 16
+#define EP_LL_MAX_TOPK     16
 #define EP_LL_HEADER_BYTES 64
 
 typedef struct {
@@ -27,12 +27,14 @@ typedef struct {
 } ep_ll_header_t;
 
 typedef struct {
-    uint64_t slot_bytes, data_off, scales_off; /* within a slot */
+    uint64_t slot_bytes, data_off, scales_off;                          /* within a slot */
     uint64_t dispatch_off, combine_off, count_off, srck_off, range_off; /* within a half */
     uint64_t half_bytes;
 } ep_ll_layout_t;
 
-EP_LL_HD uint64_t ep_ll_align(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+EP_LL_HD uint64_t ep_ll_align(uint64_t v, uint64_t a) {
+    return (v + a - 1) / a * a;
+}
 
 /* A slot holds a bf16 row, or an e4m3 row followed by its float scales (H + H/32 <= 2H bytes). */
 EP_LL_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int max_tokens, int hidden, int topk, int num_local_experts) {

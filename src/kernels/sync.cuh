@@ -41,8 +41,8 @@ __device__ __forceinline__ void ep_record_error(const ep_dev_group_t &g, int32_t
 }
 
 /* Records bad input (first one wins the details; all are counted). */
-__device__ __forceinline__ void ep_record_input_error(ep_dev_input_error_t *err, int op, int kind, int64_t token,
-                                                      int k, int64_t value) {
+__device__ __forceinline__ void ep_record_input_error(ep_dev_input_error_t *err, int op, int kind, int64_t token, int k,
+                                                      int64_t value) {
     if (atomicAdd_system(&err->count, 1u) == 0) {
         err->op = op;
         err->kind = kind;

@@ -52,8 +52,7 @@ int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int t
         if (remaining > 0 && now_s() - start > timeout_s) {
             for (int r = 0; r < num_ranks; r++) {
                 if (!done[r]) {
-                    fprintf(stderr, "%s: rank %d did not finish within %d s (hang): killed\n", case_name, r,
-                            timeout_s);
+                    fprintf(stderr, "%s: rank %d did not finish within %d s (hang): killed\n", case_name, r, timeout_s);
                     kill(pids[r], SIGKILL);
                     waitpid(pids[r], NULL, 0);
                     failed++;

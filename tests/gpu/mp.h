@@ -12,20 +12,20 @@ typedef int (*mp_rank_fn)(int rank, int num_ranks, const ep_unique_id_t *id, voi
 int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s);
 
 /* Per-process failure reporting: prints "[rank r] case: message" and counts it. */
-#define MP_FAIL(rank, ...)                                                                                  \
-    do {                                                                                                    \
-        fprintf(stderr, "[rank %d] %s:%d: ", (rank), __FILE__, __LINE__);                                   \
-        fprintf(stderr, __VA_ARGS__);                                                                       \
-        fprintf(stderr, "\n");                                                                              \
-        failures++;                                                                                         \
+#define MP_FAIL(rank, ...)                                                                                             \
+    do {                                                                                                               \
+        fprintf(stderr, "[rank %d] %s:%d: ", (rank), __FILE__, __LINE__);                                              \
+        fprintf(stderr, __VA_ARGS__);                                                                                  \
+        fprintf(stderr, "\n");                                                                                         \
+        failures++;                                                                                                    \
     } while (0)
 
-#define MP_EXPECT_STATUS(rank, call, want)                                                                  \
-    do {                                                                                                    \
-        ep_status_t st_ = (call);                                                                           \
-        if (st_ != (want))                                                                                  \
-            MP_FAIL(rank, "%s returned %s, expected %s; message: %s", #call, ep_status_string(st_),         \
-                    ep_status_string(want), ep_last_error());                                               \
+#define MP_EXPECT_STATUS(rank, call, want)                                                                             \
+    do {                                                                                                               \
+        ep_status_t st_ = (call);                                                                                      \
+        if (st_ != (want))                                                                                             \
+            MP_FAIL(rank, "%s returned %s, expected %s; message: %s", #call, ep_status_string(st_),                    \
+                    ep_status_string(want), ep_last_error());                                                          \
     } while (0)
 
 #endif

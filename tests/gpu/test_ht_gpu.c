@@ -35,10 +35,10 @@ static const ht_case_t cases[] = {
 
 typedef struct {
     int n;
-    uint8_t *x;      /* [n, row_bytes] */
-    float *scales;   /* [n, H/128] logical; uploaded column-major */
-    int64_t *idx;    /* [n, K] as given to the GPU (may hold bad ids) */
-    int64_t *clean;  /* [n, K] bad ids replaced by -1 (what the reference sees) */
+    uint8_t *x;     /* [n, row_bytes] */
+    float *scales;  /* [n, H/128] logical; uploaded column-major */
+    int64_t *idx;   /* [n, K] as given to the GPU (may hold bad ids) */
+    int64_t *clean; /* [n, K] bad ids replaced by -1 (what the reference sees) */
     float *w;
     epref_rank_input_t in;
 } rank_inputs_t;
@@ -128,20 +128,20 @@ static void *host_copy(const void *dev, size_t bytes) {
     return p;
 }
 
-#define CHECK_BYTES(what, got, want, bytes)                                                                 \
-    do {                                                                                                    \
-        if ((size_t)(bytes) != 0 && memcmp((got), (want), (bytes)) != 0) {                                               \
-            size_t i_ = 0;                                                                                  \
-            while (((const uint8_t *)(got))[i_] == ((const uint8_t *)(want))[i_])                           \
-                i_++;                                                                                       \
-            MP_FAIL(rank, "%s: %s differs at byte %zu: got 0x%02x want 0x%02x", c->name, what, i_,          \
-                    ((const uint8_t *)(got))[i_], ((const uint8_t *)(want))[i_]);                           \
-        }                                                                                                   \
+#define CHECK_BYTES(what, got, want, bytes)                                                                            \
+    do {                                                                                                               \
+        if ((size_t)(bytes) != 0 && memcmp((got), (want), (bytes)) != 0) {                                             \
+            size_t i_ = 0;                                                                                             \
+            while (((const uint8_t *)(got))[i_] == ((const uint8_t *)(want))[i_])                                      \
+                i_++;                                                                                                  \
+            MP_FAIL(rank, "%s: %s differs at byte %zu: got 0x%02x want 0x%02x", c->name, what, i_,                     \
+                    ((const uint8_t *)(got))[i_], ((const uint8_t *)(want))[i_]);                                      \
+        }                                                                                                              \
     } while (0)
 
 static void poison_next_dispatch_region(ep_group_t g) {
-    char *region = (char *)g->window_mem + EP_CTRL_BYTES + ep_ht_dispatch_base(g->config.num_nvl_bytes,
-                                                                               (int)(g->dispatch_seq & 1));
+    char *region = (char *)g->window_mem + EP_CTRL_BYTES +
+                   ep_ht_dispatch_base(g->config.num_nvl_bytes, (int)(g->dispatch_seq & 1));
     cudaMemset(region, 0xEE, ep_ht_quarter_bytes(g->config.num_nvl_bytes));
     ep_group_barrier(g, NULL); /* nobody writes into it before it is poisoned */
 }

@@ -22,9 +22,9 @@
 #include <sys/mman.h>
 #include <time.h>
 
-#define H 2048
-#define K 8
-#define E 64
+#define H    2048
+#define K    8
+#define E    64
 #define NMAX 600
 
 typedef struct {

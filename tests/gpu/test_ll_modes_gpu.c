@@ -41,8 +41,12 @@ static void make_inputs(inputs_t *in, int R, uint64_t seed) {
         for (size_t i = 0; i < (size_t)n * H; i++)
             in->x[r][i] = epref_float_to_bf16(epref_rng_normal(&rng));
         epref_random_routing(&rng, n, K, E, 0.1f, in->idx[r], in->w[r]);
-        in->in[r] = (epref_rank_input_t){.num_tokens = n, .x = (const uint8_t *)in->x[r], .row_bytes = H * 2,
-                                         .stride_bytes = H * 2, .topk = K, .topk_idx = in->idx[r],
+        in->in[r] = (epref_rank_input_t){.num_tokens = n,
+                                         .x = (const uint8_t *)in->x[r],
+                                         .row_bytes = H * 2,
+                                         .stride_bytes = H * 2,
+                                         .topk = K,
+                                         .topk_idx = in->idx[r],
                                          .topk_weights = in->w[r]};
     }
 }
@@ -247,7 +251,7 @@ static int hook_frees_sms(int rank, int R, const ep_unique_id_t *id, void *arg) 
     ep_ll_handle_t h = NULL;
     MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS); /* the sends are done */
-    float between = time_busy(sink, 2 * sms, s);                        /* before the hook */
+    float between = time_busy(sink, 2 * sms, s);                       /* before the hook */
     MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h, NULL), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);

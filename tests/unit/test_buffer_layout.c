@@ -21,7 +21,8 @@ static int spans_disjoint_and_inside(const span_t *s, int n, uint64_t limit) {
 }
 
 static void normal_hint_holds_every_row(void) {
-    const int ranks[] = {2, 3, 4, 5, 8}, tokens[] = {1, 777, 4096}, hiddens[] = {128, 7168, 16384}, topks[] = {1, 8, 32};
+    const int ranks[] = {2, 3, 4, 5, 8}, tokens[] = {1, 777, 4096}, hiddens[] = {128, 7168, 16384},
+              topks[] = {1, 8, 32};
     for (int a = 0; a < 5; a++)
         for (int b = 0; b < 3; b++)
             for (int c = 0; c < 3; c++)
@@ -29,13 +30,13 @@ static void normal_hint_holds_every_row(void) {
                     for (int fp8 = 0; fp8 < 2; fp8++) {
                         int R = ranks[a], N = tokens[b], H = hiddens[c], K = topks[d], S = fp8 ? H / 128 : 0;
                         size_t bytes = ep_normal_buffer_bytes(R, N, H, fp8 ? 1 : 2, S, K);
-                        ep_ht_dispatch_region_t dr = ep_ht_dispatch_region(bytes, (uint64_t)H * (fp8 ? 1 : 2),
-                                                                           (uint64_t)S * 4, (uint64_t)K);
+                        ep_ht_dispatch_region_t dr =
+                            ep_ht_dispatch_region(bytes, (uint64_t)H * (fp8 ? 1 : 2), (uint64_t)S * 4, (uint64_t)K);
                         ep_ht_combine_region_t cr = ep_ht_combine_region(bytes, (uint64_t)H * 2, (uint64_t)K);
-                        TCHECK(dr.rows >= (uint64_t)R * N, "R=%d N=%d H=%d K=%d: dispatch holds %llu rows", R, N, H,
-                               K, (unsigned long long)dr.rows);
-                        TCHECK(cr.rows >= (uint64_t)R * N, "R=%d N=%d H=%d K=%d: combine holds %llu rows", R, N, H,
-                               K, (unsigned long long)cr.rows);
+                        TCHECK(dr.rows >= (uint64_t)R * N, "R=%d N=%d H=%d K=%d: dispatch holds %llu rows", R, N, H, K,
+                               (unsigned long long)dr.rows);
+                        TCHECK(cr.rows >= (uint64_t)R * N, "R=%d N=%d H=%d K=%d: combine holds %llu rows", R, N, H, K,
+                               (unsigned long long)cr.rows);
                         span_t s[5] = {{dr.x_off, dr.x_off + dr.rows * dr.x_row_bytes},
                                        {dr.scales_off, dr.scales_off + dr.rows * dr.scale_row_bytes},
                                        {dr.idx_off, dr.idx_off + dr.rows * K * 8},
@@ -66,7 +67,8 @@ static void low_latency_hint_holds_every_slot(void) {
                                    {l.count_off, l.count_off + (uint64_t)L * 4},
                                    {l.srck_off, l.srck_off + (uint64_t)L * R * T * 4},
                                    {l.range_off, l.range_off + (uint64_t)L * R * 8}};
-                    TCHECK(spans_disjoint_and_inside(s, 5, l.half_bytes), "low-latency arrays overlap (R=%d T=%d)", R, T);
+                    TCHECK(spans_disjoint_and_inside(s, 5, l.half_bytes), "low-latency arrays overlap (R=%d T=%d)", R,
+                           T);
                     TCHECK(l.slot_bytes % 16 == 0 && l.combine_off % 16 == 0, "low-latency arrays not aligned");
                 }
 }
