@@ -368,6 +368,15 @@ static void run_workload(ctx_t *c, int N, int fp8, const int *sms_list, int num_
         double t_comb = time_op(c, op_combine, &ca);
         int cok = check ? check_combine(c, &w, ca.out) : -1;
         add_row(c, "combine", dtype, N, w.sms, t_comb, logical, link, cok);
+        if (i == 0) { /* the copy-engine transfer does not depend on the SM budget: measure it once */
+            setenv("EPCOMM_HT_COMBINE_CE", "1", 1);
+            double t_ce = time_op(c, op_combine, &ca);
+            int ceok = check ? check_combine(c, &w, ca.out) : -1;
+            unsetenv("EPCOMM_HT_COMBINE_CE");
+            add_row(c, "combine_ce", dtype, N, 0, t_ce, logical, link, ceok);
+            if (t_ce < 0)
+                c->out->failed = 1;
+        }
         cudaFree(ca.out), cudaFree(ca.x);
         if (t_full < 0 || t_cached < 0 || t_comb < 0)
             c->out->failed = 1;

@@ -44,6 +44,10 @@ struct ep_group {
 
     cudaStream_t stream;
     cudaEvent_t order_event;
+    /* Copy-engine transfers (one stream per peer so the engines run in parallel), created on first use. */
+    cudaStream_t ce_streams[EP_MAX_NVL_RANKS];
+    cudaEvent_t ce_events[EP_MAX_NVL_RANKS + 1];
+    int ce_ready;
 
     ep_dev_group_t dev; /* what kernels receive */
 

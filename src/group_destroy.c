@@ -67,6 +67,10 @@ static void free_local_resources(ep_group_t g) {
     cudaFree(g->ll_state_dev);
     cudaFreeHost(g->mapped_host);
     cudaEventDestroy(g->order_event);
+    for (int i = 0; g->ce_ready && i < EP_MAX_NVL_RANKS; i++)
+        cudaStreamDestroy(g->ce_streams[i]);
+    for (int i = 0; g->ce_ready && i <= EP_MAX_NVL_RANKS; i++)
+        cudaEventDestroy(g->ce_events[i]);
     cudaStreamDestroy(g->stream);
     free(g);
 }

@@ -3,6 +3,7 @@
 #include "check.h"
 #include "error.h"
 #include "handle.h"
+#include "ht_combine_ce.h"
 #include "kernels/group_kernels.h"
 #include "kernels/ht_layout.h"
 #include "launch.h"
@@ -85,7 +86,8 @@ ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep
         .num_reduce_blocks = group->num_device_sms,
     };
     EP_CHECK(ep_launch_begin(group, &frame));
-    cudaError_t err = ep_launch_ht_combine_send(&group->dev, &c, group->stream);
+    cudaError_t err = ep_ht_combine_ce_wanted(group, args) ? ep_ht_combine_send_ce(group, args)
+                                                           : ep_launch_ht_combine_send(&group->dev, &c, group->stream);
     if (err == cudaSuccess)
         err = ep_launch_barrier(&group->dev, EP_STAGE_COMBINE_SEND, group->stream);
     if (err == cudaSuccess)

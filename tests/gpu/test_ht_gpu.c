@@ -363,9 +363,14 @@ static int ht_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, vo
         return 1;
     }
     int rounds = arg ? *(int *)arg : 1;
-    for (int round = 0; round < rounds; round++)
+    for (int round = 0; round < rounds; round++) {
+        /* Odd rounds move combine's rows with copy engines (ht_combine_ce.c), even rounds with SM kernels. */
+        setenv("EPCOMM_HT_COMBINE_CE", round % 2 ? "1" : "0", 1);
+        if (rank == 0)
+            printf("     round %d: combine transfer on %s\n", round, round % 2 ? "copy engines" : "SMs");
         for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
             run_case(rank, g, num_ranks, &cases[i], 7919u * (uint64_t)(round + 1) + i, &failures);
+    }
     MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
     return failures;
 }
