@@ -75,6 +75,22 @@ for R in 2 4; do
   run_gpu_test test_ll_modes_gpu "$R"
 done
 
+# The Python binding (needs torch): its host tests and its multi-process GPU tests (python/tests/gpu), on
+# 2 and 4 GPUs, including the per-call host overhead table of the low-latency calls.
+if python3 -c 'import torch' 2>/dev/null; then
+  worlds=2; (( NGPU >= 4 )) && worlds=2,4
+  log="$BUILD.python.log"
+  EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout 1800 \
+    python3 -m pytest -q -s -p no:cacheprovider "$ROOT/python/tests" > "$log" 2>&1
+  rc=$?
+  { echo "==== python binding (pytest, worlds $worlds, exit $rc)"; head -c 300000 "$log"; } >> "$TESTS"
+  [[ $rc -ne 0 ]] && status=1
+  row "python binding (pytest)" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
+  grep -A12 '^host us per call' "$log" | sed 's/^/    /'
+else
+  row "python binding (pytest)" "skip" "torch is not installed"
+fi
+
 COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"
 MACHINE="nvidia-h200-x${NGPU}"
 for R in 2 4; do

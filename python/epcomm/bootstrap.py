@@ -1,0 +1,31 @@
+"""Handing the NCCL unique id from rank 0 to every rank of a torch ProcessGroup or an mpi4py communicator.
+torch is imported only when a ProcessGroup is given, so the mpi4py path (and its tests) need no torch."""
+from . import _capi
+
+
+def group_rank_and_size(group=None, comm=None):
+    if group is not None:
+        return group.rank(), group.size()
+    if comm is not None:
+        return comm.Get_rank(), comm.Get_size()
+    raise ValueError("Either 'group' (a torch.distributed ProcessGroup) or 'comm' (an mpi4py communicator) "
+                     "must be provided")
+
+
+def exchange_unique_id(group=None, comm=None, make_id=_capi.new_unique_id):
+    """Collective over the group: returns (rank, num_ranks, the 128-byte id made by rank 0)."""
+    rank, size = group_rank_and_size(group, comm)
+    mine = make_id() if rank == 0 else None
+    if group is not None:
+        import torch.distributed as dist
+
+        # all_gather_object, not broadcast_object_list: its source is a group rank, not a global one.
+        everyone = [None] * size
+        dist.all_gather_object(everyone, mine, group=group)
+        uid = everyone[0]
+    else:
+        uid = comm.bcast(mine, root=0)
+    if not isinstance(uid, (bytes, bytearray)) or len(uid) != _capi.EP_UNIQUE_ID_BYTES:
+        raise RuntimeError(f"rank {rank}: the unique id received from rank 0 is not {_capi.EP_UNIQUE_ID_BYTES} bytes "
+                           f"({type(uid).__name__}); do all ranks create the Buffer with the same group?")
+    return rank, size, bytes(uid)

@@ -1,0 +1,106 @@
+"""Expected results in plain torch, written from shared/SPEC.md and ref/epref.h's numeric definitions (not
+from the kernels). Each function computes what rank `rank` must get from the inputs of every rank."""
+import torch
+
+
+def layout(idx, num_experts, num_ranks):
+    L = num_experts // num_ranks
+    valid = idx >= 0
+    rank_of = torch.where(valid, idx // L, -1)
+    in_rank = torch.stack([(rank_of == r).any(1) for r in range(num_ranks)], 1)
+    per_rank = in_rank.sum(0).to(torch.int32)
+    per_expert = torch.bincount(idx[valid], minlength=num_experts).to(torch.int32)
+    return per_rank, per_expert, in_rank
+
+
+def dispatch(inputs, rank, num_experts, num_ranks, alignment=1):
+    """inputs[s] = dict(x, idx, w[, scales]). Rows ordered by (source rank, source token)."""
+    L = num_experts // num_ranks
+    lo, hi = rank * L, (rank + 1) * L
+    out = {"x": [], "idx": [], "w": [], "src": [], "scales": []}
+    for inp in inputs:
+        _, _, in_rank = layout(inp["idx"], num_experts, num_ranks)
+        sel = in_rank[:, rank].nonzero().squeeze(1)
+        idx = inp["idx"][sel]
+        local = (idx >= lo) & (idx < hi)
+        x = inp["x"]
+        is_fp8 = x.dtype == torch.float8_e4m3fn  # index and concatenate FP8 rows as bytes
+        out["x"].append(x.view(torch.uint8)[sel] if is_fp8 else x[sel])
+        out["idx"].append(torch.where(local, idx - lo, -1))
+        out["w"].append(torch.where(local, inp["w"][sel], 0.0))
+        out["src"].append(sel.to(torch.int32))
+        if "scales" in inp:
+            out["scales"].append(inp["scales"][sel])
+    res = {k: torch.cat(v) if v else None for k, v in out.items()}
+    if inputs[0]["x"].dtype == torch.float8_e4m3fn:
+        res["x"] = res["x"].view(torch.float8_e4m3fn)
+    counts = torch.bincount(res["idx"][res["idx"] >= 0], minlength=L)
+    res["per_expert"] = [int((c + alignment - 1) // alignment * alignment) for c in counts.tolist()]
+    return res
+
+
+def combine(x, in_rank, scale_of_rank, bias0=None, bias1=None):
+    """Rank d sends back bf16(row * scale_of_rank(d)); sums in float32, ascending rank, then the biases."""
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for d in range(in_rank.size(1)):
+        row = (x.float() * scale_of_rank(d)).to(torch.bfloat16).float()
+        acc = acc + torch.where(in_rank[:, d:d + 1], row, 0.0)
+    for b in (bias0, bias1):
+        if b is not None:
+            acc = acc + b.float()
+    return acc.to(torch.bfloat16)
+
+
+def cast_fp8(x, round_scale=False, use_ue8m0=False):
+    """Per 128-channel group: (e4m3 values [N, H], scale_inv [N, H/128] float32 or UE8M0 words [N, H/512])."""
+    N, H = x.shape
+    xf = x.float().view(N, H // 128, 128)
+    amax = xf.abs().amax(-1).clamp(min=1e-4)
+    if round_scale:
+        mantissa, exponent = torch.frexp(amax * (1.0 / 448.0))
+        e = torch.where(mantissa == 0.5, exponent - 1, exponent)
+        one = torch.ones_like(amax)
+        scale_inv, scale = torch.ldexp(one, e), torch.ldexp(one, -e)
+    else:
+        scale_inv, scale = amax * (1.0 / 448.0), 448.0 / amax
+    q = (xf * scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(N, H)
+    if not use_ue8m0:
+        return q, scale_inv
+    exp_bytes = ((scale_inv.view(torch.int32) >> 23) & 0xFF).view(N, H // 512, 4)
+    words = exp_bytes[..., 0] | (exp_bytes[..., 1] << 8) | (exp_bytes[..., 2] << 16) | (exp_bytes[..., 3] << 24)
+    return q, words.to(torch.int32)
+
+
+def low_latency_dispatch(inputs, rank, num_experts, num_ranks):
+    """Per local expert: rows, source token indices and per-source (begin << 32 | count)."""
+    L = num_experts // num_ranks
+    experts = []
+    for l in range(L):
+        e = rank * L + l
+        rows, src, ranges, begin = [], [], [], 0
+        for inp in inputs:
+            sel = (inp["idx"] == e).any(1).nonzero().squeeze(1)
+            rows.append(inp["x"][sel])
+            src.append(sel.to(torch.int32))
+            ranges.append((begin << 32) | sel.numel())
+            begin += sel.numel()
+        experts.append({"x": torch.cat(rows), "src": torch.cat(src), "range": ranges, "count": begin})
+    return experts
+
+
+def expert_scale(expert):
+    """What the test's expert multiplies its rows by: a power of two, so bf16(row * scale) is exact."""
+    return 2.0 ** ((expert % 3) - 1)
+
+
+def low_latency_combine(x, idx, w):
+    """out[t] = bf16(fmaf chain over k of w[t, k] * bf16(x[t] * expert_scale(idx[t, k]))), -1 skipped.
+    float64 holds each product exactly and the sum before its single rounding to float32 (= fmaf) here."""
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for k in range(idx.size(1)):
+        e = idx[:, k]
+        scale = torch.where(e >= 0, 2.0 ** ((e.clamp(min=0) % 3) - 1).double(), 0.0).unsqueeze(1)
+        v = (x.double() * scale).to(torch.bfloat16).double()
+        step = (acc.double() + w[:, k:k + 1].double() * v).float()
+        acc = torch.where((e >= 0).unsqueeze(1), step, acc)
+    return acc.to(torch.bfloat16)

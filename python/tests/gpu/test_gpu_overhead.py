@@ -1,0 +1,129 @@
+"""Host time per call of Buffer.low_latency_dispatch / low_latency_combine against the same C calls made
+directly through ctypes with prebuilt arguments (the least any Python caller can spend). The difference is
+the binding's overhead; the target is EPCOMM_OVERHEAD_TARGET_US (default 5 us). Prints a table; writes it as
+JSON to EPCOMM_OVERHEAD_JSON when that is set."""
+import ctypes
+import json
+import os
+import statistics
+import time
+
+import pytest
+
+from dist_helpers import generator, needs_gpus, routing, run_ranks, tokens, torch, world_sizes
+
+pytestmark = needs_gpus
+T, HIDDEN, TOPK, TOKENS = 128, 7168, 8, 64
+ITERS, WARMUP, SYNC_EVERY = 2000, 200, 50
+
+
+def _time(calls):
+    """Median host microseconds of each call in `calls` (a list of callables run in turn, ITERS times)."""
+    samples = [[] for _ in calls]
+    for i in range(WARMUP + ITERS):
+        if i % SYNC_EVERY == 0:
+            torch.cuda.synchronize()  # keep the launch queue short, outside the timed region
+        for j, call in enumerate(calls):
+            t0 = time.perf_counter_ns()
+            call()
+            t1 = time.perf_counter_ns()
+            if i >= WARMUP:
+                samples[j].append((t1 - t0) / 1000)
+    torch.cuda.synchronize()
+    return [statistics.median(s) for s in samples]
+
+
+def _worker(rank, world, group, target_us):
+    import torch.distributed as dist
+
+    import epcomm as deep_ep
+    from epcomm import _capi, _torch
+
+    E = 8 * world
+    g = generator(1, rank)
+    idx, w = routing(g, TOKENS, E, TOPK)
+    x, idx, w = tokens(g, TOKENS, HIDDEN).cuda(), idx.cuda(), w.cuda()
+    buffer = deep_ep.Buffer(group, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(T, HIDDEN, world, E),
+                            low_latency_mode=True, explicitly_destroy=True)
+    L, RT = E // world, world * T
+    y = torch.randn((L, RT, HIDDEN), device="cuda").to(torch.bfloat16)
+    state = {}
+
+    def py_dispatch():
+        state["h"] = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=True)[2]
+
+    def py_combine():
+        buffer.low_latency_combine(y, idx, w, state["h"])
+
+    def py_combine_out():
+        buffer.low_latency_combine(y, idx, w, state["h"], out=out)
+
+    out = torch.empty((TOKENS, HIDDEN), dtype=torch.bfloat16, device="cuda")
+    results = {}
+    for reuse in (False, True):
+        buffer.low_latency_reuse_outputs = reuse
+        d, c, c_out = _time([py_dispatch, py_combine, py_combine_out])
+        results[f"python dispatch ({'reused' if reuse else 'fresh'} outputs)"] = d
+        results[f"python combine ({'reused' if reuse else 'fresh'} outputs)"] = c
+        results["python combine (out=)"] = c_out
+
+    # The same calls straight through ctypes, arguments built once.
+    lib, group_ptr = buffer._lib, buffer._group
+    recv_x = torch.empty((L, RT, HIDDEN), dtype=torch.float8_e4m3fn, device="cuda")
+    scales = torch.empty((L, HIDDEN // 128, RT), dtype=torch.float32, device="cuda")
+    count = torch.empty(L, dtype=torch.int32, device="cuda")
+    src_info = torch.empty((L, RT), dtype=torch.int32, device="cuda")
+    layout_range = torch.empty((L, world), dtype=torch.int64, device="cuda")
+    da = _capi.ep_low_latency_dispatch_args_t(max_tokens=T, num_experts=E, use_fp8=1)
+    for field, t in (("x", x), ("topk_idx", idx), ("recv_x", recv_x), ("recv_x_scales", scales),
+                     ("recv_count", count), ("src_info", src_info), ("layout_range", layout_range)):
+        _torch.fill(getattr(da, field), t, field)
+    ca = _capi.ep_low_latency_combine_args_t()
+    for field, t in (("x", y), ("topk_idx", idx), ("topk_weights", w), ("out", out)):
+        _torch.fill(getattr(ca, field), t, field)
+    launch = _capi.ep_launch_t(stream=torch.cuda.current_stream().cuda_stream)
+    handle = ctypes.c_void_p()
+    da_ref, ca_ref, launch_ref, handle_ref = (ctypes.byref(v) for v in (da, ca, launch, handle))
+
+    def c_dispatch():
+        if handle.value:
+            lib.ep_ll_handle_destroy(handle)
+        _capi.check(lib.ep_low_latency_dispatch(group_ptr, da_ref, handle_ref, launch_ref))
+
+    def c_combine():
+        _capi.check(lib.ep_low_latency_combine(group_ptr, ca_ref, handle, launch_ref))
+
+    d, c = _time([c_dispatch, c_combine])
+    lib.ep_ll_handle_destroy(handle)
+    results["C dispatch (ctypes, prebuilt)"] = d
+    results["C combine (ctypes, prebuilt)"] = c
+    state.clear()
+
+    everyone = [None] * world
+    dist.all_gather_object(everyone, results, group=group)
+    worst = {k: max(r[k] for r in everyone) for k in results}
+    overhead = {
+        "dispatch, fresh outputs": worst["python dispatch (fresh outputs)"] - worst["C dispatch (ctypes, prebuilt)"],
+        "dispatch, reused outputs": worst["python dispatch (reused outputs)"] - worst["C dispatch (ctypes, prebuilt)"],
+        "combine, fresh out": worst["python combine (fresh outputs)"] - worst["C combine (ctypes, prebuilt)"],
+        "combine, out=": worst["python combine (out=)"] - worst["C combine (ctypes, prebuilt)"],
+    }
+    if rank == 0:
+        lines = [f"host us per call, median over {ITERS} calls, slowest of {world} ranks "
+                 f"(T={T}, H={HIDDEN}, N={TOKENS}, K={TOPK}, E={E}, FP8 dispatch):"]
+        lines += [f"  {k:44s} {v:8.2f}" for k, v in worst.items()]
+        lines += [f"  binding overhead, {k:26s} {v:8.2f}" for k, v in overhead.items()]
+        print("\n".join(lines), flush=True)
+        path = os.environ.get("EPCOMM_OVERHEAD_JSON")
+        if path:
+            with open(path, "w") as f:
+                json.dump({"world": world, "per_call_us": worst, "overhead_us": overhead}, f, indent=1)
+    buffer.destroy()
+    best = min(overhead["dispatch, reused outputs"], overhead["dispatch, fresh outputs"])
+    assert best < target_us and overhead["combine, out="] < target_us, (
+        f"binding overhead above {target_us} us: {overhead}")
+
+
+@pytest.mark.parametrize("world", world_sizes()[:1])
+def test_low_latency_host_overhead(world):
+    run_ranks(_worker, world, float(os.environ.get("EPCOMM_OVERHEAD_TARGET_US", "5")))
