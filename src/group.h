@@ -80,6 +80,10 @@ ep_status_t ep_group_check_stream(ep_group_t g, cudaStream_t stream, const char 
 ep_status_t ep_group_take_input_error(ep_group_t g);
 /* `to` waits for the work enqueued so far on `from`. */
 ep_status_t ep_group_order(ep_group_t g, cudaStream_t from, cudaStream_t to);
+/* A monotonic clock in milliseconds, and how long host waits last (the group's timeout plus a margin, so that
+ * device timeouts, which know the peer, fire first). */
+int64_t ep_now_ms(void);
+int64_t ep_host_wait_limit_ms(ep_group_t g);
 /* Host wait for a stream with the group's timeout (plus a margin so device timeouts fire first). */
 ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *stage);
 

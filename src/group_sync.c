@@ -15,7 +15,7 @@
  * for) reports first. */
 #define EP_HOST_WAIT_MARGIN_MS 5000
 
-static int64_t now_ms(void) {
+int64_t ep_now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
@@ -52,7 +52,7 @@ ep_status_t ep_nccl_complete(ncclComm_t comm, ncclResult_t res, int64_t timeout_
         return ep_fail(EP_ERROR_NCCL, "%s failed: %s (NCCL %d)", what, ncclGetErrorString(res), (int)res);
     if (comm == NULL)
         return EP_SUCCESS;
-    int64_t deadline = now_ms() + timeout_ms;
+    int64_t deadline = ep_now_ms() + timeout_ms;
     int round = 0;
     for (;;) {
         ncclResult_t state = ncclSuccess;
@@ -63,7 +63,7 @@ ep_status_t ep_nccl_complete(ncclComm_t comm, ncclResult_t res, int64_t timeout_
             return EP_SUCCESS;
         if (state != ncclInProgress)
             return ep_fail(EP_ERROR_NCCL, "%s failed: %s (NCCL %d)", what, ncclGetErrorString(state), (int)state);
-        if (now_ms() > deadline)
+        if (ep_now_ms() > deadline)
             return ep_fail(EP_ERROR_TIMEOUT, "%s did not complete within %lld ms (a peer did not arrive?)", what,
                            (long long)timeout_ms);
         backoff_sleep(&round);
@@ -141,17 +141,21 @@ ep_status_t ep_group_order(ep_group_t g, cudaStream_t from, cudaStream_t to) {
     return EP_SUCCESS;
 }
 
+int64_t ep_host_wait_limit_ms(ep_group_t g) {
+    return g->timeout_ms + EP_HOST_WAIT_MARGIN_MS;
+}
+
 ep_status_t ep_group_wait_stream(ep_group_t g, cudaStream_t stream, const char *stage) {
     cudaEvent_t ev;
     EP_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     cudaError_t err = cudaEventRecord(ev, stream);
-    int64_t limit = g->timeout_ms + EP_HOST_WAIT_MARGIN_MS;
-    int64_t deadline = now_ms() + limit;
+    int64_t limit = ep_host_wait_limit_ms(g);
+    int64_t deadline = ep_now_ms() + limit;
     int round = 0;
     while (err == cudaSuccess) {
         err = cudaEventQuery(ev);
         if (err == cudaErrorNotReady) {
-            if (now_ms() > deadline) {
+            if (ep_now_ms() > deadline) {
                 cudaEventDestroy(ev);
                 ep_fail(EP_ERROR_TIMEOUT,
                         "rank %d: host wait for stage '%s' timed out after %lld ms (the device "

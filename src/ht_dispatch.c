@@ -10,15 +10,6 @@
 #include "log.h"
 
 #include <string.h>
-#include <time.h>
-
-#define EP_MAX_TOPK       32
-#define EP_DEFAULT_HT_SMS 24
-
-int ep_group_ht_blocks(ep_group_t g, int requested) {
-    int n = requested > 0 ? requested : g->config.num_sms > 0 ? g->config.num_sms : EP_DEFAULT_HT_SMS;
-    return n;
-}
 
 size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int elem_bytes, int num_scales,
                               int topk) {
@@ -113,16 +104,10 @@ static ep_status_t check_dispatch_args(ep_group_t g, const ep_dispatch_args_t *a
     return EP_SUCCESS;
 }
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
 /* Waits for the notify kernel's answer in mapped memory (no stream synchronisation). */
 static ep_status_t wait_notify(ep_group_t g, uint32_t seq) {
     volatile ep_ht_notify_host_t *n = &g->mapped_host->notify;
-    double deadline = now_ms() + (double)g->timeout_ms + 5000.0;
+    int64_t limit = ep_host_wait_limit_ms(g), deadline = ep_now_ms() + limit;
     unsigned spins = 0;
     while (*(volatile uint32_t *)&n->seq != seq) {
         if ((++spins & 255u) == 0) {
@@ -131,9 +116,9 @@ static ep_status_t wait_notify(ep_group_t g, uint32_t seq) {
             if (cudaStreamQuery(g->stream) == cudaSuccess && *(volatile uint32_t *)&n->seq != seq)
                 return ep_fail(EP_ERROR_INTERNAL, "rank %d: dispatch: the count exchange ended without an answer",
                                g->rank);
-            if (now_ms() > deadline) {
+            if (ep_now_ms() > deadline) {
                 ep_fail(EP_ERROR_TIMEOUT, "rank %d: host wait for the dispatch receive count timed out after %lld ms",
-                        g->rank, (long long)g->timeout_ms + 5000);
+                        g->rank, (long long)limit);
                 return ep_group_mark_failed(g, EP_ERROR_TIMEOUT);
             }
         }

@@ -3,6 +3,8 @@
 #include "check.h"
 #include "error.h"
 
+#define EP_DEFAULT_HT_SMS 24
+
 ep_status_t ep_launch_check(ep_group_t g, const ep_launch_t *launch, ep_launch_frame_t *frame) {
     ep_launch_t defaults = EP_LAUNCH_INIT;
     if (launch != NULL) {
@@ -52,4 +54,9 @@ ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t st
         status = ep_group_order(g, g->stream, (cudaStream_t)frame->opts.stream);
     ep_device_restore(frame->previous_device);
     return status;
+}
+
+int ep_group_ht_blocks(ep_group_t g, int requested) {
+    int n = requested > 0 ? requested : g->config.num_sms > 0 ? g->config.num_sms : EP_DEFAULT_HT_SMS;
+    return n;
 }

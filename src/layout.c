@@ -4,8 +4,6 @@
 #include "kernels/layout_kernels.h"
 #include "launch.h"
 
-#define EP_MAX_TOPK 32
-
 static ep_status_t check_layout_args(ep_group_t g, const ep_tensor_t *topk_idx, int num_experts, ep_tensor_t *per_rank,
                                      ep_tensor_t *per_rdma_rank, ep_tensor_t *per_expert, ep_tensor_t *in_rank) {
     ep_tensor_spec_t idx_spec = {"topk_idx", EP_DTYPE_INT64, 2, {EP_ANY, EP_ANY}, 1, 0};

@@ -19,6 +19,7 @@
 #define EP_CTRL_HT_COUNTS         8192  /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
 #define EP_CTRL_HT_EXPERTS        16384 /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
 #define EP_CTRL_HT_EXPERT_WORDS   (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
+#define EP_MAX_TOPK 32 /* normal mode; the low-latency limit is EP_LL_MAX_TOPK */
 #define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
 #define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by parity, epoch << 32, from each expert rank */
