@@ -9,6 +9,7 @@
 #include "bench_ht.h"
 #include "epcomm.h"
 #include "epref.h"
+#include "fork_ranks.h"
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -474,6 +475,19 @@ static void print_and_record(const bench_ht_args_t *a, rank_rows_t *all) {
         fclose(js);
 }
 
+typedef struct {
+    const ctx_t *base;
+    rank_rows_t *shared;
+} ht_fork_ctx_t;
+
+static int ht_rank_main(int rank, void *arg) {
+    const ht_fork_ctx_t *f = arg;
+    ctx_t c = *f->base;
+    c.rank = rank;
+    c.out = &f->shared[rank];
+    return worker(&c);
+}
+
 int bench_ht_run(const bench_ht_args_t *a) {
     ctx_t base;
     memset(&base, 0, sizeof(base));
@@ -488,25 +502,8 @@ int bench_ht_run(const bench_ht_args_t *a) {
     if (shared == MAP_FAILED)
         return 1;
     memset(shared, 0, sizeof(rank_rows_t) * (size_t)a->ranks);
-    fflush(stdout);
-    pid_t pids[8];
-    for (int r = 0; r < a->ranks; r++) {
-        pids[r] = fork();
-        if (pids[r] == 0) {
-            ctx_t c = base;
-            c.rank = r;
-            c.out = &shared[r];
-            int rc = worker(&c);
-            fflush(stdout);
-            _exit(rc);
-        }
-    }
-    int failed = 0;
-    for (int r = 0; r < a->ranks; r++) {
-        int st = 0;
-        waitpid(pids[r], &st, 0);
-        failed |= !WIFEXITED(st) || WEXITSTATUS(st) != 0;
-    }
+    ht_fork_ctx_t fc = {&base, shared};
+    int failed = bench_fork_ranks(a->ranks, ht_rank_main, &fc);
     if (!failed)
         print_and_record(a, shared);
     munmap(shared, sizeof(rank_rows_t) * (size_t)a->ranks);

@@ -6,6 +6,7 @@
 #include "bench_ll.h"
 #include "epcomm.h"
 #include "epref.h"
+#include "fork_ranks.h"
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -175,6 +176,18 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
     return out->failed;
 }
 
+typedef struct {
+    const bench_ll_args_t *a;
+    const ep_unique_id_t *id;
+    const ncclUniqueId *nid;
+    ll_rank_out_t *out;
+} ll_fork_ctx_t;
+
+static int ll_rank_main(int rank, void *arg) {
+    const ll_fork_ctx_t *f = arg;
+    return worker(f->a, rank, f->id, f->nid, &f->out[rank]);
+}
+
 int bench_ll_run(const bench_ll_args_t *a) {
     ep_unique_id_t id;
     ncclUniqueId nid;
@@ -183,20 +196,8 @@ int bench_ll_run(const bench_ll_args_t *a) {
     ll_rank_out_t *sh =
         mmap(NULL, sizeof(ll_rank_out_t) * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     memset(sh, 0, sizeof(ll_rank_out_t) * 8);
-    fflush(stdout);
-    pid_t pids[8];
-    for (int r = 0; r < a->ranks; r++)
-        if ((pids[r] = fork()) == 0) {
-            int rc = worker(a, r, &id, &nid, &sh[r]);
-            fflush(stdout);
-            _exit(rc);
-        }
-    int failed = 0;
-    for (int r = 0; r < a->ranks; r++) {
-        int st = 0;
-        waitpid(pids[r], &st, 0);
-        failed |= !WIFEXITED(st) || WEXITSTATUS(st) != 0;
-    }
+    ll_fork_ctx_t fc = {a, &id, &nid, sh};
+    int failed = bench_fork_ranks(a->ranks, ll_rank_main, &fc);
     if (!failed) {
         static const char *ops[3] = {"ll_dispatch", "ll_combine", "nccl_dispatch"};
         FILE *js = a->jsonl ? fopen(a->jsonl, "a") : NULL;

@@ -3,6 +3,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "demo.h"
 #include "epcomm.h"
+#include "fork_ranks.h"
 
 #include <cuda_runtime_api.h>
 #include <stdio.h>
@@ -57,28 +58,24 @@ static int group_worker(int rank, int num_ranks, const ep_unique_id_t *id) {
     return bad;
 }
 
+typedef struct {
+    int num_ranks;
+    const ep_unique_id_t *id;
+} group_fork_ctx_t;
+
+static int group_rank_main(int rank, void *arg) {
+    const group_fork_ctx_t *f = arg;
+    return group_worker(rank, f->num_ranks, f->id);
+}
+
 int demo_gpu_group(int num_gpus) {
     ep_unique_id_t id;
     if (ep_get_unique_id(&id) != EP_SUCCESS) {
         fprintf(stderr, "ep_get_unique_id: %s\n", ep_last_error());
         return 1;
     }
-    fflush(stdout);
-    pid_t pids[64];
-    for (int r = 0; r < num_gpus && r < 64; r++) {
-        pids[r] = fork();
-        if (pids[r] == 0) {
-            int rc = group_worker(r, num_gpus, &id);
-            fflush(stdout); /* _exit skips stdio's flush */
-            _exit(rc);
-        }
-    }
-    int failed = 0;
-    for (int r = 0; r < num_gpus && r < 64; r++) {
-        int status = 0;
-        waitpid(pids[r], &status, 0);
-        failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
-    }
+    group_fork_ctx_t fc = {num_gpus, &id};
+    int failed = bench_fork_ranks(num_gpus, group_rank_main, &fc);
     printf("  group check on %d GPUs: %s\n", num_gpus, failed ? "FAILED" : "ok");
     return failed;
 }
