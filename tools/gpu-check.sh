@@ -3,6 +3,8 @@
 # machine has), then the demo/benchmark. Logs go to $OUT (or build-gpu/logs); a short table is printed last.
 #
 #   tools/gpu-check.sh [--quick]
+# Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine), EPCOMM_PY_WORLDS ("2,4"),
+# EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${EPCOMM_BUILD_DIR:-$ROOT/build-gpu}"
@@ -33,6 +35,10 @@ row() { printf '| %-42s | %-6s | %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
   echo "NCCL_HOME=$NCCL_HOME"
 } > "$LOGS/machine.txt" 2>&1
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+RANKS="${EPCOMM_RANKS:-2 4$( (( NGPU >= 8 )) && echo ' 8')}"
+SKIP=" ${EPCOMM_SKIP:-} "
+TEST_TIMEOUT="${EPCOMM_TEST_TIMEOUT:-180}"
+skipped() { [[ "$SKIP" == *" $1 "* ]]; }
 
 # At most 8 files come back from the device machine: keep them few (machine, summary, tests, bench logs,
 # JSONL, plot); build logs stay in the build folder unless the build fails.
@@ -58,7 +64,7 @@ run_gpu_test() { # name ranks args...
   local name=$1 ranks=$2; shift 2
   if (( NGPU < ranks )); then row "$name R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
   local log="$BUILD.$name-r$ranks.log"
-  timeout 900 "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
+  timeout "$TEST_TIMEOUT" "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
   local rc=$?
   { echo "==== $name R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
   [[ $rc -ne 0 ]] && status=1
@@ -66,7 +72,8 @@ run_gpu_test() { # name ranks args...
   grep -E '^(PASS|FAIL)|^     ' "$log" | sed 's/^/    /'
 }
 
-for R in 2 4; do
+for R in $RANKS; do
+  skipped tests && break
   run_gpu_test test_group_gpu "$R"
   run_gpu_test test_layout_gpu "$R"
   run_gpu_test test_ht_gpu "$R" --rounds 2
@@ -77,10 +84,12 @@ done
 
 # The Python binding (needs torch): its host tests and its multi-process GPU tests (python/tests/gpu), on
 # 2 and 4 GPUs, including the per-call host overhead table of the low-latency calls.
-if python3 -c 'import torch' 2>/dev/null; then
-  worlds=2; (( NGPU >= 4 )) && worlds=2,4
+if skipped python; then
+  row "python binding (pytest)" "skip" "EPCOMM_SKIP"
+elif python3 -c 'import torch' 2>/dev/null; then
+  worlds="${EPCOMM_PY_WORLDS:-2$( (( NGPU >= 4 )) && echo ,4)}"
   log="$BUILD.python.log"
-  EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout 1800 \
+  EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout 900 \
     python3 -m pytest -q -s -p no:cacheprovider "$ROOT/python/tests" > "$log" 2>&1
   rc=$?
   { echo "==== python binding (pytest, worlds $worlds, exit $rc)"; head -c 300000 "$log"; } >> "$TESTS"
@@ -93,7 +102,8 @@ fi
 
 COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"
 MACHINE="nvidia-h200-x${NGPU}"
-for R in 2 4; do
+for R in $RANKS; do
+  skipped bench && break
   (( NGPU < R )) && continue
   log="$LOGS/bench-r$R.log"
   timeout 600 "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
