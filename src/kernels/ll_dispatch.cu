@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(LL_SEND_THREADS) ll_dispatch_send_kernel(ep_de
             h->token = t;
             for (int k = 0; k < EP_LL_MAX_TOPK; k++)
                 h->local_ids[k] = ids[tid][k];
-            h->epoch = epoch;
+            h->tag = ep_ll_tag(epoch, R, a.max_tokens, a.hidden, K, a.num_experts);
         }
     }
     /* The last block to finish tells every rank how many tokens this rank has (and that they landed). */
@@ -160,6 +160,7 @@ __global__ void __launch_bounds__(LL_RECV_THREADS) ll_dispatch_recv_kernel(ep_de
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
     const uint32_t epoch = g.ll_state[p];
     char *half = ll_half(g, me, p, a.half_bytes);
+    const uint64_t tag = ep_ll_tag(epoch, R, a.max_tokens, a.hidden, K, a.num_experts);
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = ll_flag(g, me, p, tid, EP_CTRL_LL_DISPATCH_FLAGS);
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(LL_RECV_THREADS) ll_dispatch_recv_kernel(ep_de
             if (j < from[s]) {
                 const ep_ll_header_t *h = (const ep_ll_header_t *)(half + lay.dispatch_off +
                                                                    ((uint64_t)s * a.max_tokens + j) * lay.slot_bytes);
-                if (*(volatile uint32_t *)&h->epoch == epoch)
+                if (*(volatile uint64_t *)&h->tag == tag)
                     for (int k = 0; k < K && k_found < 0; k++)
                         if (h->local_ids[k] == l)
                             k_found = k;

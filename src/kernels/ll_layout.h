@@ -1,7 +1,7 @@
 /* Where the low-latency mode keeps things in the symmetric data buffer (host and device agree through this
  * header). Two halves by parity, so that two dispatch results can be alive at once. Each half holds:
  *  - the dispatch staging: [R sources][T slots], one slot per source token that has an expert here: a 64-byte
- *    header (epoch, token, the token's local expert ids by k) then the row (bf16, or e4m3 + float scales);
+ *    header (tag, token, the token's local expert ids by k) then the row (bf16, or e4m3 + float scales);
  *  - the combine staging: [T tokens][K] bf16 rows, one per (token, k), written by the expert's rank;
  *  - local bookkeeping of the receive (never read by peers): per local expert the count, the (source token,
  *    k) of each row and the per-source ranges, which the combine reuses. */
@@ -19,12 +19,27 @@
 #define EP_LL_MAX_TOPK     16
 #define EP_LL_HEADER_BYTES 64
 
+/* A slot counts as written in this call only if its tag is ep_ll_tag(epoch, signature). Slots not written in
+ * this call hold whatever an earlier call left there, possibly under another layout (other T, H, K, E), where
+ * this position held row data or the receiver's bookkeeping (small non-negative integers). The signature has
+ * its top bit set, so no such integer matches it, and 64 bits make a match by row data negligible. */
 typedef struct {
-    uint32_t epoch;
+    uint64_t tag;
     int32_t token;
     int16_t local_ids[EP_LL_MAX_TOPK]; /* by k: the local expert id here, or -1 */
-    uint8_t pad[EP_LL_HEADER_BYTES - 8 - 2 * EP_LL_MAX_TOPK];
+    uint8_t pad[EP_LL_HEADER_BYTES - 12 - 2 * EP_LL_MAX_TOPK];
 } ep_ll_header_t;
+
+EP_LL_HD uint64_t ep_ll_tag(uint32_t epoch, int num_ranks, int max_tokens, int hidden, int topk, int num_experts) {
+    uint64_t h = 0x9e3779b97f4a7c15ull;
+    const uint64_t v[5] = {(uint64_t)num_ranks, (uint64_t)max_tokens, (uint64_t)hidden, (uint64_t)topk,
+                           (uint64_t)num_experts};
+    for (int i = 0; i < 5; i++) {
+        h ^= v[i] + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+        h *= 0xbf58476d1ce4e5b9ull;
+    }
+    return ((uint64_t)epoch << 32) | (uint32_t)(h >> 32) | 0x80000000u;
+}
 
 typedef struct {
     uint64_t slot_bytes, data_off, scales_off;                          /* within a slot */

@@ -73,6 +73,25 @@ static void low_latency_hint_holds_every_slot(void) {
                 }
 }
 
+/* A stale slot must never pass for one written in this call: the receiver's bookkeeping left there under
+ * another layout is small non-negative integers, and another layout's tag differs. */
+static void low_latency_tags_are_distinct(void) {
+    TCHECK_EQ_INT((int)sizeof(ep_ll_header_t), EP_LL_HEADER_BYTES);
+    const int shapes[][5] = {{4, 128, 7168, 8, 256}, {4, 32, 2048, 6, 64}, {8, 128, 7168, 8, 256}, {4, 1, 7168, 8, 32}};
+    for (int i = 0; i < 4; i++) {
+        const int *a = shapes[i];
+        for (uint32_t epoch = 1; epoch < 64; epoch++) {
+            uint64_t tag = ep_ll_tag(epoch, a[0], a[1], a[2], a[3], a[4]);
+            TCHECK((uint32_t)tag & 0x80000000u, "tag's low word must have its top bit set");
+            TCHECK((uint32_t)(tag >> 32) == epoch, "tag must carry the epoch");
+            for (int j = 0; j < i; j++) {
+                const int *b = shapes[j];
+                TCHECK(tag != ep_ll_tag(epoch, b[0], b[1], b[2], b[3], b[4]), "shapes %d and %d share a tag", i, j);
+            }
+        }
+    }
+}
+
 static void size_hints_reject_nonsense(void) {
     TCHECK_EQ_INT(ep_normal_buffer_bytes(0, 10, 128, 2, 0, 8), 0);
     TCHECK_EQ_INT(ep_normal_buffer_bytes(4, -1, 128, 2, 0, 8), 0);
@@ -83,6 +102,7 @@ static void size_hints_reject_nonsense(void) {
 int main(void) {
     TRUN(normal_hint_holds_every_row);
     TRUN(low_latency_hint_holds_every_slot);
+    TRUN(low_latency_tags_are_distinct);
     TRUN(size_hints_reject_nonsense);
     return TDONE();
 }
