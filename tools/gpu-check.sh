@@ -4,7 +4,9 @@
 #
 #   tools/gpu-check.sh [--quick]
 # Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine), EPCOMM_PY_WORLDS ("2,4"),
-# EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180).
+# EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
+# EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_DEADLINE_S (seconds in all).
+# Order: build, host tests, GPU tests, benchmarks, Python binding.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${EPCOMM_BUILD_DIR:-$ROOT/build-gpu}"
@@ -39,6 +41,9 @@ RANKS="${EPCOMM_RANKS:-2 4$( (( NGPU >= 8 )) && echo ' 8')}"
 SKIP=" ${EPCOMM_SKIP:-} "
 TEST_TIMEOUT="${EPCOMM_TEST_TIMEOUT:-180}"
 skipped() { [[ "$SKIP" == *" $1 "* ]]; }
+# EPCOMM_DEADLINE_S: seconds this script may take in all; later steps get what is left (at least 10 s).
+DEADLINE=$((SECONDS + ${EPCOMM_DEADLINE_S:-100000}))
+left() { local l=$((DEADLINE - SECONDS)); (( l > $1 )) && l=$1; (( l < 10 )) && l=10; echo "$l"; }
 
 # At most 8 files come back from the device machine: keep them few (machine, summary, tests, bench logs,
 # JSONL, plot); build logs stay in the build folder unless the build fails.
@@ -64,7 +69,7 @@ run_gpu_test() { # name ranks args...
   local name=$1 ranks=$2; shift 2
   if (( NGPU < ranks )); then row "$name R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
   local log="$BUILD.$name-r$ranks.log"
-  timeout "$TEST_TIMEOUT" "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
+  timeout "$(left "$TEST_TIMEOUT")" "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
   local rc=$?
   { echo "==== $name R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
   [[ $rc -ne 0 ]] && status=1
@@ -82,6 +87,22 @@ for R in $RANKS; do
   run_gpu_test test_ll_modes_gpu "$R"
 done
 
+COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"
+MACHINE="nvidia-h200-x${NGPU}"
+for R in ${EPCOMM_BENCH_RANKS:-$RANKS}; do
+  skipped bench && break
+  (( NGPU < R )) && continue
+  log="$LOGS/bench-r$R.log"
+  timeout "$(left 600)" "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
+    --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 > "$log" 2>&1
+  rc=$?
+  [[ $rc -ne 0 ]] && status=1
+  row "epcomm-bench (main job) R=$R" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
+done
+if [[ -s "$LOGS/ht.jsonl" ]] && python3 -c 'import matplotlib' 2>/dev/null; then
+  python3 "$ROOT/tools/plot_bench.py" "$LOGS/ht.jsonl" "$LOGS/ht.png" >> "$TESTS" 2>&1 || true
+fi
+
 # The Python binding (needs torch): its host tests and its multi-process GPU tests (python/tests/gpu), on
 # 2 and 4 GPUs, including the per-call host overhead table of the low-latency calls.
 if skipped python; then
@@ -89,7 +110,7 @@ if skipped python; then
 elif python3 -c 'import torch' 2>/dev/null; then
   worlds="${EPCOMM_PY_WORLDS:-2$( (( NGPU >= 4 )) && echo ,4)}"
   log="$BUILD.python.log"
-  EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout 900 \
+  EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout "$(left 900)" \
     python3 -m pytest -q -s -p no:cacheprovider "$ROOT/python/tests" > "$log" 2>&1
   rc=$?
   { echo "==== python binding (pytest, worlds $worlds, exit $rc)"; head -c 300000 "$log"; } >> "$TESTS"
@@ -98,22 +119,6 @@ elif python3 -c 'import torch' 2>/dev/null; then
   grep -A12 '^host us per call' "$log" | sed 's/^/    /'
 else
   row "python binding (pytest)" "skip" "torch is not installed"
-fi
-
-COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"
-MACHINE="nvidia-h200-x${NGPU}"
-for R in $RANKS; do
-  skipped bench && break
-  (( NGPU < R )) && continue
-  log="$LOGS/bench-r$R.log"
-  timeout 600 "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
-    --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 > "$log" 2>&1
-  rc=$?
-  [[ $rc -ne 0 ]] && status=1
-  row "epcomm-bench (main job) R=$R" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
-done
-if [[ -s "$LOGS/ht.jsonl" ]] && python3 -c 'import matplotlib' 2>/dev/null; then
-  python3 "$ROOT/tools/plot_bench.py" "$LOGS/ht.jsonl" "$LOGS/ht.png" >> "$TESTS" 2>&1 || true
 fi
 
 for f in "$LOGS"/bench-r*.log; do [[ -f $f ]] && sed -n '/^high-throughput/,/^$/p;/^low-latency/,/^$/p' "$f"; done

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -14,7 +15,24 @@ static double now_s(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* EPCOMM_TEST_ONLY="a,b": run only the cases whose names contain one of these (for short reruns). */
+static int selected(const char *case_name) {
+    const char *only = getenv("EPCOMM_TEST_ONLY");
+    if (only == NULL || *only == '\0')
+        return 1;
+    char buf[256];
+    snprintf(buf, sizeof(buf), "%s", only);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save))
+        if (strstr(case_name, tok))
+            return 1;
+    return 0;
+}
+
 int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s) {
+    if (!selected(case_name)) {
+        printf("SKIP %s R=%d (EPCOMM_TEST_ONLY)\n", case_name, num_ranks);
+        return 0;
+    }
     ep_unique_id_t id;
     if (ep_get_unique_id(&id) != EP_SUCCESS) {
         fprintf(stderr, "FAIL %s: ep_get_unique_id: %s\n", case_name, ep_last_error());

@@ -8,7 +8,8 @@
 
 typedef int (*mp_rank_fn)(int rank, int num_ranks, const ep_unique_id_t *id, void *arg);
 
-/* Runs fn on num_ranks processes (rank r uses CUDA device r). Returns 0 when every rank returned 0. */
+/* Runs fn on num_ranks processes (rank r uses CUDA device r). Returns 0 when every rank returned 0, or when
+ * EPCOMM_TEST_ONLY leaves the case out. */
 int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s);
 
 /* Per-process failure reporting: prints "[rank r] case: message" and counts it. */
