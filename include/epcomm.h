@@ -102,10 +102,13 @@ typedef struct {
     int low_latency_mode;  /* the group will be used for low-latency kernels */
     int num_sms;           /* SMs high-throughput kernels may use; 0: the default */
     int64_t timeout_ms;    /* every device and host wait; 0: EPCOMM_TIMEOUT_MS or 30000 */
+    void *comm_stream;     /* a cudaStream_t on cuda_device for the group's own work, which the caller owns and
+                              keeps alive past ep_group_destroy (e.g. one of PyTorch's pooled streams); NULL: the
+                              group creates and destroys its own. Added in 0.2: older callers' smaller size works */
 } ep_group_config_t;
 
 #define EP_GROUP_CONFIG_INIT                                                                                           \
-    { sizeof(ep_group_config_t), 0, 0, 0, 0, 0 }
+    { sizeof(ep_group_config_t), 0, 0, 0, 0, 0, NULL }
 
 /* Writes a fresh NCCL unique id (call on one rank, send it to the others). Makes no CUDA call, so a
  * process may call it before forking workers. */

@@ -43,6 +43,7 @@ struct ep_group {
     uint64_t ll_seq; /* low-latency dispatches so far: the parity picks the buffer half */
 
     cudaStream_t stream;
+    int borrowed_stream; /* config.comm_stream: the caller's, not destroyed here */
     cudaEvent_t order_event;
     /* Copy-engine transfers (one stream per peer so the engines run in parallel), created on first use. */
     cudaStream_t ce_streams[EP_MAX_NVL_RANKS];

@@ -10,6 +10,7 @@
 #include "kernels/nccl_glue.h"
 #include "log.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +26,8 @@ size_t ep_group_window_bytes(const ep_group_config_t *config) {
 static ep_status_t check_config(const ep_group_config_t *config) {
     EP_CHECK(ep_check_not_null(config, "config"));
     EP_CHECK(
-        ep_check_struct_size(config->size, sizeof(ep_group_config_t), sizeof(ep_group_config_t), "ep_group_config_t"));
+        ep_check_struct_size(config->size, offsetof(ep_group_config_t, comm_stream), sizeof(ep_group_config_t),
+                             "ep_group_config_t"));
     EP_CHECK(ep_check_range(config->num_sms, 0, 1024, "config.num_sms"));
     EP_CHECK(ep_check_range(config->timeout_ms, 0, INT64_C(1) << 40, "config.timeout_ms"));
     if (config->num_rdma_bytes != 0)
@@ -67,7 +69,8 @@ static ep_group_t group_alloc(const ep_group_config_t *config, int rank, int num
     g->device = device;
     g->comm = comm;
     g->owns_comm = comm == NULL; /* ep_group_create makes its own */
-    g->config = *config;
+    memcpy(&g->config, config, config->size); /* fields past an older caller's size stay zero */
+    g->config.size = sizeof(g->config);
     g->timeout_ms = config->timeout_ms > 0 ? config->timeout_ms : ep_env_timeout_ms();
     g->config.timeout_ms = g->timeout_ms;
     return g;
@@ -93,7 +96,7 @@ static void group_release_local(ep_group_t g) {
         cudaFreeHost(g->mapped_host);
     if (g->order_event)
         cudaEventDestroy(g->order_event);
-    if (g->stream)
+    if (g->stream && !g->borrowed_stream)
         cudaStreamDestroy(g->stream);
     free(g);
 }
@@ -189,7 +192,13 @@ static ep_status_t create_window(ep_group_t g) {
 }
 
 static ep_status_t create_local_state(ep_group_t g) {
-    EP_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
+    if (g->config.comm_stream != NULL) {
+        EP_CHECK(ep_group_check_stream(g, (cudaStream_t)g->config.comm_stream, "config.comm_stream"));
+        g->stream = (cudaStream_t)g->config.comm_stream;
+        g->borrowed_stream = 1;
+    } else {
+        EP_CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
+    }
     EP_CUDA_CHECK(cudaEventCreateWithFlags(&g->order_event, cudaEventDisableTiming));
     EP_CUDA_CHECK(
         cudaHostAlloc((void **)&g->mapped_host, sizeof(ep_mapped_t), cudaHostAllocMapped | cudaHostAllocPortable));

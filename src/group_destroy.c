@@ -71,7 +71,8 @@ static void free_local_resources(ep_group_t g) {
         cudaStreamDestroy(g->ce_streams[i]);
     for (int i = 0; g->ce_ready && i <= EP_MAX_NVL_RANKS; i++)
         cudaEventDestroy(g->ce_events[i]);
-    cudaStreamDestroy(g->stream);
+    if (!g->borrowed_stream)
+        cudaStreamDestroy(g->stream);
     free(g);
 }
 
