@@ -1,12 +1,16 @@
-/* Low-latency benchmark: for T in {1, 32, 128, 256} tokens per rank, the median and p99 of CUDA-event-timed
- * calls (after warm-up) of dispatch (FP8, one call including its receive) and combine (BF16), slowest rank
- * reported; and an NCCL grouped send/recv of the same bytes as our dispatch (each token once per destination
- * rank, FP8 row + scales). Bytes: what crosses to other ranks per rank. */
+/* Low-latency benchmark: for T in {1, 32, 128, 256} tokens per rank, dispatch (FP8, one call including its
+ * receive) and combine (BF16), beside NCCL grouped send/recv baselines: the dispatch's bytes (each token once
+ * per destination rank, FP8 row + scales) and, for combine, the same rows in bf16.
+ * Timing: each call is enqueued behind a launch gate and a device barrier, so the CUDA events measure the
+ * device time of the call with the ranks aligned and no host launch gap in front of it (the gate opens once
+ * everything is enqueued); the call's own CPU time is reported beside it. Median and p99 of 200 calls after
+ * warm-up, slowest rank. Bytes: what this rank receives from other ranks. */
 #define _DEFAULT_SOURCE
 #include "bench_ll.h"
 #include "epcomm.h"
 #include "epref.h"
 #include "fork_ranks.h"
+#include "gate.h"
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -24,9 +28,12 @@
 
 static const int token_counts[NUM_T] = {1, 32, 128, 256};
 
+enum { OP_DISPATCH, OP_COMBINE, OP_NCCL_DISPATCH, OP_NCCL_COMBINE, NUM_OPS };
+
 typedef struct {
-    double med[NUM_T][3], p99[NUM_T][3]; /* [T][dispatch, combine, nccl] in us */
-    double bytes[NUM_T];
+    double med[NUM_T][NUM_OPS], p99[NUM_T][NUM_OPS]; /* device time in us */
+    double host[NUM_T][NUM_OPS];                     /* median host time of the call itself, us */
+    double bytes[NUM_T][NUM_OPS]; /* bytes this rank receives from other ranks, per op */
     int failed;
 } ll_rank_out_t;
 
@@ -39,6 +46,25 @@ static void stats(double *t, int n, double *med, double *p99) {
     qsort(t, (size_t)n, sizeof(double), cmpd);
     *med = t[n / 2];
     *p99 = t[(n * 99) / 100];
+}
+
+static double now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
+}
+
+/* NCCL baseline: every rank sends each token once to every rank it has an expert on (per_rank[d] rows of
+ * row_bytes to d) and receives what the others send it, as grouped send/recv. */
+static ncclResult_t nccl_exchange(ncclComm_t comm, cudaStream_t s, int R, int rank, int T, size_t row_bytes,
+                                  const int32_t *per_rank, int32_t (*counts)[8], void *nsend, void *nrecv) {
+    ncclGroupStart();
+    for (int p = 0; p < R; p++) {
+        ncclSend((char *)nsend + (size_t)p * T * row_bytes, (size_t)per_rank[p] * row_bytes, ncclUint8, p, comm, s);
+        ncclRecv((char *)nrecv + (size_t)p * T * row_bytes, (size_t)counts[p][rank] * row_bytes, ncclUint8, p, comm,
+                 s);
+    }
+    return ncclGroupEnd();
 }
 
 /* The inputs of rank r at T tokens: bf16 rows and top-k routing of |randn| + 1 scores. */
@@ -80,10 +106,14 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
     cudaMalloc(&dy, (size_t)L * RT * H * 2);
     cudaMalloc(&dout, (size_t)Tmax * H * 2);
     size_t row = (size_t)H + (size_t)H / 128 * 4;
-    cudaMalloc(&nsend, (size_t)Tmax * R * row);
-    cudaMalloc(&nrecv, (size_t)Tmax * R * row);
+    cudaMalloc(&nsend, (size_t)Tmax * R * 2 * H); /* room for bf16 rows too (the combine baseline) */
+    cudaMalloc(&nrecv, (size_t)Tmax * R * 2 * H);
     cudaMemset(dy, 0x3c, (size_t)L * RT * H * 2);
-    double *t = malloc(sizeof(double) * LL_ITERS);
+    double *t = malloc(sizeof(double) * LL_ITERS), *host = malloc(sizeof(double) * LL_ITERS);
+    uint32_t *gate_host = NULL, *gate_dev = NULL, tickets = 0;
+    cudaHostAlloc((void **)&gate_host, sizeof(uint32_t), cudaHostAllocMapped);
+    *gate_host = 0;
+    cudaHostGetDevicePointer((void **)&gate_dev, gate_host, 0);
     for (int ti = 0; ti < NUM_T; ti++) {
         int T = token_counts[ti], N = T;
         /* Every rank's inputs come from (seed, rank): draw all of them, so the NCCL baseline knows what each
@@ -101,7 +131,14 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         double remote = 0;
         for (int d = 0; d < R; d++)
             remote += d == rank ? 0 : per_rank[d];
-        out->bytes[ti] = remote * (double)row;
+        /* Our combine returns one bf16 row per (token, k) whose expert lives elsewhere; the NCCL combine
+         * baseline returns one bf16 row per (token, rank), i.e. the dispatch's rows in bf16. */
+        double remote_pairs = 0;
+        for (int i = 0; i < N * K; i++)
+            remote_pairs += idx[i] >= 0 && idx[i] / L != rank;
+        out->bytes[ti][OP_DISPATCH] = out->bytes[ti][OP_NCCL_DISPATCH] = remote * (double)row;
+        out->bytes[ti][OP_COMBINE] = remote_pairs * 2.0 * H;
+        out->bytes[ti][OP_NCCL_COMBINE] = remote * 2.0 * H;
         cudaMemcpy(dx, x, (size_t)N * H * 2, cudaMemcpyHostToDevice);
         cudaMemcpy(didx, idx, (size_t)N * K * 8, cudaMemcpyHostToDevice);
         cudaMemcpy(dw, w, (size_t)N * K * 4, cudaMemcpyHostToDevice);
@@ -127,30 +164,30 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
             fprintf(stderr, "rank %d: clean: %s\n", rank, ep_last_error());
             out->failed = 1;
         }
-        for (int op = 0; op < 3; op++) {
+        for (int op = 0; op < NUM_OPS; op++) {
             for (int i = 0; i < LL_WARMUP + LL_ITERS; i++) {
                 ep_ll_handle_t h = NULL;
                 int bad = 0;
-                if (op == 1)
+                if (op == OP_COMBINE)
                     bad |= ep_low_latency_dispatch(g, &da, &h, &l) != EP_SUCCESS; /* untimed: combine needs one */
+                /* Hold the stream, align the ranks, then run the timed op with no host gap in front of it. */
+                const uint32_t ticket = ++tickets;
+                bad |= bench_gate_launch(gate_dev, ticket, s) != cudaSuccess;
+                bad |= ep_group_barrier(g, s) != EP_SUCCESS;
                 cudaEventRecord(e0, s);
-                if (op == 0)
+                const double h0 = now_us();
+                if (op == OP_DISPATCH)
                     bad |= ep_low_latency_dispatch(g, &da, &h, &l) != EP_SUCCESS;
-                else if (op == 1)
+                else if (op == OP_COMBINE)
                     bad |= ep_low_latency_combine(g, &ca, h, &l) != EP_SUCCESS;
-                else {
-                    ncclGroupStart();
-                    for (int p = 0; p < R; p++) {
-                        size_t b = (size_t)per_rank[p] * row;
-                        ncclSend((char *)nsend + (size_t)p * T * row, b, ncclUint8, p, comm, s);
-                        ncclRecv((char *)nrecv + (size_t)p * T * row, (size_t)counts[p][rank] * row, ncclUint8, p, comm,
-                                 s);
-                    }
-                    bad |= ncclGroupEnd() != ncclSuccess;
-                }
+                else
+                    bad |= nccl_exchange(comm, s, R, rank, T, op == OP_NCCL_DISPATCH ? row : 2 * (size_t)H, per_rank,
+                                         counts, nsend, nrecv) != ncclSuccess;
+                const double h1 = now_us();
                 cudaEventRecord(e1, s);
-                if (op == 0) /* keep dispatch/combine alternating so buffer halves stay in step */
+                if (op == OP_DISPATCH) /* keep dispatch/combine alternating so buffer halves stay in step */
                     bad |= ep_low_latency_combine(g, &ca, h, &l) != EP_SUCCESS;
+                __atomic_store_n(gate_host, ticket, __ATOMIC_SEQ_CST);
                 cudaEventSynchronize(e1);
                 ep_ll_handle_destroy(h);
                 float ms = 0;
@@ -160,11 +197,15 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
                     out->failed = 1;
                     break;
                 }
-                if (i >= LL_WARMUP)
+                if (i >= LL_WARMUP) {
                     t[i - LL_WARMUP] = ms * 1e3;
+                    host[i - LL_WARMUP] = h1 - h0;
+                }
                 cudaStreamSynchronize(s);
             }
             stats(t, LL_ITERS, &out->med[ti][op], &out->p99[ti][op]);
+            double unused;
+            stats(host, LL_ITERS, &out->host[ti][op], &unused);
         }
         free(x), free(idx), free(w);
     }
@@ -172,7 +213,8 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         out->failed = 1;
     ncclCommDestroy(comm);
     ep_group_destroy(g);
-    free(t);
+    cudaFreeHost(gate_host);
+    free(t), free(host);
     return out->failed;
 }
 
@@ -199,25 +241,29 @@ int bench_ll_run(const bench_ll_args_t *a) {
     ll_fork_ctx_t fc = {a, &id, &nid, sh};
     int failed = bench_fork_ranks(a->ranks, ll_rank_main, &fc);
     if (!failed) {
-        static const char *ops[3] = {"ll_dispatch", "ll_combine", "nccl_dispatch"};
+        static const char *ops[NUM_OPS] = {"ll_dispatch", "ll_combine", "nccl_dispatch", "nccl_combine"};
         FILE *js = a->jsonl ? fopen(a->jsonl, "a") : NULL;
         char date[32];
         time_t now = time(NULL);
         strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-        printf("\nlow-latency, EP%d, H=%d, top-%d of %d experts, FP8 dispatch, BF16 combine (per call: slowest "
-               "rank's median and p99 of %d)\n",
+        printf("\nlow-latency, EP%d, H=%d, top-%d of %d experts, FP8 dispatch, BF16 combine (device time per call, "
+               "ranks aligned by a device barrier and no host gap before the call: slowest rank's median and p99 of "
+               "%d; host us: the call's own CPU time, median)\n",
                a->ranks, a->hidden, a->topk, a->experts, LL_ITERS);
-        printf("| %-13s | %6s | %9s | %9s | %12s |\n", "op", "tokens", "median us", "p99 us", "remote MB");
-        printf("|---------------|--------|-----------|-----------|--------------|\n");
+        printf("| %-13s | %6s | %9s | %9s | %7s | %12s |\n", "op", "tokens", "median us", "p99 us", "host us",
+               "remote MB");
+        printf("|---------------|--------|-----------|-----------|---------|--------------|\n");
         for (int ti = 0; ti < NUM_T; ti++)
-            for (int op = 0; op < 3; op++) {
-                double med = 0, p99 = 0, bytes = 0;
+            for (int op = 0; op < NUM_OPS; op++) {
+                double med = 0, p99 = 0, host = 0, bytes = 0;
                 for (int r = 0; r < a->ranks; r++) {
                     med = sh[r].med[ti][op] > med ? sh[r].med[ti][op] : med;
                     p99 = sh[r].p99[ti][op] > p99 ? sh[r].p99[ti][op] : p99;
-                    bytes += sh[r].bytes[ti] / a->ranks;
+                    host = sh[r].host[ti][op] > host ? sh[r].host[ti][op] : host;
+                    bytes += sh[r].bytes[ti][op] / a->ranks;
                 }
-                printf("| %-13s | %6d | %9.1f | %9.1f | %12.2f |\n", ops[op], token_counts[ti], med, p99, bytes / 1e6);
+                printf("| %-13s | %6d | %9.1f | %9.1f | %7.1f | %12.2f |\n", ops[op], token_counts[ti], med, p99, host,
+                       bytes / 1e6);
                 if (js)
                     fprintf(
                         js,
@@ -226,7 +272,8 @@ int bench_ll_run(const bench_ll_args_t *a) {
                         "\"experts\": %d, \"dtype\": \"%s\", \"sms\": 0, \"time_us\": %.2f, \"p99_us\": %.2f, "
                         "\"link_gbps\": %.2f, \"correct\": null}\n",
                         date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", ops[op], a->ranks,
-                        token_counts[ti], a->hidden, a->topk, a->experts, op == 1 ? "bf16" : "fp8", med, p99,
+                        token_counts[ti], a->hidden, a->topk, a->experts,
+                        op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16" : "fp8", med, p99,
                         bytes / med / 1e3);
             }
         if (js)
