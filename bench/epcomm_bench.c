@@ -2,12 +2,12 @@
  * offers so far; it always runs the MoE round trip on the CPU reference and checks it.
  *
  *   epcomm-bench [--gpus G] [--quick] [--jsonl FILE] [--machine NAME] [--commit SHA] [--cpu-only]
- *                [--ranks R] [--tokens N] [--hidden H] [--topk K] [--experts E] [--seed S]
+ *                [--only ht|ll] [--ranks R] [--tokens N] [--hidden H] [--topk K] [--experts E] [--seed S]
  * --gpus: GPUs to use (default: all); --ranks etc.: the CPU reference's simulated group. */
 
 typedef struct {
     int gpus, quick, cpu_only;
-    const char *jsonl, *machine, *commit;
+    const char *jsonl, *machine, *commit, *only;
 } gpu_opts_t;
 #include "bench_ht.h"
 #include "bench_ll.h"
@@ -31,6 +31,13 @@ static int parse_args(int argc, char **argv, demo_args_t *a, gpu_opts_t *o) {
         }
         if (strcmp(k, "--gpus") == 0)
             o->gpus = atoi(v);
+        else if (strcmp(k, "--only") == 0) {
+            if (strcmp(v, "ht") != 0 && strcmp(v, "ll") != 0) {
+                fprintf(stderr, "--only: expected ht or ll, got %s\n", v);
+                return 1;
+            }
+            o->only = v;
+        }
         else if (strcmp(k, "--jsonl") == 0)
             o->jsonl = v;
         else if (strcmp(k, "--machine") == 0)
@@ -66,7 +73,7 @@ static int parse_args(int argc, char **argv, demo_args_t *a, gpu_opts_t *o) {
 
 int main(int argc, char **argv) {
     demo_args_t a = {4, 512, 7168, 8, 256, 1};
-    gpu_opts_t o = {0, 0, 0, NULL, NULL, NULL};
+    gpu_opts_t o = {0, 0, 0, NULL, NULL, NULL, NULL};
     if (parse_args(argc, argv, &a, &o))
         return 2;
     int failed = 0;
@@ -88,9 +95,11 @@ int main(int argc, char **argv) {
                gpus);
         failed |= demo_gpu_group(gpus);
         bench_ht_args_t b = {gpus, a.hidden, a.topk, a.experts, o.quick, o.jsonl, o.machine, o.commit};
-        failed |= bench_ht_run(&b);
+        if (o.only == NULL || strcmp(o.only, "ht") == 0)
+            failed |= bench_ht_run(&b);
         bench_ll_args_t ll = {gpus, a.hidden, a.topk, a.experts, o.jsonl, o.machine, o.commit};
-        failed |= bench_ll_run(&ll);
+        if (o.only == NULL || strcmp(o.only, "ll") == 0)
+            failed |= bench_ll_run(&ll);
     }
     failed |= demo_ref_round_trip(&a);
     printf("epcomm-bench: %s\n", failed ? "FAILED" : "all checks passed");

@@ -126,7 +126,8 @@ EP_API ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_dev
                                              ep_group_t *group);
 
 /* Releases everything the group holds. Collective when the group is healthy. Returns EP_ERROR_IN_PROGRESS
- * (and destroys nothing) while work is in flight on the group's stream. A group whose peer failed is torn
+ * (and destroys nothing) while work is in flight on the group's stream; low-latency work that ran on the
+ * caller's stream must be finished first (ep_group_synchronize with that stream). A group whose peer failed is torn
  * down locally (its communicator aborted) so that destroy never hangs. NULL is a no-op. */
 EP_API ep_status_t ep_group_destroy(ep_group_t group);
 
@@ -152,14 +153,15 @@ EP_API ep_status_t ep_group_get_async_error(ep_group_t group);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Ordering (DeepEP's previous_event / async_finish). Operations run on the group's stream, after the
- * caller's stream (or previous_event).
+ * caller's stream (or previous_event). Low-latency operations without previous_event and async_finish run
+ * on the caller's stream itself, which is the same order at a lower cost.
  * ------------------------------------------------------------------------------------------------------- */
 typedef struct {
     size_t size;          /* sizeof(ep_launch_t) */
     void *stream;         /* the caller's cudaStream_t; NULL: the legacy default stream */
     void *previous_event; /* a cudaEvent_t: when set, the op waits for it instead of for `stream` */
     int async_finish;     /* 0: `stream` waits for the op; 1: it does not (wait on finish_event instead) */
-    void *finish_event;   /* a cudaEvent_t of the caller's: when set, recorded on the group's stream after the op */
+    void *finish_event;   /* a cudaEvent_t of the caller's: when set, recorded after the op on the stream it ran on */
 } ep_launch_t;
 
 #define EP_LAUNCH_INIT                                                                                                 \

@@ -28,7 +28,17 @@ int ep_launch_is_capturing(const ep_launch_frame_t *frame) {
     return status == cudaStreamCaptureStatusActive;
 }
 
+ep_status_t ep_launch_begin_direct(ep_group_t g, ep_launch_frame_t *frame) {
+    if (frame->opts.previous_event != NULL || frame->opts.async_finish)
+        return ep_launch_begin(g, frame);
+    EP_CHECK(ep_device_enter(g->device, &frame->previous_device));
+    cudaGetLastError(); /* a stale error of the caller's must not be taken for our launches' */
+    frame->stream = (cudaStream_t)frame->opts.stream;
+    return EP_SUCCESS;
+}
+
 ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame) {
+    frame->stream = g->stream;
     EP_CHECK(ep_device_enter(g->device, &frame->previous_device));
     cudaGetLastError(); /* a stale error of the caller's must not be taken for our launches' */
     ep_status_t st = EP_SUCCESS;
@@ -46,12 +56,12 @@ ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame) {
 
 ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t status) {
     if (status == EP_SUCCESS && frame->opts.finish_event != NULL) {
-        cudaError_t err = cudaEventRecord((cudaEvent_t)frame->opts.finish_event, g->stream);
+        cudaError_t err = cudaEventRecord((cudaEvent_t)frame->opts.finish_event, frame->stream);
         if (err != cudaSuccess)
             status = ep_cuda_fail(err, "cudaEventRecord(finish_event)", __FILE__, __LINE__);
     }
     if (status == EP_SUCCESS && !frame->opts.async_finish)
-        status = ep_group_order(g, g->stream, (cudaStream_t)frame->opts.stream);
+        status = ep_group_order(g, frame->stream, (cudaStream_t)frame->opts.stream); /* nothing if direct */
     ep_device_restore(frame->previous_device);
     return status;
 }

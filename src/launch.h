@@ -6,7 +6,8 @@
 #include "group.h"
 
 typedef struct {
-    ep_launch_t opts; /* the caller's options, defaults filled in */
+    ep_launch_t opts;    /* the caller's options, defaults filled in */
+    cudaStream_t stream; /* where the op's kernels go: the group's stream, or the caller's (direct) */
     int previous_device;
 } ep_launch_frame_t;
 
@@ -16,6 +17,10 @@ ep_status_t ep_launch_check(ep_group_t g, const ep_launch_t *launch, ep_launch_f
 int ep_launch_is_capturing(const ep_launch_frame_t *frame);
 /* Enters the group's device and orders the group's stream after the caller's stream / previous_event. */
 ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame);
+/* Like ep_launch_begin, but when nothing asks for the group's stream (no previous_event, no async_finish) the
+ * op runs on the caller's stream itself, with no cross-stream ordering (low-latency ops: every event record
+ * and stream wait costs host and device time). */
+ep_status_t ep_launch_begin_direct(ep_group_t g, ep_launch_frame_t *frame);
 /* Orders the caller's stream after the op (unless async_finish), records finish_event, restores the device.
  * `status` is the op's status so far: on failure the device is restored and the status returned. */
 ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t status);

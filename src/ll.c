@@ -78,8 +78,8 @@ static ep_status_t run(ep_group_t g, const ep_launch_t *launch,
                        const char *what) {
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(g, launch, &frame));
-    EP_CHECK(ep_launch_begin(g, &frame));
-    cudaError_t err = fn(&g->dev, kargs, g->stream);
+    EP_CHECK(ep_launch_begin_direct(g, &frame));
+    cudaError_t err = fn(&g->dev, kargs, frame.stream);
     ep_status_t st = err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, what, __FILE__, __LINE__);
     return ep_launch_end(g, &frame, st);
 }

@@ -5,7 +5,7 @@
 #   tools/gpu-check.sh [--quick]
 # Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine), EPCOMM_PY_WORLDS ("2,4"),
 # EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
-# EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_DEADLINE_S (seconds in all).
+# EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_BENCH_ARGS (e.g. "--only ll"), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_DEADLINE_S (seconds in all).
 # Order: build, host tests, GPU tests, benchmarks, Python binding.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -94,7 +94,7 @@ for R in ${EPCOMM_BENCH_RANKS:-$RANKS}; do
   (( NGPU < R )) && continue
   log="$LOGS/bench-r$R.log"
   timeout "$(left 600)" "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
-    --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 > "$log" 2>&1
+    --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 ${EPCOMM_BENCH_ARGS:-} > "$log" 2>&1
   rc=$?
   [[ $rc -ne 0 ]] && status=1
   row "epcomm-bench (main job) R=$R" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
