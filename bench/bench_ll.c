@@ -28,12 +28,49 @@
 
 static const int token_counts[NUM_T] = {1, 32, 128, 256};
 
-enum { OP_DISPATCH, OP_COMBINE, OP_NCCL_DISPATCH, OP_NCCL_COMBINE, NUM_OPS };
+/* The ops timed. After the four headline ones, a breakdown: each half of a hooked dispatch and combine
+ * (the send alone; the receive alone once the sends are done) and the floor of the timing itself (an empty
+ * kernel between the two events). */
+enum {
+    OP_DISPATCH,
+    OP_COMBINE,
+    OP_NCCL_DISPATCH,
+    OP_NCCL_COMBINE,
+    OP_DISPATCH_SEND,
+    OP_DISPATCH_RECV,
+    OP_COMBINE_SEND,
+    OP_COMBINE_RECV,
+    OP_FLOOR,
+    NUM_OPS
+};
+static const char *op_names[NUM_OPS] = {"ll_dispatch",     "ll_combine",       "nccl_dispatch",
+                                        "nccl_combine",    "ll_dispatch_send", "ll_dispatch_recv",
+                                        "ll_combine_send", "ll_combine_recv",  "timing_floor"};
+
+typedef struct {
+    ep_group_t g;
+    const ep_low_latency_dispatch_args_t *dispatch, *dispatch_hooked;
+    const ep_low_latency_combine_args_t *combine, *combine_hooked;
+    const ep_launch_t *launch;
+} ll_calls_t;
+
+typedef struct {
+    ncclComm_t comm;
+    cudaStream_t s;
+    int R, rank, T;
+    size_t fp8_row, bf16_row;
+    const int32_t *per_rank;
+    int32_t (*counts)[8];
+    void *nsend, *nrecv;
+    const uint32_t *gate_dev;
+} nccl_ctx_t;
+
+enum { PHASE_BEFORE, PHASE_TIMED, PHASE_AFTER };
 
 typedef struct {
     double med[NUM_T][NUM_OPS], p99[NUM_T][NUM_OPS]; /* device time in us */
     double host[NUM_T][NUM_OPS];                     /* median host time of the call itself, us */
-    double bytes[NUM_T][NUM_OPS]; /* bytes this rank receives from other ranks, per op */
+    double bytes[NUM_T][NUM_OPS];                    /* bytes this rank receives from other ranks, per op */
     int failed;
 } ll_rank_out_t;
 
@@ -61,10 +98,74 @@ static ncclResult_t nccl_exchange(ncclComm_t comm, cudaStream_t s, int R, int ra
     ncclGroupStart();
     for (int p = 0; p < R; p++) {
         ncclSend((char *)nsend + (size_t)p * T * row_bytes, (size_t)per_rank[p] * row_bytes, ncclUint8, p, comm, s);
-        ncclRecv((char *)nrecv + (size_t)p * T * row_bytes, (size_t)counts[p][rank] * row_bytes, ncclUint8, p, comm,
-                 s);
+        ncclRecv((char *)nrecv + (size_t)p * T * row_bytes, (size_t)counts[p][rank] * row_bytes, ncclUint8, p, comm, s);
     }
     return ncclGroupEnd();
+}
+
+/* One op in three phases: what must run before it (untimed), the op, and what keeps the buffer halves in
+ * step after it (every dispatch is followed by its combine). */
+static int run_phase(int op, int phase, const ll_calls_t *c, const nccl_ctx_t *n, ep_ll_handle_t *h) {
+    ep_group_t g = c->g;
+    const ep_launch_t *l = c->launch;
+    int bad = 0;
+#define OK(call) (bad |= (call) != EP_SUCCESS)
+    switch (op) {
+    case OP_DISPATCH:
+        if (phase == PHASE_TIMED)
+            OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
+        else if (phase == PHASE_AFTER)
+            OK(ep_low_latency_combine(g, c->combine, *h, l));
+        break;
+    case OP_COMBINE:
+        if (phase == PHASE_BEFORE)
+            OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
+        else if (phase == PHASE_TIMED)
+            OK(ep_low_latency_combine(g, c->combine, *h, l));
+        break;
+    case OP_DISPATCH_SEND:
+        if (phase == PHASE_TIMED)
+            OK(ep_low_latency_dispatch(g, c->dispatch_hooked, h, l));
+        else if (phase == PHASE_AFTER) {
+            OK(ep_low_latency_dispatch_hook(g, *h, l));
+            OK(ep_low_latency_combine(g, c->combine, *h, l));
+        }
+        break;
+    case OP_DISPATCH_RECV:
+        if (phase == PHASE_BEFORE)
+            OK(ep_low_latency_dispatch(g, c->dispatch_hooked, h, l));
+        else if (phase == PHASE_TIMED)
+            OK(ep_low_latency_dispatch_hook(g, *h, l));
+        else
+            OK(ep_low_latency_combine(g, c->combine, *h, l));
+        break;
+    case OP_COMBINE_SEND:
+        if (phase == PHASE_BEFORE)
+            OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
+        else if (phase == PHASE_TIMED)
+            OK(ep_low_latency_combine(g, c->combine_hooked, *h, l));
+        else
+            OK(ep_low_latency_combine_hook(g, *h, l));
+        break;
+    case OP_COMBINE_RECV:
+        if (phase == PHASE_BEFORE) {
+            OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
+            OK(ep_low_latency_combine(g, c->combine_hooked, *h, l));
+        } else if (phase == PHASE_TIMED)
+            OK(ep_low_latency_combine_hook(g, *h, l));
+        break;
+    case OP_FLOOR:
+        if (phase == PHASE_TIMED)
+            bad |= bench_gate_launch(n->gate_dev, 0, n->s) != cudaSuccess; /* an open gate: an empty kernel */
+        break;
+    default: /* the NCCL baselines */
+        if (phase == PHASE_TIMED)
+            bad |= nccl_exchange(n->comm, n->s, n->R, n->rank, n->T, op == OP_NCCL_DISPATCH ? n->fp8_row : n->bf16_row,
+                                 n->per_rank, n->counts, n->nsend, n->nrecv) != ncclSuccess;
+        break;
+    }
+#undef OK
+    return bad;
 }
 
 /* The inputs of rank r at T tokens: bf16 rows and top-k routing of |randn| + 1 scores. */
@@ -139,6 +240,8 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         out->bytes[ti][OP_DISPATCH] = out->bytes[ti][OP_NCCL_DISPATCH] = remote * (double)row;
         out->bytes[ti][OP_COMBINE] = remote_pairs * 2.0 * H;
         out->bytes[ti][OP_NCCL_COMBINE] = remote * 2.0 * H;
+        out->bytes[ti][OP_DISPATCH_SEND] = out->bytes[ti][OP_DISPATCH_RECV] = out->bytes[ti][OP_DISPATCH];
+        out->bytes[ti][OP_COMBINE_SEND] = out->bytes[ti][OP_COMBINE_RECV] = out->bytes[ti][OP_COMBINE];
         cudaMemcpy(dx, x, (size_t)N * H * 2, cudaMemcpyHostToDevice);
         cudaMemcpy(didx, idx, (size_t)N * K * 8, cudaMemcpyHostToDevice);
         cudaMemcpy(dw, w, (size_t)N * K * 4, cudaMemcpyHostToDevice);
@@ -164,29 +267,26 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
             fprintf(stderr, "rank %d: clean: %s\n", rank, ep_last_error());
             out->failed = 1;
         }
+        ep_low_latency_dispatch_args_t dh = da; /* the same dispatch, split by its hook */
+        dh.return_recv_hook = 1;
+        ep_low_latency_combine_args_t ch = ca;
+        ch.return_recv_hook = 1;
+        const ll_calls_t calls = {g, &da, &dh, &ca, &ch, &l};
+        const nccl_ctx_t nc = {comm, s, R, rank, T, row, 2 * (size_t)H, per_rank, counts, nsend, nrecv, gate_dev};
         for (int op = 0; op < NUM_OPS; op++) {
             for (int i = 0; i < LL_WARMUP + LL_ITERS; i++) {
                 ep_ll_handle_t h = NULL;
-                int bad = 0;
-                if (op == OP_COMBINE)
-                    bad |= ep_low_latency_dispatch(g, &da, &h, &l) != EP_SUCCESS; /* untimed: combine needs one */
+                int bad = run_phase(op, PHASE_BEFORE, &calls, &nc, &h);
                 /* Hold the stream, align the ranks, then run the timed op with no host gap in front of it. */
                 const uint32_t ticket = ++tickets;
                 bad |= bench_gate_launch(gate_dev, ticket, s) != cudaSuccess;
                 bad |= ep_group_barrier(g, s) != EP_SUCCESS;
                 cudaEventRecord(e0, s);
                 const double h0 = now_us();
-                if (op == OP_DISPATCH)
-                    bad |= ep_low_latency_dispatch(g, &da, &h, &l) != EP_SUCCESS;
-                else if (op == OP_COMBINE)
-                    bad |= ep_low_latency_combine(g, &ca, h, &l) != EP_SUCCESS;
-                else
-                    bad |= nccl_exchange(comm, s, R, rank, T, op == OP_NCCL_DISPATCH ? row : 2 * (size_t)H, per_rank,
-                                         counts, nsend, nrecv) != ncclSuccess;
+                bad |= run_phase(op, PHASE_TIMED, &calls, &nc, &h);
                 const double h1 = now_us();
                 cudaEventRecord(e1, s);
-                if (op == OP_DISPATCH) /* keep dispatch/combine alternating so buffer halves stay in step */
-                    bad |= ep_low_latency_combine(g, &ca, h, &l) != EP_SUCCESS;
+                bad |= run_phase(op, PHASE_AFTER, &calls, &nc, &h);
                 __atomic_store_n(gate_host, ticket, __ATOMIC_SEQ_CST);
                 cudaEventSynchronize(e1);
                 ep_ll_handle_destroy(h);
@@ -241,7 +341,6 @@ int bench_ll_run(const bench_ll_args_t *a) {
     ll_fork_ctx_t fc = {a, &id, &nid, sh};
     int failed = bench_fork_ranks(a->ranks, ll_rank_main, &fc);
     if (!failed) {
-        static const char *ops[NUM_OPS] = {"ll_dispatch", "ll_combine", "nccl_dispatch", "nccl_combine"};
         FILE *js = a->jsonl ? fopen(a->jsonl, "a") : NULL;
         char date[32];
         time_t now = time(NULL);
@@ -250,9 +349,9 @@ int bench_ll_run(const bench_ll_args_t *a) {
                "ranks aligned by a device barrier and no host gap before the call: slowest rank's median and p99 of "
                "%d; host us: the call's own CPU time, median)\n",
                a->ranks, a->hidden, a->topk, a->experts, LL_ITERS);
-        printf("| %-13s | %6s | %9s | %9s | %7s | %12s |\n", "op", "tokens", "median us", "p99 us", "host us",
+        printf("| %-16s | %6s | %9s | %9s | %7s | %12s |\n", "op", "tokens", "median us", "p99 us", "host us",
                "remote MB");
-        printf("|---------------|--------|-----------|-----------|---------|--------------|\n");
+        printf("|------------------|--------|-----------|-----------|---------|--------------|\n");
         for (int ti = 0; ti < NUM_T; ti++)
             for (int op = 0; op < NUM_OPS; op++) {
                 double med = 0, p99 = 0, host = 0, bytes = 0;
@@ -262,8 +361,8 @@ int bench_ll_run(const bench_ll_args_t *a) {
                     host = sh[r].host[ti][op] > host ? sh[r].host[ti][op] : host;
                     bytes += sh[r].bytes[ti][op] / a->ranks;
                 }
-                printf("| %-13s | %6d | %9.1f | %9.1f | %7.1f | %12.2f |\n", ops[op], token_counts[ti], med, p99, host,
-                       bytes / 1e6);
+                printf("| %-16s | %6d | %9.1f | %9.1f | %7.1f | %12.2f |\n", op_names[op], token_counts[ti], med, p99,
+                       host, bytes / 1e6);
                 if (js)
                     fprintf(
                         js,
@@ -271,10 +370,9 @@ int bench_ll_run(const bench_ll_args_t *a) {
                         "\"mode\": \"ll\", \"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, "
                         "\"experts\": %d, \"dtype\": \"%s\", \"sms\": 0, \"time_us\": %.2f, \"p99_us\": %.2f, "
                         "\"link_gbps\": %.2f, \"correct\": null}\n",
-                        date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", ops[op], a->ranks,
-                        token_counts[ti], a->hidden, a->topk, a->experts,
-                        op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16" : "fp8", med, p99,
-                        bytes / med / 1e3);
+                        date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", op_names[op],
+                        a->ranks, token_counts[ti], a->hidden, a->topk, a->experts,
+                        op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16" : "fp8", med, p99, bytes / med / 1e3);
             }
         if (js)
             fclose(js);

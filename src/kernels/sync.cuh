@@ -17,6 +17,12 @@ __device__ __forceinline__ void ep_store_release_sys(uint64_t *p, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+/* A plain (relaxed) system-scope store: for flags raised right after a __threadfence_system(), which already
+ * orders everything before them (one fence instead of one per release store). */
+__device__ __forceinline__ void ep_store_relaxed_sys(uint64_t *p, uint64_t v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ uint64_t ep_load_acquire_sys(const uint64_t *p) {
     uint64_t v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -88,7 +94,7 @@ __device__ __forceinline__ void ep_last_block_signal(const ep_dev_group_t &g, ui
     *epoch_word = epoch;
     __threadfence_system();
     for (int d = 0; d < g.num_ranks; d++)
-        ep_store_release_sys((uint64_t *)(g.window[d] + flags_offset) + parity * g.num_ranks + g.rank, flag_value);
+        ep_store_relaxed_sys((uint64_t *)(g.window[d] + flags_offset) + parity * g.num_ranks + g.rank, flag_value);
 }
 
 /* A cross-rank barrier run by one CTA (threads 0..R-1 talk to rank p = threadIdx.x), by epochs: each rank
