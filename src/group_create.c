@@ -25,9 +25,8 @@ size_t ep_group_window_bytes(const ep_group_config_t *config) {
 
 static ep_status_t check_config(const ep_group_config_t *config) {
     EP_CHECK(ep_check_not_null(config, "config"));
-    EP_CHECK(
-        ep_check_struct_size(config->size, offsetof(ep_group_config_t, comm_stream), sizeof(ep_group_config_t),
-                             "ep_group_config_t"));
+    EP_CHECK(ep_check_struct_size(config->size, offsetof(ep_group_config_t, comm_stream), sizeof(ep_group_config_t),
+                                  "ep_group_config_t"));
     EP_CHECK(ep_check_range(config->num_sms, 0, 1024, "config.num_sms"));
     EP_CHECK(ep_check_range(config->timeout_ms, 0, INT64_C(1) << 40, "config.timeout_ms"));
     if (config->num_rdma_bytes != 0)
@@ -68,7 +67,7 @@ static ep_group_t group_alloc(const ep_group_config_t *config, int rank, int num
     g->num_ranks = num_ranks;
     g->device = device;
     g->comm = comm;
-    g->owns_comm = comm == NULL; /* ep_group_create makes its own */
+    g->owns_comm = comm == NULL;              /* ep_group_create makes its own */
     memcpy(&g->config, config, config->size); /* fields past an older caller's size stay zero */
     g->config.size = sizeof(g->config);
     g->timeout_ms = config->timeout_ms > 0 ? config->timeout_ms : ep_env_timeout_ms();

@@ -4,6 +4,7 @@
  * (the hook): one block per token waits for every rank's flag, then sums w[t, k] * row[t, k] with fmaf in k
  * order (a duplicated expert reads the row of its first k) and rounds once to bf16. */
 #include "bf16.cuh"
+#include "copy.cuh"
 #include "ll_kernels.h"
 #include "ll_layout.h"
 #include "sync.cuh"
@@ -16,7 +17,7 @@ __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, in
 }
 
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
-    ll_combine_send_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
+    ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     __shared__ int64_t ranges[EP_MAX_NVL_RANKS];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
     const int l = blockIdx.x % L, part = blockIdx.x / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -38,8 +39,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
         int t = packed >> 5, k = packed & 31;
         const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
         uint4 *dst = (uint4 *)(ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * row_bytes);
-        for (int64_t q = lane; q < row_bytes / 16; q += 32)
-            dst[q] = src[q];
+        ep_warp_copy16(dst, src, row_bytes / 16, lane);
     }
     __syncthreads();
     if (tid == 0)
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
 }
 
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
-    ll_combine_recv_kernel(ep_dev_group_t g, ep_ll_combine_kargs_t a) {
+    ll_combine_recv_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     __shared__ int first_k[EP_LL_MAX_TOPK];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, t = blockIdx.x;
     const int tid = threadIdx.x;

@@ -4,6 +4,7 @@
  * finish raises a flag at every rank carrying (epoch, tokens sent). Receive (the hook): one block per local
  * expert waits for every source's flag, then walks the sources in rank order and their slots in token order,
  * packing the slots that name this expert into its rows: deterministic, and no atomics decide an order. */
+#include "copy.cuh"
 #include "ll_kernels.h"
 #include "ll_layout.h"
 #include "sync.cuh"
@@ -11,6 +12,7 @@
 #include <cuda_fp8.h>
 
 #define LL_SEND_THREADS 256
+#define LL_SEND_UNROLL  4
 #define LL_RECV_THREADS 512
 
 __device__ __forceinline__ char *ll_half(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
@@ -28,9 +30,9 @@ __device__ __forceinline__ int ceil_log2_bits(float s) {
     return (b & 0x7fffff) ? e + 1 : e;
 }
 
-/* One warp casts one 128-channel group: each lane holds 4 channels. Returns the 4 e4m3 bytes packed. */
-__device__ __forceinline__ uint32_t cast_group(const uint16_t *src, int lane, int round_scale, float *scale_inv) {
-    uint2 raw = *(const uint2 *)(src + lane * 4);
+/* One warp casts one 128-channel group: each lane holds 4 channels (`raw`, 4 bf16). Returns the 4 e4m3 bytes
+ * packed. */
+__device__ __forceinline__ uint32_t cast_group(uint2 raw, int round_scale, float *scale_inv) {
     float f[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u), __uint_as_float(raw.y << 16),
                   __uint_as_float(raw.y & 0xffff0000u)};
     float amax = 0.0f;
@@ -64,7 +66,9 @@ __device__ __forceinline__ uint32_t cast_group(const uint16_t *src, int lane, in
     return packed;
 }
 
-__global__ void __launch_bounds__(LL_SEND_THREADS) ll_dispatch_send_kernel(ep_dev_group_t g, ep_ll_dispatch_kargs_t a) {
+__global__ void __launch_bounds__(LL_SEND_THREADS)
+    ll_dispatch_send_kernel(const __grid_constant__ ep_dev_group_t g,
+                            const __grid_constant__ ep_ll_dispatch_kargs_t a) {
     __shared__ int16_t ids[EP_MAX_NVL_RANKS][EP_LL_MAX_TOPK];
     __shared__ unsigned dest_mask;
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
@@ -93,26 +97,50 @@ __global__ void __launch_bounds__(LL_SEND_THREADS) ll_dispatch_send_kernel(ep_de
         const unsigned mask = dest_mask;
         const uint16_t *row = a.x + (int64_t)t * a.x_stride;
         if (!a.use_fp8) {
+            /* bf16 as is: every chunk of the row goes to each destination, several loads in flight. */
             const int64_t chunks = (int64_t)a.hidden * 2 / 16;
-            for (int64_t c = tid; c < chunks; c += LL_SEND_THREADS) {
-                uint4 v = ((const uint4 *)row)[c];
-                for (int d = 0; d < R; d++)
-                    if (mask >> d & 1)
-                        ((uint4 *)(ll_half(g, d, p, a.half_bytes) + lay.dispatch_off +
-                                   ((uint64_t)me * a.max_tokens + t) * lay.slot_bytes + lay.data_off))[c] = v;
-            }
-        } else {
-            for (int grp = warp; grp < a.hidden / 128; grp += LL_SEND_THREADS / 32) {
-                float s_inv;
-                uint32_t q = cast_group(row + grp * 128, lane, a.round_scale, &s_inv);
+            for (int64_t c0 = tid; c0 < chunks; c0 += LL_SEND_THREADS * LL_SEND_UNROLL) {
+                uint4 v[LL_SEND_UNROLL];
+#pragma unroll
+                for (int u = 0; u < LL_SEND_UNROLL; u++)
+                    if (c0 + u * LL_SEND_THREADS < chunks)
+                        v[u] = ((const uint4 *)row)[c0 + u * LL_SEND_THREADS];
                 for (int d = 0; d < R; d++) {
                     if (!(mask >> d & 1))
                         continue;
-                    char *slot = ll_half(g, d, p, a.half_bytes) + lay.dispatch_off +
-                                 ((uint64_t)me * a.max_tokens + t) * lay.slot_bytes;
-                    ((uint32_t *)(slot + lay.data_off + grp * 128))[lane] = q;
-                    if (lane == 0)
-                        ((float *)(slot + lay.scales_off))[grp] = s_inv;
+                    uint4 *dst = (uint4 *)(ll_half(g, d, p, a.half_bytes) + lay.dispatch_off +
+                                           ((uint64_t)me * a.max_tokens + t) * lay.slot_bytes + lay.data_off);
+#pragma unroll
+                    for (int u = 0; u < LL_SEND_UNROLL; u++)
+                        if (c0 + u * LL_SEND_THREADS < chunks)
+                            dst[c0 + u * LL_SEND_THREADS] = v[u];
+                }
+            }
+        } else {
+            /* FP8: warp w casts groups w, w + W, ...; the loads of LL_SEND_UNROLL groups are issued together. */
+            const int S = a.hidden / 128, W = LL_SEND_THREADS / 32;
+            for (int g0 = warp; g0 < S; g0 += W * LL_SEND_UNROLL) {
+                uint2 raw[LL_SEND_UNROLL];
+#pragma unroll
+                for (int u = 0; u < LL_SEND_UNROLL; u++)
+                    if (g0 + u * W < S)
+                        raw[u] = *(const uint2 *)(row + (g0 + u * W) * 128 + lane * 4);
+#pragma unroll
+                for (int u = 0; u < LL_SEND_UNROLL; u++) {
+                    const int grp = g0 + u * W;
+                    if (grp >= S)
+                        break;
+                    float s_inv;
+                    uint32_t q = cast_group(raw[u], a.round_scale, &s_inv);
+                    for (int d = 0; d < R; d++) {
+                        if (!(mask >> d & 1))
+                            continue;
+                        char *slot = ll_half(g, d, p, a.half_bytes) + lay.dispatch_off +
+                                     ((uint64_t)me * a.max_tokens + t) * lay.slot_bytes;
+                        ((uint32_t *)(slot + lay.data_off + grp * 128))[lane] = q;
+                        if (lane == 0)
+                            ((float *)(slot + lay.scales_off))[grp] = s_inv;
+                    }
                 }
             }
         }
@@ -151,78 +179,124 @@ __device__ __forceinline__ int block_scan(int valid, int *total) {
     return before + in_warp;
 }
 
-__global__ void __launch_bounds__(LL_RECV_THREADS) ll_dispatch_recv_kernel(ep_dev_group_t g, ep_ll_dispatch_kargs_t a) {
-    __shared__ int32_t from[EP_MAX_NVL_RANKS];
-    __shared__ int32_t picked[LL_RECV_THREADS];
+/* The k by which slot header `h` names local expert l, or -1. The 64-byte header is read with four vector
+ * loads issued together (one memory latency), the ids by constant indices (registers, not local memory). */
+__device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, int l, int K) {
+    union {
+        uint4 v[4];
+        ep_ll_header_t h;
+    } u;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        u.v[i] = ((const uint4 *)h)[i];
+    if (u.h.tag != tag)
+        return -1;
+#pragma unroll
+    for (int k = 0; k < EP_LL_MAX_TOPK; k++)
+        if (k < K && u.h.local_ids[k] == l)
+            return k;
+    return -1;
+}
+
+/* One block per local expert l. The slots of all sources are scanned as one sequence in (source, token)
+ * order, EP_LL_RECV_THREADS at a time: a block-wide scan gives each slot that names l its row, so rows come
+ * out in the reference's order and every warp copies rows in parallel. */
+__global__ void __launch_bounds__(LL_RECV_THREADS)
+    ll_dispatch_recv_kernel(const __grid_constant__ ep_dev_group_t g,
+                            const __grid_constant__ ep_ll_dispatch_kargs_t a) {
+    __shared__ int32_t first[EP_MAX_NVL_RANKS + 1]; /* first[s]: index of source s's slot 0 in the sequence */
+    __shared__ int32_t per_src[EP_MAX_NVL_RANKS];   /* rows of l from each source */
+    __shared__ int32_t picked[LL_RECV_THREADS];     /* sequence index of each picked slot of the chunk */
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, l = blockIdx.x;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
     const uint32_t epoch = g.ll_state[p];
-    char *half = ll_half(g, me, p, a.half_bytes);
+    const char *half = ll_half(g, me, p, a.half_bytes);
     const uint64_t tag = ep_ll_tag(epoch, R, a.max_tokens, a.hidden, K, a.num_experts);
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = ll_flag(g, me, p, tid, EP_CTRL_LL_DISPATCH_FLAGS);
         bool ok = ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_DISPATCH_RECV, tid);
-        from[tid] = ok ? (int32_t)(ep_load_acquire_sys(flag) & 0xffffffffu) : 0;
+        first[tid + 1] = ok ? (int32_t)(ep_load_acquire_sys(flag) & 0xffffffffu) : 0;
+        per_src[tid] = 0;
         if (a.wait_cost_stats && l == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }
     __syncthreads();
+    if (tid == 0) {
+        first[0] = 0;
+        for (int s = 0; s < R; s++)
+            first[s + 1] += first[s];
+    }
+    __syncthreads();
     const int S = a.hidden / 128;
+    const int32_t slots = first[R];
+    const int64_t row_bytes = a.use_fp8 ? a.hidden : 2 * (int64_t)a.hidden;
     int32_t row = 0;
-    for (int s = 0; s < R; s++) {
-        const int32_t begin = row;
-        for (int j0 = 0; j0 < from[s]; j0 += LL_RECV_THREADS) {
-            int j = j0 + tid, k_found = -1;
-            if (j < from[s]) {
-                const ep_ll_header_t *h = (const ep_ll_header_t *)(half + lay.dispatch_off +
-                                                                   ((uint64_t)s * a.max_tokens + j) * lay.slot_bytes);
-                if (*(volatile uint64_t *)&h->tag == tag)
-                    for (int k = 0; k < K && k_found < 0; k++)
-                        if (h->local_ids[k] == l)
-                            k_found = k;
+    for (int32_t f0 = 0; f0 < slots; f0 += LL_RECV_THREADS) {
+        const int32_t f = f0 + tid;
+        int s = 0, k_found = -1;
+        if (f < slots) {
+            while (f >= first[s + 1])
+                s++;
+            const int j = f - first[s];
+            k_found = slot_names_expert(half + lay.dispatch_off + ((uint64_t)s * a.max_tokens + j) * lay.slot_bytes,
+                                        tag, l, K);
+            if (k_found >= 0)
+                atomicAdd(&per_src[s], 1);
+        }
+        int total;
+        int pos = block_scan(k_found >= 0, &total);
+        if (k_found >= 0) {
+            const int j = f - first[s];
+            picked[pos] = f;
+            a.src_info[l * RT + row + pos] = j;
+            ((int32_t *)(half + lay.srck_off))[l * RT + row + pos] = (j << 5) | k_found;
+        }
+        __syncthreads();
+        for (int c = warp; c < total; c += LL_RECV_THREADS / 32) {
+            const int32_t fc = picked[c];
+            int sc_src = 0;
+            while (fc >= first[sc_src + 1])
+                sc_src++;
+            const char *slot =
+                half + lay.dispatch_off + ((uint64_t)sc_src * a.max_tokens + (fc - first[sc_src])) * lay.slot_bytes;
+            const int64_t out_row = l * RT + row + c;
+            const float *scales = (const float *)(slot + lay.scales_off);
+            float sc0 = 0.0f, sc1 = 0.0f; /* the first 64 scales, loaded before the row copy to overlap */
+            if (a.use_fp8 && !a.use_ue8m0) {
+                sc0 = lane < S ? scales[lane] : 0.0f;
+                sc1 = lane + 32 < S ? scales[lane + 32] : 0.0f;
             }
-            int total;
-            int pos = block_scan(k_found >= 0, &total);
-            if (k_found >= 0) {
-                picked[pos] = j;
-                a.src_info[l * RT + row + pos] = j;
-                ((int32_t *)(half + lay.srck_off))[l * RT + row + pos] = (j << 5) | k_found;
-            }
-            __syncthreads();
-            for (int c = warp; c < total; c += LL_RECV_THREADS / 32) {
-                const char *slot = half + lay.dispatch_off + ((uint64_t)s * a.max_tokens + picked[c]) * lay.slot_bytes;
-                int64_t out_row = l * RT + row + c;
-                int64_t row_bytes = a.use_fp8 ? a.hidden : 2 * (int64_t)a.hidden;
-                const uint4 *src = (const uint4 *)(slot + lay.data_off);
-                uint4 *dst = (uint4 *)(a.recv_x + out_row * row_bytes);
-                for (int64_t q = lane; q < row_bytes / 16; q += 32)
-                    dst[q] = src[q];
-                if (!a.use_fp8)
-                    continue;
-                const float *sc = (const float *)(slot + lay.scales_off);
-                if (!a.use_ue8m0) {
-                    for (int gi = lane; gi < S; gi += 32)
-                        ((float *)a.recv_scales)[((int64_t)l * S + gi) * RT + row + c] = sc[gi];
-                } else {
-                    for (int wi = lane; wi < S / 4; wi += 32) {
-                        uint32_t word = 0;
-                        for (int b = 0; b < 4; b++)
-                            word |= ((__float_as_uint(sc[wi * 4 + b]) >> 23) & 0xffu) << (8 * b);
-                        ((int32_t *)a.recv_scales)[((int64_t)l * (S / 4) + wi) * RT + row + c] = (int32_t)word;
-                    }
+            ep_warp_copy16((uint4 *)(a.recv_x + out_row * row_bytes), (const uint4 *)(slot + lay.data_off),
+                           row_bytes / 16, lane);
+            if (!a.use_fp8)
+                continue;
+            if (!a.use_ue8m0) {
+                for (int gi = lane; gi < S; gi += 32)
+                    ((float *)a.recv_scales)[((int64_t)l * S + gi) * RT + row + c] = gi < 32   ? sc0
+                                                                                     : gi < 64 ? sc1
+                                                                                               : scales[gi];
+            } else {
+                for (int wi = lane; wi < S / 4; wi += 32) {
+                    uint32_t word = 0;
+                    for (int b = 0; b < 4; b++)
+                        word |= ((__float_as_uint(scales[wi * 4 + b]) >> 23) & 0xffu) << (8 * b);
+                    ((int32_t *)a.recv_scales)[((int64_t)l * (S / 4) + wi) * RT + row + c] = (int32_t)word;
                 }
             }
-            row += total;
-            __syncthreads();
         }
-        if (tid == 0) {
-            int64_t range = ((int64_t)begin << 32) | (int64_t)(row - begin);
-            a.layout_range[l * R + s] = range;
-            ((int64_t *)(half + lay.range_off))[l * R + s] = range;
-        }
+        row += total;
+        __syncthreads();
+    }
+    if (tid < R) {
+        int32_t begin = 0;
+        for (int s = 0; s < tid; s++)
+            begin += per_src[s];
+        int64_t range = ((int64_t)begin << 32) | (int64_t)per_src[tid];
+        a.layout_range[l * R + tid] = range;
+        ((int64_t *)(half + lay.range_off))[l * R + tid] = range;
     }
     if (tid == 0) {
         a.recv_count[l] = row;
