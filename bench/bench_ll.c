@@ -41,16 +41,17 @@ enum {
     OP_COMBINE_SEND,
     OP_COMBINE_RECV,
     OP_FLOOR,
+    OP_COMBINE_LOGFMT,
     NUM_OPS
 };
-static const char *op_names[NUM_OPS] = {"ll_dispatch",     "ll_combine",       "nccl_dispatch",
-                                        "nccl_combine",    "ll_dispatch_send", "ll_dispatch_recv",
-                                        "ll_combine_send", "ll_combine_recv",  "timing_floor"};
+static const char *op_names[NUM_OPS] = {"ll_dispatch",      "ll_combine",       "nccl_dispatch",   "nccl_combine",
+                                        "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send", "ll_combine_recv",
+                                        "timing_floor",     "ll_combine_logfmt"};
 
 typedef struct {
     ep_group_t g;
     const ep_low_latency_dispatch_args_t *dispatch, *dispatch_hooked;
-    const ep_low_latency_combine_args_t *combine, *combine_hooked;
+    const ep_low_latency_combine_args_t *combine, *combine_hooked, *combine_logfmt;
     const ep_launch_t *launch;
 } ll_calls_t;
 
@@ -154,6 +155,12 @@ static int run_phase(int op, int phase, const ll_calls_t *c, const nccl_ctx_t *n
         } else if (phase == PHASE_TIMED)
             OK(ep_low_latency_combine_hook(g, *h, l));
         break;
+    case OP_COMBINE_LOGFMT:
+        if (phase == PHASE_BEFORE)
+            OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
+        else if (phase == PHASE_TIMED)
+            OK(ep_low_latency_combine(g, c->combine_logfmt, *h, l));
+        break;
     case OP_FLOOR:
         if (phase == PHASE_TIMED)
             bad |= bench_gate_launch(n->gate_dev, 0, n->s) != cudaSuccess; /* an open gate: an empty kernel */
@@ -209,7 +216,9 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
     size_t row = (size_t)H + (size_t)H / 128 * 4;
     cudaMalloc(&nsend, (size_t)Tmax * R * 2 * H); /* room for bf16 rows too (the combine baseline) */
     cudaMalloc(&nrecv, (size_t)Tmax * R * 2 * H);
-    cudaMemset(dy, 0x3c, (size_t)L * RT * H * 2);
+    /* Expert outputs below 1 in magnitude, as after an expert's down projection: LogFMT's log groups. */
+    bench_fill_bf16((uint16_t *)dy, (size_t)L * RT * H, 7u, 0.5f, NULL);
+    cudaDeviceSynchronize();
     double *t = malloc(sizeof(double) * LL_ITERS), *host = malloc(sizeof(double) * LL_ITERS);
     uint32_t *gate_host = NULL, *gate_dev = NULL, tickets = 0;
     cudaHostAlloc((void **)&gate_host, sizeof(uint32_t), cudaHostAllocMapped);
@@ -242,6 +251,7 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         out->bytes[ti][OP_NCCL_COMBINE] = remote * 2.0 * H;
         out->bytes[ti][OP_DISPATCH_SEND] = out->bytes[ti][OP_DISPATCH_RECV] = out->bytes[ti][OP_DISPATCH];
         out->bytes[ti][OP_COMBINE_SEND] = out->bytes[ti][OP_COMBINE_RECV] = out->bytes[ti][OP_COMBINE];
+        out->bytes[ti][OP_COMBINE_LOGFMT] = remote_pairs * (H / 128) * (160.0 + 4.0); /* all log groups here */
         cudaMemcpy(dx, x, (size_t)N * H * 2, cudaMemcpyHostToDevice);
         cudaMemcpy(didx, idx, (size_t)N * K * 8, cudaMemcpyHostToDevice);
         cudaMemcpy(dw, w, (size_t)N * K * 4, cudaMemcpyHostToDevice);
@@ -271,7 +281,9 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         dh.return_recv_hook = 1;
         ep_low_latency_combine_args_t ch = ca;
         ch.return_recv_hook = 1;
-        const ll_calls_t calls = {g, &da, &dh, &ca, &ch, &l};
+        ep_low_latency_combine_args_t cl = ca;
+        cl.use_logfmt = 1;
+        const ll_calls_t calls = {g, &da, &dh, &ca, &ch, &cl, &l};
         const nccl_ctx_t nc = {comm, s, R, rank, T, row, 2 * (size_t)H, per_rank, counts, nsend, nrecv, gate_dev};
         for (int op = 0; op < NUM_OPS; op++) {
             for (int i = 0; i < LL_WARMUP + LL_ITERS; i++) {
@@ -372,7 +384,10 @@ int bench_ll_run(const bench_ll_args_t *a) {
                         "\"link_gbps\": %.2f, \"correct\": null}\n",
                         date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", op_names[op],
                         a->ranks, token_counts[ti], a->hidden, a->topk, a->experts,
-                        op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16" : "fp8", med, p99, bytes / med / 1e3);
+                        op == OP_COMBINE_LOGFMT                     ? "logfmt"
+                        : op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16"
+                                                                    : "fp8",
+                        med, p99, bytes / med / 1e3);
             }
         if (js)
             fclose(js);

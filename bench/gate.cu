@@ -14,3 +14,17 @@ extern "C" cudaError_t bench_gate_launch(const volatile uint32_t *gate, uint32_t
     bench_gate_kernel<<<1, 1, 0, stream>>>(gate, ticket);
     return cudaGetLastError();
 }
+
+__global__ void bench_fill_bf16_kernel(uint16_t *x, size_t n, uint32_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t z = (uint32_t)i * 2654435761u ^ seed;
+        z ^= z >> 15, z *= 0x2c1b3c6du, z ^= z >> 12, z *= 0x297a2d39u, z ^= z >> 15;
+        float f = ((float)(z & 0xffffffu) / 8388608.0f - 1.0f) * scale;
+        x[i] = (uint16_t)(__float_as_uint(f) >> 16);
+    }
+}
+
+extern "C" cudaError_t bench_fill_bf16(uint16_t *x, size_t n, uint32_t seed, float scale, cudaStream_t stream) {
+    bench_fill_bf16_kernel<<<1024, 256, 0, stream>>>(x, n, seed, scale);
+    return cudaGetLastError();
+}

@@ -317,13 +317,17 @@ typedef struct {
     ep_tensor_t out;          /* [N, H] bfloat16 (caller's memory) */
     int return_recv_hook;     /* 1: only the sends now; ep_low_latency_combine_hook completes the receive */
     ep_tensor_t combine_wait_recv_cost_stats; /* [R] int64 nanoseconds (added to), or data NULL */
+    int use_logfmt; /* 1: rows travel in LogFMT, 10 bits a value plus 4 bytes per 128-channel group, for groups
+                       whose amax < 1 (others raw bf16); lossy, relative error <= 0.0324 per value (see
+                       ref/logfmt.c); bit-exact with the reference's LogFMT combine */
 } ep_low_latency_combine_args_t;
 
 #define EP_LOW_LATENCY_COMBINE_ARGS_INIT                                                                               \
     { .size = sizeof(ep_low_latency_combine_args_t) }
 
 /* Collective. out[t] = bf16(sum over k of topk_weights[t, k] * row[t, k]), float32 fmaf in k order, -1
- * entries skipped, a token with none is 0 (bit-exact with the CPU reference). */
+ * entries skipped, a token with none is 0 (bit-exact with the CPU reference; with use_logfmt each row is the
+ * LogFMT round trip of the expert's row). */
 EP_API ep_status_t ep_low_latency_combine(ep_group_t group, const ep_low_latency_combine_args_t *args,
                                           ep_ll_handle_t handle, const ep_launch_t *launch);
 EP_API ep_status_t ep_low_latency_combine_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);

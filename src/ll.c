@@ -221,6 +221,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         .out = (uint16_t *)a->out.data,
         .out_stride = a->out.strides[0],
         .wait_cost_stats = (int64_t *)a->combine_wait_recv_cost_stats.data,
+        .use_logfmt = a->use_logfmt != 0,
     };
     EP_CHECK(
         run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k, "low-latency combine"));

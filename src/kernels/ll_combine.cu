@@ -7,10 +7,12 @@
 #include "copy.cuh"
 #include "ll_kernels.h"
 #include "ll_layout.h"
+#include "logfmt.cuh"
 #include "sync.cuh"
 
 #define LL_COMBINE_THREADS 512
 #define LL_COMBINE_SPLIT   4 /* send blocks per local expert */
+#define LL_LOGFMT_BATCH    4 /* groups whose loads are in flight together when encoding LogFMT */
 
 __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
@@ -29,7 +31,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
         ranges[tid] = ((const int64_t *)(mine + lay.range_off))[l * R + tid];
     __syncthreads();
     const int32_t count = ((const int32_t *)(mine + lay.count_off))[l];
-    const int64_t row_bytes = 2 * (int64_t)a.hidden;
+    const int64_t row_bytes = 2 * (int64_t)a.hidden, S = a.hidden / 128;
     for (int32_t i = part * (LL_COMBINE_THREADS / 32) + warp; i < count;
          i += LL_COMBINE_SPLIT * (LL_COMBINE_THREADS / 32)) {
         int s = 0;
@@ -38,8 +40,26 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
         int32_t packed = ((const int32_t *)(mine + lay.srck_off))[l * RT + i];
         int t = packed >> 5, k = packed & 31;
         const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
-        uint4 *dst = (uint4 *)(ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * row_bytes);
-        ep_warp_copy16(dst, src, row_bytes / 16, lane);
+        char *dst = ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * lay.comb_row_bytes;
+        if (!a.use_logfmt) {
+            ep_warp_copy16((uint4 *)dst, src, row_bytes / 16, lane);
+            continue;
+        }
+        for (int64_t g0 = 0; g0 < S; g0 += LL_LOGFMT_BATCH) { /* the loads of a batch of groups go together */
+            uint2 raw[LL_LOGFMT_BATCH];
+#pragma unroll
+            for (int u = 0; u < LL_LOGFMT_BATCH; u++)
+                if (g0 + u < S)
+                    raw[u] = ((const uint2 *)src)[(g0 + u) * 32 + lane];
+#pragma unroll
+            for (int u = 0; u < LL_LOGFMT_BATCH; u++) {
+                if (g0 + u >= S)
+                    break;
+                uint32_t word = ep_logfmt_encode_group(raw[u], dst + (g0 + u) * 256, lane);
+                if (lane == 0)
+                    ((uint32_t *)(dst + row_bytes))[g0 + u] = word;
+            }
+        }
     }
     __syncthreads();
     if (tid == 0)
@@ -75,7 +95,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
         first_k[tid] = f;
     }
     __syncthreads();
-    const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * 2 * a.hidden;
+    const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * lay.comb_row_bytes;
     for (int c = tid; c < a.hidden / 8; c += LL_COMBINE_THREADS) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int k = 0; k < K; k++) {
@@ -83,13 +103,23 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
             if (f < 0)
                 continue;
             float w = a.weights[(int64_t)t * a.w_stride + k];
-            uint4 v = ((const uint4 *)(slots + (uint64_t)f * 2 * a.hidden))[c];
-            uint32_t words[4] = {v.x, v.y, v.z, v.w};
+            const char *row = slots + (uint64_t)f * lay.comb_row_bytes;
+            float v[8];
+            if (a.use_logfmt) {
+                const int gi = c / 16;
+                ep_logfmt_decode8(row + gi * 256, ((const uint32_t *)(row + 2 * a.hidden))[gi], (c % 16) * 8, v);
+            } else {
+                uint4 r = ((const uint4 *)row)[c];
+                uint32_t words[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                acc[2 * j] = __fmaf_rn(w, ep_bf16_lo(words[j]), acc[2 * j]);
-                acc[2 * j + 1] = __fmaf_rn(w, ep_bf16_hi(words[j]), acc[2 * j + 1]);
+                for (int j = 0; j < 4; j++) {
+                    v[2 * j] = ep_bf16_lo(words[j]);
+                    v[2 * j + 1] = ep_bf16_hi(words[j]);
+                }
             }
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                acc[j] = __fmaf_rn(w, v[j], acc[j]);
         }
         ((uint4 *)(a.out + (int64_t)t * a.out_stride))[c] = ep_pack_bf16x8(acc);
     }

@@ -48,6 +48,7 @@ typedef struct {
     uint16_t *out; /* [N, H] */
     int64_t out_stride;
     int64_t *wait_cost_stats; /* [R] or NULL */
+    int use_logfmt;           /* rows travel in LogFMT (logfmt.cuh) */
 } ep_ll_combine_kargs_t;
 
 cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s);

@@ -2,7 +2,8 @@
  * header). Two halves by parity, so that two dispatch results can be alive at once. Each half holds:
  *  - the dispatch staging: [R sources][T slots], one slot per source token that has an expert here: a 64-byte
  *    header (tag, token, the token's local expert ids by k) then the row (bf16, or e4m3 + float scales);
- *  - the combine staging: [T tokens][K] bf16 rows, one per (token, k), written by the expert's rank;
+ *  - the combine staging: [T tokens][K] rows, one per (token, k), written by the expert's rank: 2H bytes of
+ *    payload (bf16, or per 128-channel group the LogFMT bytes), then one 32-bit LogFMT word per group;
  *  - local bookkeeping of the receive (never read by peers): per local expert the count, the (source token,
  *    k) of each row and the per-source ranges, which the combine reuses. */
 #ifndef EP_LL_LAYOUT_H
@@ -43,6 +44,7 @@ EP_LL_HD uint64_t ep_ll_tag(uint32_t epoch, int num_ranks, int max_tokens, int h
 
 typedef struct {
     uint64_t slot_bytes, data_off, scales_off;                          /* within a slot */
+    uint64_t comb_row_bytes;                                            /* a combine staging row */
     uint64_t dispatch_off, combine_off, count_off, srck_off, range_off; /* within a half */
     uint64_t half_bytes;
 } ep_ll_layout_t;
@@ -58,9 +60,10 @@ EP_LL_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int max_tokens, int hidden, 
     l.data_off = EP_LL_HEADER_BYTES;
     l.scales_off = l.data_off + H;
     l.slot_bytes = ep_ll_align(l.data_off + 2 * H, 16);
+    l.comb_row_bytes = ep_ll_align(2 * H + 4 * (H / 128), 16);
     l.dispatch_off = 0;
     l.combine_off = ep_ll_align(R * T * l.slot_bytes, 4096);
-    l.count_off = ep_ll_align(l.combine_off + T * (uint64_t)topk * 2 * H, 4096);
+    l.count_off = ep_ll_align(l.combine_off + T * (uint64_t)topk * l.comb_row_bytes, 4096);
     l.srck_off = ep_ll_align(l.count_off + L * 4, 16);
     l.range_off = ep_ll_align(l.srck_off + L * R * T * 4, 16);
     l.half_bytes = ep_ll_align(l.range_off + L * R * 8, 4096);

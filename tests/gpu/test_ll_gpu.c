@@ -1,7 +1,8 @@
 /* Low-latency dispatch and combine against the CPU reference, one process per GPU (issue 4, first cut).
  * Dispatch: per local expert, recv_count, the packed rows (bf16 bytes, or e4m3 bytes and scales bit-exact
  * with the reference's cast, in the column-major scale layout, float or packed UE8M0), src_info and
- * layout_range. Combine: synthetic expert outputs, out bit-exact with the reference's fmaf-in-k-order sum.
+ * layout_range. Combine: synthetic expert outputs, out bit-exact with the reference's fmaf-in-k-order sum,
+ * plain and with LogFMT on the wire (log and raw groups, zeros, values clipped to zero).
  * Both the one-call path and the hook path (send, then hook) are run, several rounds with fresh data. */
 #define _POSIX_C_SOURCE 200809L
 #include "epref.h"
@@ -14,14 +15,32 @@
 
 typedef struct {
     const char *name;
-    int T, H, K, E, fp8, round_scale, ue8m0, check_combine;
+    int T, H, K, E, fp8, round_scale, ue8m0, check_combine, logfmt;
 } ll_case_t;
 
 static const ll_case_t cases[] = {
-    {"t128_fp8", 128, 7168, 8, 256, 1, 0, 0, 0},  {"t128_fp8_ue8m0", 128, 7168, 8, 256, 1, 1, 1, 0},
-    {"t32_bf16_k6", 32, 2048, 6, 64, 0, 0, 0, 1}, {"t128_fp8_combine", 128, 2048, 8, 64, 1, 0, 0, 1},
-    {"t1", 1, 7168, 8, 32, 1, 1, 0, 1},           {"t64_k16_e288", 64, 1024, 16, 288, 0, 0, 0, 1},
+    {"t128_fp8", 128, 7168, 8, 256, 1, 0, 0, 0, 0},
+    {"t128_fp8_ue8m0", 128, 7168, 8, 256, 1, 1, 1, 0, 0},
+    {"t32_bf16_k6", 32, 2048, 6, 64, 0, 0, 0, 1, 0},
+    {"t128_fp8_combine", 128, 2048, 8, 64, 1, 0, 0, 1, 0},
+    {"t1", 1, 7168, 8, 32, 1, 1, 0, 1, 0},
+    {"t64_k16_e288", 64, 1024, 16, 288, 0, 0, 0, 1, 0},
+    {"t128_logfmt", 128, 7168, 8, 256, 1, 0, 0, 1, 1},
+    {"t32_logfmt_k6", 32, 2048, 6, 64, 0, 0, 0, 1, 1},
 };
+
+/* Expert outputs for the LogFMT cases: most 128-channel groups below 1 in magnitude (log format), with
+ * zeros and tiny values (clipped to zero), every fourth group as is (amax >= 1: raw bf16). */
+static uint16_t synth_logfmt(uint16_t v, int64_t h) {
+    if ((h / 128) % 4 == 0)
+        return v;
+    if (h % 37 == 0)
+        return 0;
+    float f = epref_bf16_to_float(v) / 8.0f;
+    if (h % 53 == 0)
+        f *= 1e-12f;
+    return epref_float_to_bf16(f);
+}
 
 static uint16_t synth(int d, int64_t l, int64_t row, int64_t h) {
     uint32_t z = (uint32_t)(d * 7919 + l * 104729 + row * 131 + h * 17);
@@ -145,12 +164,14 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
             ys[d] = malloc((size_t)L * RT * H * 2);
             for (int64_t l = 0; l < L; l++)
                 for (int64_t i = 0; i < RT; i++)
-                    for (int64_t hh = 0; hh < H; hh++)
-                        ys[d][(l * RT + i) * H + hh] = synth(d, l, i, hh);
+                    for (int64_t hh = 0; hh < H; hh++) {
+                        uint16_t v = synth(d, l, i, hh);
+                        ys[d][(l * RT + i) * H + hh] = c->logfmt ? synth_logfmt(v, hh) : v;
+                    }
         }
         uint16_t *want_out = malloc((size_t)N * H * 2 + 16);
-        if (epref_ll_combine((const uint16_t *const *)ys, ref, R, E, rank, N, K, idx[rank], w[rank], 0, want_out) !=
-            EPREF_OK)
+        if (epref_ll_combine((const uint16_t *const *)ys, ref, R, E, rank, N, K, idx[rank], w[rank], c->logfmt,
+                             want_out) != EPREF_OK)
             MP_FAIL(rank, "%s: reference combine: %s", c->name, epref_last_error());
         cudaMalloc(&dy, (size_t)L * RT * H * 2);
         cudaMalloc(&dout, (size_t)N * H * 2 + 16);
@@ -162,6 +183,7 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
         ca.topk_weights = ep_tensor_2d(dw, EP_DTYPE_FLOAT32, N, K);
         ca.out = ep_tensor_2d(dout, EP_DTYPE_BFLOAT16, N, H);
         ca.return_recv_hook = hook;
+        ca.use_logfmt = c->logfmt;
         MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &ca, h, NULL), EP_SUCCESS);
         if (hook)
             MP_EXPECT_STATUS(rank, ep_low_latency_combine_hook(g, h, NULL), EP_SUCCESS);

@@ -62,8 +62,10 @@ static void low_latency_hint_holds_every_slot(void) {
                            (unsigned long long)(2 * l.half_bytes));
                     TCHECK(l.scales_off + (uint64_t)H / 128 * 4 <= l.slot_bytes, "FP8 scales overflow the slot");
                     TCHECK(l.data_off + 2 * (uint64_t)H <= l.slot_bytes, "bf16 row overflows the slot");
+                    TCHECK(2 * (uint64_t)H + 4 * (uint64_t)(H / 128) <= l.comb_row_bytes && l.comb_row_bytes % 16 == 0,
+                           "combine row (payload + LogFMT words) overflows or is unaligned");
                     span_t s[5] = {{l.dispatch_off, l.dispatch_off + (uint64_t)R * T * l.slot_bytes},
-                                   {l.combine_off, l.combine_off + (uint64_t)T * K * 2 * H},
+                                   {l.combine_off, l.combine_off + (uint64_t)T * K * l.comb_row_bytes},
                                    {l.count_off, l.count_off + (uint64_t)L * 4},
                                    {l.srck_off, l.srck_off + (uint64_t)L * R * T * 4},
                                    {l.range_off, l.range_off + (uint64_t)L * R * 8}};

@@ -1,0 +1,79 @@
+/* LogFMT on the GPU: the integer-only format of ref/logfmt.c (read its header comment first), so the values
+ * decoded here equal the reference's bit for bit. Wire layout of one 128-channel group inside a combine row:
+ * the group's 256 payload bytes hold, for a log group, 128 bytes of index low bytes (element e at byte e)
+ * and 32 bytes of 2-bit pairs (element e at byte 128 + e / 4, bits 2 * (e % 4): index bit 8, then the
+ * sign); for a raw group the 128 bf16 values. The group's 32-bit word after the payload is lo | hi << 16
+ * for a log group and 0 for a raw one (a log group has lo >= 1). */
+#ifndef EP_LOGFMT_CUH
+#define EP_LOGFMT_CUH
+
+#include <stdint.h>
+
+#define EP_LOGFMT_CLIP_STEPS 4096
+#define EP_LOGFMT_ONE_BITS   0x3F80
+#define EP_LOGFMT_LEVELS     510
+
+/* One warp encodes one group; lane holds elements 4*lane .. 4*lane+3 as `raw` (4 bf16). Writes the payload
+ * into `group` (the group's 256 bytes) and returns the group's word (the same on every lane). */
+__device__ __forceinline__ uint32_t ep_logfmt_encode_group(uint2 raw, char *group, int lane) {
+    const uint32_t v[4] = {raw.x & 0xffffu, raw.x >> 16, raw.y & 0xffffu, raw.y >> 16};
+    int hi = 0, lo = 0x8000;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int m = (int)(v[i] & 0x7fffu);
+        hi = max(hi, m);
+        if (m != 0)
+            lo = min(lo, m);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    }
+    lo = max(lo, hi - EP_LOGFMT_CLIP_STEPS);
+    if (!(hi < EP_LOGFMT_ONE_BITS && lo < hi)) {
+        ((uint2 *)group)[lane] = raw;
+        return 0;
+    }
+    const int d = hi - lo;
+    uint32_t low = 0, pairs = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int t = (int)(v[i] & 0x7fffu) - lo;
+        const uint32_t index = t < 0 ? 0u : 1u + (uint32_t)((2 * EP_LOGFMT_LEVELS * t + d) / (2 * d));
+        low |= (index & 0xffu) << (8 * i);
+        pairs |= (((index >> 8) & 1u) | ((v[i] >> 15) << 1)) << (2 * i);
+    }
+    ((uint32_t *)group)[lane] = low;
+    ((uint8_t *)group)[128 + lane] = (uint8_t)pairs;
+    return (uint32_t)lo | ((uint32_t)hi << 16);
+}
+
+/* Decodes elements e0 .. e0+7 (e0 % 8 == 0) of a group to float. */
+__device__ __forceinline__ void ep_logfmt_decode8(const char *group, uint32_t word, int e0, float out[8]) {
+    if (word == 0) {
+        const uint4 r = *(const uint4 *)(group + 2 * e0);
+        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            out[2 * j] = __uint_as_float(w[j] << 16);
+            out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        }
+        return;
+    }
+    const uint32_t lo = word & 0xffffu, d = (word >> 16) - lo;
+    const uint2 low = *(const uint2 *)(group + e0);
+    const uint32_t pairs = *(const uint16_t *)(group + 128 + e0 / 4);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const uint32_t b = ((j < 4 ? low.x : low.y) >> (8 * (j % 4))) & 0xffu;
+        const uint32_t pr = (pairs >> (2 * j)) & 3u;
+        const uint32_t index = b | ((pr & 1u) << 8);
+        uint32_t bits = 0;
+        if (index != 0)
+            bits = (lo << 16) + (uint32_t)(((uint64_t)(index - 1u) * d * 32768u + 127u) / 255u);
+        out[j] = __uint_as_float(bits | ((pr >> 1) << 31));
+    }
+}
+
+#endif
