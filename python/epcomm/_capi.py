@@ -77,7 +77,8 @@ class _Sized(ctypes.Structure):
 
 class ep_group_config_t(_Sized):
     _fields_ = [("size", ctypes.c_size_t), ("num_nvl_bytes", ctypes.c_size_t), ("num_rdma_bytes", ctypes.c_size_t),
-                ("low_latency_mode", ctypes.c_int), ("num_sms", ctypes.c_int), ("timeout_ms", ctypes.c_int64)]
+                ("low_latency_mode", ctypes.c_int), ("num_sms", ctypes.c_int), ("timeout_ms", ctypes.c_int64),
+                ("comm_stream", ctypes.c_void_p)]
 
 
 class ep_launch_t(_Sized):
@@ -118,7 +119,7 @@ class ep_low_latency_dispatch_args_t(_Sized):
 class ep_low_latency_combine_args_t(_Sized):
     _fields_ = [("size", ctypes.c_size_t), ("x", ep_tensor_t), ("topk_idx", ep_tensor_t),
                 ("topk_weights", ep_tensor_t), ("out", ep_tensor_t), ("return_recv_hook", ctypes.c_int),
-                ("combine_wait_recv_cost_stats", ep_tensor_t)]
+                ("combine_wait_recv_cost_stats", ep_tensor_t), ("use_logfmt", ctypes.c_int)]
 
 
 PUBLIC_STRUCTS = (ep_tensor_t, ep_unique_id_t, ep_group_config_t, ep_launch_t, ep_dispatch_args_t,

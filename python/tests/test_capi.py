@@ -99,7 +99,8 @@ def expected_low_latency_bytes(R, T, H, K, E):
     L = E // R
     slot = align(64 + 2 * H, 16)
     combine_off = align(R * T * slot, 4096)
-    count_off = align(combine_off + T * K * 2 * H, 4096)
+    comb_row = align(2 * H + 4 * (H // 128), 16)  # bf16 payload, then one LogFMT word per 128 channels
+    count_off = align(combine_off + T * K * comb_row, 4096)
     srck_off = align(count_off + L * 4, 16)
     range_off = align(srck_off + L * R * T * 4, 16)
     return 2 * align(range_off + L * R * 8, 4096)

@@ -98,8 +98,6 @@ def test_missing_features_raise_not_implemented_naming_the_argument():
     b = Buffer.__new__(Buffer)
     b._group = None
     x = torch.zeros(1)
-    with pytest.raises(NotImplementedError, match="use_logfmt"):
-        b.low_latency_combine(x, x, x, None, use_logfmt=True)
     with pytest.raises(NotImplementedError, match="zero_copy"):
         b.low_latency_combine(x, x, x, None, zero_copy=True)
     with pytest.raises(NotImplementedError, match="get_next_low_latency_combine_buffer"):
