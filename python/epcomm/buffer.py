@@ -54,16 +54,17 @@ class Buffer(NormalModeMixin, LowLatencyMixin):
         self.low_latency_reuse_outputs = low_latency_reuse_outputs
         self._device = torch.cuda.current_device()
 
-        cfg = _capi.ep_group_config_t(num_nvl_bytes=buffer_bytes, low_latency_mode=int(bool(low_latency_mode)))
+        # The comm stream comes from PyTorch's stream pool, which never destroys its streams: tensors that
+        # recorded it (record_stream) stay safe to free after the group is destroyed. The group borrows it.
+        self._comm_stream = torch.cuda.Stream(device=torch.device("cuda", self._device))
+        self._comm_ptr = self._comm_stream.cuda_stream
+        cfg = _capi.ep_group_config_t(num_nvl_bytes=buffer_bytes, low_latency_mode=int(bool(low_latency_mode)),
+                                      comm_stream=self._comm_ptr)
         handle = ctypes.c_void_p()
         _capi.check(self._lib.ep_group_create(ctypes.byref(_capi.unique_id_from_bytes(uid)), self.group_size,
                                               self.rank, self._device, ctypes.byref(cfg), ctypes.byref(handle)))
         self._group = handle.value
         self._buffer_bytes = buffer_bytes
-        stream = ctypes.c_void_p()
-        _capi.check(self._lib.ep_group_stream(self._group, ctypes.byref(stream)))
-        self._comm_ptr = stream.value
-        self._comm_stream = torch.cuda.ExternalStream(self._comm_ptr, device=torch.device("cuda", self._device))
         # Normal-mode work is ordered by torch on the comm stream (it adds copies there), so the C calls get
         # the comm stream itself as "the caller's": their own ordering is then a no-op.
         self._launch_comm = _capi.ep_launch_t(stream=self._comm_ptr)

@@ -62,7 +62,9 @@ def cast_fp8(x, round_scale=False, use_ue8m0=False):
         one = torch.ones_like(amax)
         scale_inv, scale = torch.ldexp(one, e), torch.ldexp(one, -e)
     else:
-        scale_inv, scale = amax * (1.0 / 448.0), 448.0 / amax
+        # A true float32 division, as SPEC's cast does: `448.0 / amax` would be reciprocal(amax) * 448 in
+        # torch (Tensor.__rtruediv__), which rounds differently.
+        scale_inv, scale = amax * (1.0 / 448.0), torch.full_like(amax, 448.0) / amax
     q = (xf * scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(N, H)
     if not use_ue8m0:
         return q, scale_inv
