@@ -60,6 +60,13 @@ static void group_create_rejects_bad_arguments_without_side_effects(void) {
     bad.num_rdma_bytes = 1 << 20;
     TCHECK_EQ_INT(ep_group_create(&id, 4, 0, 0, &bad, &g), EP_ERROR_UNSUPPORTED);
     TCHECK_STR_CONTAINS(ep_last_error(), "config.num_rdma_bytes");
+    /* A caller built against 0.1 (no comm_stream) passes the size check: the next check speaks. */
+    bad.size = offsetof(ep_group_config_t, comm_stream);
+    TCHECK_EQ_INT(ep_group_create(&id, 4, 0, 0, &bad, &g), EP_ERROR_UNSUPPORTED);
+    TCHECK_STR_CONTAINS(ep_last_error(), "config.num_rdma_bytes");
+    bad.size = sizeof(ep_group_config_t) + 8; /* a newer caller's struct is refused, not misread */
+    TCHECK_EQ_INT(ep_group_create(&id, 4, 0, 0, &bad, &g), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "ep_group_config_t.size");
     bad = cfg;
     bad.timeout_ms = -5;
     TCHECK_EQ_INT(ep_group_create(&id, 4, 0, 0, &bad, &g), EP_ERROR_INVALID_ARGUMENT);
