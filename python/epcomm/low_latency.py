@@ -66,6 +66,8 @@ class LowLatencyMixin:
         self._ll_plans = {}
         self._ll_output_sets = {}
         self._ll_turn = 0  # which of the two reusable output sets the next dispatch writes
+        self._ll_combine_buffers = {}  # get_next_low_latency_combine_buffer: two buffers per shape
+        self._ll_combine_turn = 0
         self._launch_ll = _capi.ep_launch_t()
         self._ll_handle_out = ctypes.c_void_p()
 
@@ -167,9 +169,11 @@ class LowLatencyMixin:
         """x [L, R*T, H] bf16: each local expert's output rows in the dispatch's order. Returns (combined_x
         [N, H] bf16 = sum over k of topk_weights[t, k] * row, in k order, in float32; event; hook).
         use_logfmt: rows travel in LogFMT (lossy, relative error <= 0.0324 per value; ref/logfmt.c)."""
-        if zero_copy:
-            raise NotImplementedError("zero_copy: zero-copy low-latency combine is not implemented in epcomm yet "
-                                      "(issue 4); pass zero_copy=False")
+        if zero_copy:  # the rows are in the buffer get_next_low_latency_combine_buffer gave for this handle
+            x = getattr(handle, "_combine_buffer", None)
+            if x is None:
+                raise ValueError("low_latency_combine: zero_copy=True needs get_next_low_latency_combine_buffer("
+                                 "handle) first (write the expert outputs into the buffer it returns)")
         group = self._usable()
         if async_finish and return_recv_hook:
             raise ValueError("low_latency_combine: async_finish and return_recv_hook cannot both be set")
@@ -201,8 +205,21 @@ class LowLatencyMixin:
         return out, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle):
-        raise NotImplementedError("get_next_low_latency_combine_buffer: zero-copy low-latency combine is not "
-                                  "implemented in epcomm yet (issue 4)")
+        """The [L, R*T, H] bf16 buffer to write this handle's expert outputs into for
+        low_latency_combine(..., zero_copy=True). epcomm's combine sends straight from its input rows (there
+        is no staging copy to skip), so this is a buffer like any other, kept by the Buffer: two per shape,
+        used in turn, as DeepEP's two low-latency buffers are (at most two results alive at once)."""
+        self._usable()
+        src_info, _, _, hidden, _ = handle
+        shape = (src_info.size(0), src_info.size(1), hidden)
+        key = (shape, src_info.device)
+        pair = self._ll_combine_buffers.get(key)
+        if pair is None:
+            pair = self._ll_combine_buffers[key] = [
+                torch.empty(shape, dtype=torch.bfloat16, device=src_info.device) for _ in range(2)]
+        self._ll_combine_turn ^= 1
+        handle._combine_buffer = pair[self._ll_combine_turn]
+        return handle._combine_buffer
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """Makes the buffer ready for low-latency use after normal-mode use (collective)."""

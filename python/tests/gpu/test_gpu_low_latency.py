@@ -115,6 +115,13 @@ def _dispatch_combine_worker(rank, world, group, seed, reuse):
     out2, _, _ = buffer.low_latency_combine(y, mine["idx"], mine["w"], handle, out=given)
     assert out2 is given
     same("combined_x (out=)", rank, given, want)
+    # Zero-copy: the expert outputs are written into the buffer epcomm hands out; x is then not read.
+    zc = buffer.get_next_low_latency_combine_buffer(handle)
+    assert zc.shape == y.shape and zc.dtype == torch.bfloat16
+    zc.copy_(y)
+    out3, _, _ = buffer.low_latency_combine(torch.empty_like(y), mine["idx"], mine["w"], handle, zero_copy=True)
+    same("combined_x (zero_copy)", rank, out3, want)
+    assert buffer.get_next_low_latency_combine_buffer(handle).data_ptr() != zc.data_ptr()  # two in turn
 
     # Two results alive at once (the buffer's two halves), combined in turn.
     other = ll_inputs(seed + 7, rank, world, scale=0.25)
