@@ -7,11 +7,9 @@
 #ifndef EP_LOGFMT_CUH
 #define EP_LOGFMT_CUH
 
-#include <stdint.h>
+#include "logfmt_math.h"
 
-#define EP_LOGFMT_CLIP_STEPS 4096
-#define EP_LOGFMT_ONE_BITS   0x3F80
-#define EP_LOGFMT_LEVELS     510
+#include <stdint.h>
 
 /* One warp encodes one group; lane holds elements 4*lane .. 4*lane+3 as `raw` (4 bf16). Writes the payload
  * into `group` (the group's 256 bytes) and returns the group's word (the same on every lane). */
@@ -36,11 +34,12 @@ __device__ __forceinline__ uint32_t ep_logfmt_encode_group(uint2 raw, char *grou
         return 0;
     }
     const int d = hi - lo;
+    const float inv_2d = 1.0f / (float)(2 * d);
     uint32_t low = 0, pairs = 0;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int t = (int)(v[i] & 0x7fffu) - lo;
-        const uint32_t index = t < 0 ? 0u : 1u + (uint32_t)((2 * EP_LOGFMT_LEVELS * t + d) / (2 * d));
+        const uint32_t index = t < 0 ? 0u : ep_logfmt_index(t, d, inv_2d);
         low |= (index & 0xffu) << (8 * i);
         pairs |= (((index >> 8) & 1u) | ((v[i] >> 15) << 1)) << (2 * i);
     }
@@ -69,9 +68,7 @@ __device__ __forceinline__ void ep_logfmt_decode8(const char *group, uint32_t wo
         const uint32_t b = ((j < 4 ? low.x : low.y) >> (8 * (j % 4))) & 0xffu;
         const uint32_t pr = (pairs >> (2 * j)) & 3u;
         const uint32_t index = b | ((pr & 1u) << 8);
-        uint32_t bits = 0;
-        if (index != 0)
-            bits = (lo << 16) + (uint32_t)(((uint64_t)(index - 1u) * d * 32768u + 127u) / 255u);
+        const uint32_t bits = index != 0 ? ep_logfmt_level_bits(index, lo, d) : 0u;
         out[j] = __uint_as_float(bits | ((pr >> 1) << 31));
     }
 }
