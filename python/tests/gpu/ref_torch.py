@@ -51,21 +51,48 @@ def combine(x, in_rank, scale_of_rank, bias0=None, bias1=None):
     return acc.to(torch.bfloat16)
 
 
+def _f32_const(bits, like):
+    """A float32 constant given by its bits (so no double-to-float rounding is involved), shaped like `like`."""
+    return torch.full_like(like, bits, dtype=torch.int32).view(torch.float32)
+
+
+E4M3_NAN_CODE = 0x7F
+
+
 def cast_fp8(x, round_scale=False, use_ue8m0=False):
-    """Per 128-channel group: (e4m3 values [N, H], scale_inv [N, H/128] float32 or UE8M0 words [N, H/512])."""
+    """Per 128-channel group: (e4m3 values [N, H], scale_inv [N, H/128] float32 or UE8M0 words [N, H/512]).
+
+    ref/formats.c's epref_cast_fp8_group, one float32 operation per step (each a single IEEE-rounded torch
+    op on float32 tensors, nothing fused, no double intermediates): amax = max |x| (NaN ignored) clamped to
+    >= 1e-4f; plain: scale_inv = amax * (1.0f / 448.0f), scale = 448.0f / amax (a true division: torch's
+    `448.0 / t` is reciprocal(t) * 448, which rounds differently); round_scale: e = ceil(log2(amax *
+    (1.0f / 448.0f))) read from the bits, scale_inv = 2^e, scale = 2^-e (an Inf amax gives Inf and 0);
+    values: e4m3(x * scale), round to nearest even, saturating to +-448, every NaN product -> 0x7F.
+    python/tests/test_ref_torch.py checks this against the C reference bit for bit."""
     N, H = x.shape
-    xf = x.float().view(N, H // 128, 128)
-    amax = xf.abs().amax(-1).clamp(min=1e-4)
+    G = H // 128
+    xf = x.float().view(N, G, 128)
+    absx = xf.abs()
+    amax = torch.where(absx.isnan(), torch.zeros_like(absx), absx).amax(-1)
+    amax = torch.maximum(amax, _f32_const(0x38D1B717, amax))  # 1e-4f
+    s = amax * _f32_const(0x3B124925, amax)  # amax * (1.0f / 448.0f)
     if round_scale:
-        mantissa, exponent = torch.frexp(amax * (1.0 / 448.0))
-        e = torch.where(mantissa == 0.5, exponent - 1, exponent)
-        one = torch.ones_like(amax)
-        scale_inv, scale = torch.ldexp(one, e), torch.ldexp(one, -e)
+        bits = s.view(torch.int32)
+        e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)  # ceil(log2(s)), s normal
+        scale_inv = ((e + 127) << 23).view(torch.float32)
+        scale = ((127 - e) << 23).view(torch.float32)
+        inf = amax.isinf()
+        scale_inv = torch.where(inf, amax, scale_inv)
+        scale = torch.where(inf, torch.zeros_like(scale), scale)
     else:
-        # A true float32 division, as SPEC's cast does: `448.0 / amax` would be reciprocal(amax) * 448 in
-        # torch (Tensor.__rtruediv__), which rounds differently.
-        scale_inv, scale = amax * (1.0 / 448.0), torch.full_like(amax, 448.0) / amax
-    q = (xf * scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(N, H)
+        scale_inv = s
+        scale = torch.full_like(amax, 448.0) / amax  # 448 is exact in float32
+    v = xf * scale.unsqueeze(-1)
+    # torch's float -> e4m3fn cast rounds to nearest even but makes NaN of |v| >= 480: saturate first.
+    limit = torch.full_like(v, 448.0)
+    q = torch.minimum(torch.maximum(v, -limit), limit).to(torch.float8_e4m3fn).view(torch.uint8)
+    q = torch.where(v.isnan(), torch.full_like(q, E4M3_NAN_CODE), q)
+    q = q.view(N, H).view(torch.float8_e4m3fn)
     if not use_ue8m0:
         return q, scale_inv
     exp_bytes = ((scale_inv.view(torch.int32) >> 23) & 0xFF).view(N, H // 512, 4)
