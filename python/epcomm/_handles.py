@@ -8,15 +8,14 @@ call when device calls are safe, and all handles (live or queued) when it is des
 ep_group_destroy (which refuses while handles are alive).
 """
 import collections
-import weakref
 
 HT_HANDLE, LL_HANDLE = "ht", "ll"  # kinds: a normal-mode ep_handle_t, a low-latency ep_ll_handle_t
 
 
 class NativeHandle:
-    """Owns one C handle. `ptr` becomes None once released; then the handle may no longer be used."""
+    """Owns one C handle. Unusable once released, or once its book is closed (the Buffer was destroyed)."""
 
-    __slots__ = ("ptr", "kind", "_book", "__weakref__")
+    __slots__ = ("ptr", "kind", "_book")
 
     def __init__(self, ptr, kind, book):
         self.ptr = ptr
@@ -24,9 +23,10 @@ class NativeHandle:
         self._book = book
 
     def require(self, what="handle"):
-        if self.ptr is None:
+        ptr = self.ptr
+        if ptr is None or self._book.closed:
             raise RuntimeError(f"{what}: released (its Buffer was destroyed)")
-        return self.ptr
+        return ptr
 
     def __del__(self):
         ptr, self.ptr = self.ptr, None
@@ -41,19 +41,28 @@ class HandleBook:
     def __init__(self, release, needs_device):
         self._release = release
         self._needs_device = needs_device
-        self._live = weakref.WeakSet()
+        self._deferred = {}  # kind -> needs_device(kind), asked once per kind
+        # ptr -> kind of the handles whose Python object is alive: a plain dict, not a WeakSet of the
+        # objects (adopt runs once per low-latency dispatch, and a weak reference costs more than an entry).
+        # An entry leaves when its object is collected, before the C handle is freed, so a C address that
+        # is reused for a later handle never meets a stale entry.
+        self._live = {}
         self._dead = collections.deque()  # (kind, ptr) dropped by the collector, waiting for a safe moment
         self.closed = False
 
     def adopt(self, ptr, kind):
         handle = NativeHandle(ptr, kind, self)
-        self._live.add(handle)
+        self._live[ptr] = kind
         return handle
 
     def _dropped(self, kind, ptr):
         if self.closed:
             return
-        if self._needs_device(kind):
+        self._live.pop(ptr, None)
+        deferred = self._deferred.get(kind)
+        if deferred is None:
+            deferred = self._deferred[kind] = bool(self._needs_device(kind))
+        if deferred:
             self._dead.append((kind, ptr))
             return
         try:
@@ -77,16 +86,13 @@ class HandleBook:
         return error
 
     def release_all(self):
-        """At destroy: every handle, live or queued. Live Python handle objects become unusable."""
+        """At destroy: every handle, live or queued. Live Python handle objects become unusable (closed)."""
+        self.closed = True  # first: a handle object collected during the releases below does nothing
         error = None
-        for handle in list(self._live):
-            ptr, handle.ptr = handle.ptr, None
-            if ptr is None:
-                continue
+        live, self._live = self._live, {}
+        for ptr, kind in live.items():
             try:
-                self._release(handle.kind, ptr)
+                self._release(kind, ptr)
             except Exception as e:
                 error = error or e
-        error = self.collect() or error
-        self.closed = True
-        return error
+        return self.collect() or error

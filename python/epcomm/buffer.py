@@ -19,8 +19,12 @@ def _handle_releaser(lib):
     """Frees one C handle. Holds the library, not the Buffer: handles must not keep a reference cycle with
     their Buffer, or dropping the Buffer would wait for the cycle collector instead of freeing it at once."""
 
+    destroy_ht, destroy_ll = lib.ep_handle_destroy, lib.ep_ll_handle_destroy
+
     def release(kind, ptr):
-        _capi.check(lib.ep_handle_destroy(ptr) if kind == HT_HANDLE else lib.ep_ll_handle_destroy(ptr))
+        status = destroy_ht(ptr) if kind == HT_HANDLE else destroy_ll(ptr)
+        if status:
+            _capi.check(status)
 
     return release
 

@@ -9,7 +9,7 @@ import epcomm  # noqa: E402
 from epcomm import _capi, _torch  # noqa: E402
 from epcomm.buffer import Buffer  # noqa: E402
 from epcomm.event import EventOverlap, cuda_event_of  # noqa: E402
-from epcomm.low_latency import LowLatencyHandle, _Plan, _DISPATCH_FIELDS  # noqa: E402
+from epcomm.low_latency import LowLatencyHandle, _Args  # noqa: E402
 from epcomm.normal import DispatchHandle  # noqa: E402
 
 
@@ -118,13 +118,17 @@ def test_handles_are_tuples_shaped_like_deepeps():
     assert src_info is info and layout_range is rng and (T, H, E) == (128, 7168, 8)
 
 
-def test_a_plan_writes_each_pointer_into_its_tensor_field():
-    args = _capi.ep_low_latency_dispatch_args_t(max_tokens=128)
-    plan = _Plan(args, _DISPATCH_FIELDS)
-    plan.set_pointers(tuple(0x1000 * (i + 1) for i in range(len(_DISPATCH_FIELDS))))
-    for i, field in enumerate(_DISPATCH_FIELDS):
-        assert getattr(args, field).data == 0x1000 * (i + 1), field
-    assert args.max_tokens == 128 and args.size == ctypes.sizeof(args)
+def test_a_pointer_written_into_its_slot_lands_in_its_tensor_field():
+    fields = [name for name, kind in _capi.ep_low_latency_dispatch_args_t._fields_ if kind is _capi.ep_tensor_t]
+    a = _Args(_capi.ep_low_latency_dispatch_args_t(max_tokens=128))
+    for i, field in enumerate(fields):
+        a.words[_Args.slot(type(a.args), field)] = 0x1000 * (i + 1)
+    for i, field in enumerate(fields):
+        assert getattr(a.args, field).data == 0x1000 * (i + 1), field
+    assert a.args.max_tokens == 128 and a.args.size == ctypes.sizeof(a.args)
+    b = a.copy()
+    b.words[_Args.slot(type(b.args), "x")] = 7
+    assert b.args.x.data == 7 and a.args.x.data == 0x1000 and b.args.recv_x.data == a.args.recv_x.data
 
 
 def test_a_half_built_buffer_is_deleted_quietly():
