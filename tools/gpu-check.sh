@@ -5,7 +5,7 @@
 #   tools/gpu-check.sh [--quick]
 # Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine), EPCOMM_PY_WORLDS ("2,4"),
 # EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
-# EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_BENCH_ARGS (e.g. "--only ll"), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_DEADLINE_S (seconds in all).
+# EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_BENCH_ARGS (e.g. "--only ll"), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_PY_K (a pytest -k expression), EPCOMM_DEADLINE_S (seconds in all).
 # Order: build, host tests, GPU tests, benchmarks, Python binding.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -111,7 +111,7 @@ elif python3 -c 'import torch' 2>/dev/null; then
   worlds="${EPCOMM_PY_WORLDS:-2$( (( NGPU >= 4 )) && echo ,4)}"
   log="$BUILD.python.log"
   EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout "$(left 900)" \
-    python3 -m pytest -q -s -p no:cacheprovider "$ROOT/python/tests" > "$log" 2>&1
+    python3 -m pytest -q -s -p no:cacheprovider ${EPCOMM_PY_K:+-k "$EPCOMM_PY_K"} "$ROOT/python/tests" > "$log" 2>&1
   rc=$?
   { echo "==== python binding (pytest, worlds $worlds, exit $rc)"; head -c 300000 "$log"; } >> "$TESTS"
   [[ $rc -ne 0 ]] && status=1

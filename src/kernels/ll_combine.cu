@@ -13,16 +13,21 @@
 #define LL_COMBINE_THREADS 512
 #define LL_COMBINE_SPLIT   4 /* send blocks per local expert */
 #define LL_LOGFMT_BATCH    4 /* groups whose loads are in flight together when encoding LogFMT */
+#define LL_COMBINE_MAX_PARTS 8 /* pieces a row may be cut into between warps */
+#define LL_COMBINE_K_BATCH 8   /* rows whose loads are in flight together in the receive */
 
 __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
 }
 
+/* One kernel per row format (bf16 copy, LogFMT encode), so that the copy keeps few registers and the
+ * L * LL_COMBINE_SPLIT blocks run in one wave (two per SM). */
+template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     __shared__ int64_t ranges[EP_MAX_NVL_RANKS];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
-    const int l = blockIdx.x % L, part = blockIdx.x / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int l = blockIdx.x % L, blk = blockIdx.x / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
     const uint32_t epoch = g.ll_state[2 + p] + 1;
@@ -32,8 +37,15 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     __syncthreads();
     const int32_t count = ((const int32_t *)(mine + lay.count_off))[l];
     const int64_t row_bytes = 2 * (int64_t)a.hidden, S = a.hidden / 128;
-    for (int32_t i = part * (LL_COMBINE_THREADS / 32) + warp; i < count;
-         i += LL_COMBINE_SPLIT * (LL_COMBINE_THREADS / 32)) {
+    /* An expert has few rows at decode sizes (T*K/L on average): the row is cut into `parts` pieces so that
+     * every warp of the expert's blocks has bytes to move. bf16 rows are cut in 16-byte chunks, LogFMT rows
+     * in 128-channel groups. */
+    const int warps = LL_COMBINE_SPLIT * (LL_COMBINE_THREADS / 32);
+    const int parts = count > 0 ? min(LL_COMBINE_MAX_PARTS, max(1, warps / count)) : 1;
+    const int64_t units = LOGFMT ? S : row_bytes / 16, per_part = (units + parts - 1) / parts;
+    for (int32_t item = blk * (LL_COMBINE_THREADS / 32) + warp; item < count * parts; item += warps) {
+        const int32_t i = item / parts;
+        const int64_t u0 = (item % parts) * per_part, u1 = min(units, u0 + per_part);
         int s = 0;
         while (s + 1 < R && i >= (int32_t)(ranges[s + 1] >> 32))
             s++;
@@ -41,19 +53,20 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
         int t = packed >> 5, k = packed & 31;
         const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
         char *dst = ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * lay.comb_row_bytes;
-        if (!a.use_logfmt) {
-            ep_warp_copy16((uint4 *)dst, src, row_bytes / 16, lane);
+        if (!LOGFMT) {
+            if (u1 > u0)
+                ep_warp_copy16((uint4 *)dst + u0, src + u0, u1 - u0, lane);
             continue;
         }
-        for (int64_t g0 = 0; g0 < S; g0 += LL_LOGFMT_BATCH) { /* the loads of a batch of groups go together */
+        for (int64_t g0 = u0; g0 < u1; g0 += LL_LOGFMT_BATCH) { /* the loads of a batch of groups go together */
             uint2 raw[LL_LOGFMT_BATCH];
 #pragma unroll
             for (int u = 0; u < LL_LOGFMT_BATCH; u++)
-                if (g0 + u < S)
+                if (g0 + u < u1)
                     raw[u] = ((const uint2 *)src)[(g0 + u) * 32 + lane];
 #pragma unroll
             for (int u = 0; u < LL_LOGFMT_BATCH; u++) {
-                if (g0 + u >= S)
+                if (g0 + u >= u1)
                     break;
                 uint32_t word = ep_logfmt_encode_group(raw[u], dst + (g0 + u) * 256, lane);
                 if (lane == 0)
@@ -70,6 +83,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_recv_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     __shared__ int first_k[EP_LL_MAX_TOPK];
+    __shared__ float weight[EP_LL_MAX_TOPK];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, t = blockIdx.x;
     const int tid = threadIdx.x;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
@@ -93,33 +107,48 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
                 }
         }
         first_k[tid] = f;
+        weight[tid] = a.weights[(int64_t)t * a.w_stride + tid];
     }
     __syncthreads();
     const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * lay.comb_row_bytes;
     for (int c = tid; c < a.hidden / 8; c += LL_COMBINE_THREADS) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int k = 0; k < K; k++) {
-            int f = first_k[k];
-            if (f < 0)
-                continue;
-            float w = a.weights[(int64_t)t * a.w_stride + k];
-            const char *row = slots + (uint64_t)f * lay.comb_row_bytes;
-            float v[8];
-            if (a.use_logfmt) {
+        if (a.use_logfmt) {
+            for (int k = 0; k < K; k++) {
+                const int f = first_k[k];
+                if (f < 0)
+                    continue;
+                const char *row = slots + (uint64_t)f * lay.comb_row_bytes;
                 const int gi = c / 16;
+                float v[8];
                 ep_logfmt_decode8(row + gi * 256, ((const uint32_t *)(row + 2 * a.hidden))[gi], (c % 16) * 8, v);
-            } else {
-                uint4 r = ((const uint4 *)row)[c];
-                uint32_t words[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    v[2 * j] = ep_bf16_lo(words[j]);
-                    v[2 * j + 1] = ep_bf16_hi(words[j]);
+                for (int j = 0; j < 8; j++)
+                    acc[j] = __fmaf_rn(weight[k], v[j], acc[j]);
+            }
+        } else {
+            /* The loads of LL_COMBINE_K_BATCH rows are issued together, then summed in k order. */
+            for (int k0 = 0; k0 < K; k0 += LL_COMBINE_K_BATCH) {
+                uint4 r[LL_COMBINE_K_BATCH];
+#pragma unroll
+                for (int u = 0; u < LL_COMBINE_K_BATCH; u++) {
+                    const int f = k0 + u < K ? first_k[k0 + u] : -1;
+                    if (f >= 0)
+                        r[u] = ((const uint4 *)(slots + (uint64_t)f * lay.comb_row_bytes))[c];
+                }
+#pragma unroll
+                for (int u = 0; u < LL_COMBINE_K_BATCH; u++) {
+                    if (k0 + u >= K || first_k[k0 + u] < 0)
+                        continue;
+                    const float w = weight[k0 + u];
+                    const uint32_t words[4] = {r[u].x, r[u].y, r[u].z, r[u].w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[2 * j] = __fmaf_rn(w, ep_bf16_lo(words[j]), acc[2 * j]);
+                        acc[2 * j + 1] = __fmaf_rn(w, ep_bf16_hi(words[j]), acc[2 * j + 1]);
+                    }
                 }
             }
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                acc[j] = __fmaf_rn(w, v[j], acc[j]);
         }
         ((uint4 *)(a.out + (int64_t)t * a.out_stride))[c] = ep_pack_bf16x8(acc);
     }
@@ -127,7 +156,11 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
                                                  cudaStream_t s) {
-    ll_combine_send_kernel<<<(a->num_experts / g->num_ranks) * LL_COMBINE_SPLIT, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    const int blocks = (a->num_experts / g->num_ranks) * LL_COMBINE_SPLIT;
+    if (a->use_logfmt)
+        ll_combine_send_kernel<true><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    else
+        ll_combine_send_kernel<false><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }
 

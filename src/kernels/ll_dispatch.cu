@@ -11,7 +11,7 @@
 
 #include <cuda_fp8.h>
 
-#define LL_SEND_THREADS 256
+#define LL_SEND_THREADS 512
 #define LL_SEND_UNROLL  4
 #define LL_RECV_THREADS 512
 

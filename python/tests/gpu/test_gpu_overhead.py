@@ -18,19 +18,53 @@ ITERS, WARMUP, SYNC_EVERY = 2000, 200, 50
 
 
 def _time(calls):
-    """Median host microseconds of each call in `calls` (a list of callables run in turn, ITERS times)."""
-    samples = [[] for _ in calls]
+    """Median host microseconds of each call in `calls` (a list of (name, setup, call)), run in turn in one loop
+    so that every call meets the same launch-queue depth; `setup` (untimed) may be None."""
+    samples = {name: [] for name, _, _ in calls}
     for i in range(WARMUP + ITERS):
         if i % SYNC_EVERY == 0:
             torch.cuda.synchronize()  # keep the launch queue short, outside the timed region
-        for j, call in enumerate(calls):
+        for name, setup, call in calls:
+            if setup is not None:
+                setup()
             t0 = time.perf_counter_ns()
             call()
             t1 = time.perf_counter_ns()
             if i >= WARMUP:
-                samples[j].append((t1 - t0) / 1000)
+                samples[name].append((t1 - t0) / 1000)
     torch.cuda.synchronize()
-    return [statistics.median(s) for s in samples]
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _unit_costs(buffer, x, idx, w, y, out):
+    """Median host microseconds of the pieces a binding call is made of, on this host (a diagnostic)."""
+    import ctypes as C
+
+    from epcomm import _torch
+
+    rank = C.c_int()
+    rank_ref = C.byref(rank)
+    lib, grp, dev = buffer._lib, buffer._group, x.device
+    pieces = {
+        "ctypes call (ep_group_rank)": lambda: lib.ep_group_rank(grp, rank_ref),
+        "current stream pointer": lambda: _torch.current_stream_ptr(dev),
+        "tensor.data_ptr()": x.data_ptr,
+        "tensor.shape + stride()": lambda: (x.shape, x.stride()),
+        "combine plan key": lambda: (y.shape, y.stride(), y.dtype, y.get_device(), idx.shape, idx.stride(),
+                                     idx.dtype, idx.get_device(), w.shape, w.stride(), w.dtype, w.get_device(),
+                                     (out.shape, out.stride(), out.dtype, out.get_device()), False, False, None),
+        "torch.empty [N, H] bf16": lambda: torch.empty(*out.shape, dtype=torch.bfloat16, device=dev),
+        "torch.empty [L, R*T, H] fp8": lambda: torch.empty(*y.shape, dtype=torch.float8_e4m3fn, device=dev),
+    }
+    result = {}
+    for name, fn in pieces.items():
+        for _ in range(200):
+            fn()
+        n, t0 = 5000, time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        result[name] = (time.perf_counter_ns() - t0) / n / 1000
+    return result
 
 
 def _worker(rank, world, group, target_us):
@@ -49,6 +83,8 @@ def _worker(rank, world, group, target_us):
     y = torch.randn((L, RT, HIDDEN), device="cuda").to(torch.bfloat16)
     state = {}
 
+    out = torch.empty((TOKENS, HIDDEN), dtype=torch.bfloat16, device="cuda")
+
     def py_dispatch():
         state["h"] = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=True)[2]
 
@@ -57,15 +93,6 @@ def _worker(rank, world, group, target_us):
 
     def py_combine_out():
         buffer.low_latency_combine(y, idx, w, state["h"], out=out)
-
-    out = torch.empty((TOKENS, HIDDEN), dtype=torch.bfloat16, device="cuda")
-    results = {}
-    for reuse in (False, True):
-        buffer.low_latency_reuse_outputs = reuse
-        d, c, c_out = _time([py_dispatch, py_combine, py_combine_out])
-        results[f"python dispatch ({'reused' if reuse else 'fresh'} outputs)"] = d
-        results[f"python combine ({'reused' if reuse else 'fresh'} outputs)"] = c
-        results["python combine (out=)"] = c_out
 
     # The same calls straight through ctypes, arguments built once.
     lib, group_ptr = buffer._lib, buffer._group
@@ -78,8 +105,9 @@ def _worker(rank, world, group, target_us):
     for field, t in (("x", x), ("topk_idx", idx), ("recv_x", recv_x), ("recv_x_scales", scales),
                      ("recv_count", count), ("src_info", src_info), ("layout_range", layout_range)):
         _torch.fill(getattr(da, field), t, field)
+    c_out = torch.empty((TOKENS, HIDDEN), dtype=torch.bfloat16, device="cuda")
     ca = _capi.ep_low_latency_combine_args_t()
-    for field, t in (("x", y), ("topk_idx", idx), ("topk_weights", w), ("out", out)):
+    for field, t in (("x", y), ("topk_idx", idx), ("topk_weights", w), ("out", c_out)):
         _torch.fill(getattr(ca, field), t, field)
     launch = _capi.ep_launch_t(stream=torch.cuda.current_stream().cuda_stream)
     handle = ctypes.c_void_p()
@@ -93,10 +121,22 @@ def _worker(rank, world, group, target_us):
     def c_combine():
         _capi.check(lib.ep_low_latency_combine(group_ptr, ca_ref, handle, launch_ref))
 
-    d, c = _time([c_dispatch, c_combine])
+    def reuse(flag):
+        def setup():
+            buffer.low_latency_reuse_outputs = flag
+        return setup
+
+    # Python and C calls interleaved in one loop: both meet the same queue depth and the same host state.
+    results = _time([
+        ("C dispatch (ctypes, prebuilt)", None, c_dispatch),
+        ("python dispatch (fresh outputs)", reuse(False), py_dispatch),
+        ("C combine (ctypes, prebuilt)", None, c_combine),
+        ("python combine (fresh out)", None, py_combine),
+        ("python combine (out=)", None, py_combine_out),
+        ("python dispatch (reused outputs)", reuse(True), py_dispatch),
+    ])
     lib.ep_ll_handle_destroy(handle)
-    results["C dispatch (ctypes, prebuilt)"] = d
-    results["C combine (ctypes, prebuilt)"] = c
+    units = _unit_costs(buffer, x, idx, w, y, out)
     state.clear()
 
     everyone = [None] * world
@@ -105,7 +145,7 @@ def _worker(rank, world, group, target_us):
     overhead = {
         "dispatch, fresh outputs": worst["python dispatch (fresh outputs)"] - worst["C dispatch (ctypes, prebuilt)"],
         "dispatch, reused outputs": worst["python dispatch (reused outputs)"] - worst["C dispatch (ctypes, prebuilt)"],
-        "combine, fresh out": worst["python combine (fresh outputs)"] - worst["C combine (ctypes, prebuilt)"],
+        "combine, fresh out": worst["python combine (fresh out)"] - worst["C combine (ctypes, prebuilt)"],
         "combine, out=": worst["python combine (out=)"] - worst["C combine (ctypes, prebuilt)"],
     }
     if rank == 0:
@@ -113,11 +153,13 @@ def _worker(rank, world, group, target_us):
                  f"(T={T}, H={HIDDEN}, N={TOKENS}, K={TOPK}, E={E}, FP8 dispatch):"]
         lines += [f"  {k:44s} {v:8.2f}" for k, v in worst.items()]
         lines += [f"  binding overhead, {k:26s} {v:8.2f}" for k, v in overhead.items()]
+        lines += ["pieces (host us, rank 0):"] + [f"  {k:44s} {v:8.2f}" for k, v in units.items()]
         print("\n".join(lines), flush=True)
         path = os.environ.get("EPCOMM_OVERHEAD_JSON")
         if path:
             with open(path, "w") as f:
-                json.dump({"world": world, "per_call_us": worst, "overhead_us": overhead}, f, indent=1)
+                json.dump({"world": world, "per_call_us": worst, "overhead_us": overhead, "pieces_us": units}, f,
+                          indent=1)
     buffer.destroy()
     best = min(overhead["dispatch, reused outputs"], overhead["dispatch, fresh outputs"])
     assert best < target_us and overhead["combine, out="] < target_us, (
