@@ -27,3 +27,15 @@ ep_log_level_t ep_env_log_level(void) {
         return EP_LOG_TRACE;
     return EP_LOG_NONE;
 }
+
+int ep_env_ll_combine_warps(void) {
+    static int cached = 0; /* read once: this is on the per-call path */
+    if (cached == 0) {
+        const char *s = getenv("EPCOMM_LL_COMBINE_WARPS");
+        char *end = NULL;
+        long v = s != NULL && *s != '\0' ? strtol(s, &end, 10) : 0;
+        cached = (end != NULL && *end == '\0' && v >= 16 && v <= 128 && v % 16 == 0) ? (int)v
+                                                                                       : EP_DEFAULT_LL_COMBINE_WARPS;
+    }
+    return cached;
+}

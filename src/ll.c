@@ -3,6 +3,7 @@
 #include "ll.h"
 
 #include "check.h"
+#include "env.h"
 #include "error.h"
 #include "kernels/group_kernels.h"
 #include "kernels/ll_layout.h"
@@ -222,6 +223,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         .out_stride = a->out.strides[0],
         .wait_cost_stats = (int64_t *)a->combine_wait_recv_cost_stats.data,
         .use_logfmt = a->use_logfmt != 0,
+        .send_warps = ep_env_ll_combine_warps(),
     };
     EP_CHECK(
         run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k, "low-latency combine"));

@@ -10,18 +10,16 @@
 #include "logfmt.cuh"
 #include "sync.cuh"
 
-#define LL_COMBINE_THREADS 512
-#define LL_COMBINE_SPLIT   4 /* send blocks per local expert */
-#define LL_LOGFMT_BATCH    4 /* groups whose loads are in flight together when encoding LogFMT */
+#define LL_COMBINE_THREADS   512
+#define LL_LOGFMT_BATCH      4 /* groups whose loads are in flight together when encoding LogFMT */
 #define LL_COMBINE_MAX_PARTS 8 /* pieces a row may be cut into between warps */
-#define LL_COMBINE_K_BATCH 8   /* rows whose loads are in flight together in the receive */
+#define LL_COMBINE_K_BATCH   8 /* rows whose loads are in flight together in the receive */
 
 __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
 }
 
-/* One kernel per row format (bf16 copy, LogFMT encode), so that the copy keeps few registers and the
- * L * LL_COMBINE_SPLIT blocks run in one wave (two per SM). */
+/* One kernel per row format (bf16 copy, LogFMT encode), so that each keeps few registers (two blocks per SM). */
 template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
@@ -37,10 +35,11 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     __syncthreads();
     const int32_t count = ((const int32_t *)(mine + lay.count_off))[l];
     const int64_t row_bytes = 2 * (int64_t)a.hidden, S = a.hidden / 128;
-    /* An expert has few rows at decode sizes (T*K/L on average): the row is cut into `parts` pieces so that
-     * every warp of the expert's blocks has bytes to move. bf16 rows are cut in 16-byte chunks, LogFMT rows
-     * in 128-channel groups. */
-    const int warps = LL_COMBINE_SPLIT * (LL_COMBINE_THREADS / 32);
+    /* a.send_warps warps per expert share its rows. With fewer rows than warps (small T) a row is cut into
+     * `parts` pieces (bf16 rows in 16-byte chunks, LogFMT rows in 128-channel groups) so that every warp has
+     * bytes to move. More warps than rows is not faster at T=128 (measured: 64 warps with rows cut in four
+     * took 55 us against 46 us for 16 warps with whole rows), hence the default of one block per expert. */
+    const int warps = a.send_warps;
     const int parts = count > 0 ? min(LL_COMBINE_MAX_PARTS, max(1, warps / count)) : 1;
     const int64_t units = LOGFMT ? S : row_bytes / 16, per_part = (units + parts - 1) / parts;
     for (int32_t item = blk * (LL_COMBINE_THREADS / 32) + warp; item < count * parts; item += warps) {
@@ -53,24 +52,24 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
         int t = packed >> 5, k = packed & 31;
         const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
         char *dst = ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * lay.comb_row_bytes;
-        if (!LOGFMT) {
+        if constexpr (!LOGFMT) {
             if (u1 > u0)
                 ep_warp_copy16((uint4 *)dst + u0, src + u0, u1 - u0, lane);
-            continue;
-        }
-        for (int64_t g0 = u0; g0 < u1; g0 += LL_LOGFMT_BATCH) { /* the loads of a batch of groups go together */
-            uint2 raw[LL_LOGFMT_BATCH];
+        } else {
+            for (int64_t g0 = u0; g0 < u1; g0 += LL_LOGFMT_BATCH) { /* the loads of a batch of groups go together */
+                uint2 raw[LL_LOGFMT_BATCH];
 #pragma unroll
-            for (int u = 0; u < LL_LOGFMT_BATCH; u++)
-                if (g0 + u < u1)
-                    raw[u] = ((const uint2 *)src)[(g0 + u) * 32 + lane];
+                for (int u = 0; u < LL_LOGFMT_BATCH; u++)
+                    if (g0 + u < u1)
+                        raw[u] = ((const uint2 *)src)[(g0 + u) * 32 + lane];
 #pragma unroll
-            for (int u = 0; u < LL_LOGFMT_BATCH; u++) {
-                if (g0 + u >= u1)
-                    break;
-                uint32_t word = ep_logfmt_encode_group(raw[u], dst + (g0 + u) * 256, lane);
-                if (lane == 0)
-                    ((uint32_t *)(dst + row_bytes))[g0 + u] = word;
+                for (int u = 0; u < LL_LOGFMT_BATCH; u++) {
+                    if (g0 + u >= u1)
+                        break;
+                    uint32_t word = ep_logfmt_encode_group(raw[u], dst + (g0 + u) * 256, lane);
+                    if (lane == 0)
+                        ((uint32_t *)(dst + row_bytes))[g0 + u] = word;
+                }
             }
         }
     }
@@ -156,7 +155,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
                                                  cudaStream_t s) {
-    const int blocks = (a->num_experts / g->num_ranks) * LL_COMBINE_SPLIT;
+    const int blocks = (a->num_experts / g->num_ranks) * (a->send_warps / (LL_COMBINE_THREADS / 32));
     if (a->use_logfmt)
         ll_combine_send_kernel<true><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
     else

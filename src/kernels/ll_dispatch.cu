@@ -1,8 +1,8 @@
 /* Low-latency dispatch. Send: one block per token casts the row once (FP8 per 128 channels, or bf16 as is)
  * and stores it, with a header naming the token's local experts, into one slot per destination rank (not one
  * per expert: each rank gets a token once, whatever number of its experts the token names). The last block to
- * finish raises a flag at every rank carrying (epoch, tokens sent). Receive (the hook): one block per local
- * expert waits for every source's flag, then walks the sources in rank order and their slots in token order,
+ * finish raises a flag at every rank carrying (epoch, tokens sent). Receive (the hook): two blocks per local
+ * expert wait for every source's flag, then walk the sources in rank order and their slots in token order,
  * packing the slots that name this expert into its rows: deterministic, and no atomics decide an order. */
 #include "copy.cuh"
 #include "ll_kernels.h"
@@ -14,6 +14,7 @@
 #define LL_SEND_THREADS 512
 #define LL_SEND_UNROLL  4
 #define LL_RECV_THREADS 512
+#define LL_RECV_SPLIT   2 /* blocks per local expert in the receive: each scans, and copies every other row */
 
 __device__ __forceinline__ char *ll_half(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
@@ -198,16 +199,18 @@ __device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, in
     return -1;
 }
 
-/* One block per local expert l. The slots of all sources are scanned as one sequence in (source, token)
- * order, EP_LL_RECV_THREADS at a time: a block-wide scan gives each slot that names l its row, so rows come
- * out in the reference's order and every warp copies rows in parallel. */
+/* LL_RECV_SPLIT blocks per local expert l. The slots of all sources are scanned as one sequence in (source,
+ * token) order, EP_LL_RECV_THREADS at a time: a block-wide scan gives each slot that names l its row, so rows
+ * come out in the reference's order. Each of l's blocks makes the same scan (a few header loads) and copies
+ * every LL_RECV_SPLIT-th row, so twice as many SMs move the rows; the first writes the bookkeeping. */
 __global__ void __launch_bounds__(LL_RECV_THREADS)
     ll_dispatch_recv_kernel(const __grid_constant__ ep_dev_group_t g,
                             const __grid_constant__ ep_ll_dispatch_kargs_t a) {
     __shared__ int32_t first[EP_MAX_NVL_RANKS + 1]; /* first[s]: index of source s's slot 0 in the sequence */
     __shared__ int32_t per_src[EP_MAX_NVL_RANKS];   /* rows of l from each source */
     __shared__ int32_t picked[LL_RECV_THREADS];     /* sequence index of each picked slot of the chunk */
-    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, l = blockIdx.x;
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
+    const int l = blockIdx.x / LL_RECV_SPLIT, sub = blockIdx.x % LL_RECV_SPLIT; /* sub 0 writes the bookkeeping */
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
@@ -220,7 +223,7 @@ __global__ void __launch_bounds__(LL_RECV_THREADS)
         bool ok = ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_DISPATCH_RECV, tid);
         first[tid + 1] = ok ? (int32_t)(ep_load_acquire_sys(flag) & 0xffffffffu) : 0;
         per_src[tid] = 0;
-        if (a.wait_cost_stats && l == 0)
+        if (a.wait_cost_stats && blockIdx.x == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }
     __syncthreads();
@@ -251,11 +254,13 @@ __global__ void __launch_bounds__(LL_RECV_THREADS)
         if (k_found >= 0) {
             const int j = f - first[s];
             picked[pos] = f;
-            a.src_info[l * RT + row + pos] = j;
-            ((int32_t *)(half + lay.srck_off))[l * RT + row + pos] = (j << 5) | k_found;
+            if (sub == 0) {
+                a.src_info[l * RT + row + pos] = j;
+                ((int32_t *)(half + lay.srck_off))[l * RT + row + pos] = (j << 5) | k_found;
+            }
         }
         __syncthreads();
-        for (int c = warp; c < total; c += LL_RECV_THREADS / 32) {
+        for (int c = warp * LL_RECV_SPLIT + sub; c < total; c += LL_RECV_SPLIT * (LL_RECV_THREADS / 32)) {
             const int32_t fc = picked[c];
             int sc_src = 0;
             while (fc >= first[sc_src + 1])
@@ -290,6 +295,8 @@ __global__ void __launch_bounds__(LL_RECV_THREADS)
         row += total;
         __syncthreads();
     }
+    if (sub != 0)
+        return;
     if (tid < R) {
         int32_t begin = 0;
         for (int s = 0; s < tid; s++)
@@ -315,6 +322,6 @@ extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const
 
 extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
                                                   cudaStream_t s) {
-    ll_dispatch_recv_kernel<<<a->num_experts / g->num_ranks, LL_RECV_THREADS, 0, s>>>(*g, *a);
+    ll_dispatch_recv_kernel<<<a->num_experts / g->num_ranks * LL_RECV_SPLIT, LL_RECV_THREADS, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }

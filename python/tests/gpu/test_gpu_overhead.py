@@ -47,7 +47,7 @@ def _unit_costs(buffer, x, idx, w, y, out):
     lib, grp, dev = buffer._lib, buffer._group, x.device
     pieces = {
         "ctypes call (ep_group_rank)": lambda: lib.ep_group_rank(grp, rank_ref),
-        "current stream pointer": lambda: _torch.current_stream_ptr(dev),
+        "current stream pointer": lambda: _torch.current_stream_ptr(buffer._device),
         "tensor.data_ptr()": x.data_ptr,
         "tensor.shape + stride()": lambda: (x.shape, x.stride()),
         "combine plan key": lambda: (y.shape, y.stride(), y.dtype, y.get_device(), idx.shape, idx.stride(),
