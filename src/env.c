@@ -34,8 +34,7 @@ int ep_env_ll_combine_warps(void) {
         const char *s = getenv("EPCOMM_LL_COMBINE_WARPS");
         char *end = NULL;
         long v = s != NULL && *s != '\0' ? strtol(s, &end, 10) : 0;
-        cached = (end != NULL && *end == '\0' && v >= 16 && v <= 128 && v % 16 == 0) ? (int)v
-                                                                                       : EP_DEFAULT_LL_COMBINE_WARPS;
+        cached = (end != NULL && *end == '\0' && v >= 16 && v <= 128 && v % 16 == 0) ? (int)v : -1;
     }
     return cached;
 }

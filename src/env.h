@@ -14,8 +14,7 @@ typedef enum { EP_LOG_NONE = 0, EP_LOG_WARN = 1, EP_LOG_INFO = 2, EP_LOG_TRACE =
 ep_log_level_t ep_env_log_level(void);
 
 /* EPCOMM_LL_COMBINE_WARPS: warps per local expert in the low-latency combine's send (16, 32, ... 128; a
- * multiple of 16), else the default. */
-#define EP_DEFAULT_LL_COMBINE_WARPS 16
+ * multiple of 16), or -1 when unset or invalid (the library then picks by the expected rows per expert). */
 int ep_env_ll_combine_warps(void);
 
 #endif

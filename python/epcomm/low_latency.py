@@ -33,6 +33,7 @@ _MAX_PLANS = 512  # decode calls vary only N (<= T): a few hundred plans at most
 _tuple_new = tuple.__new__
 _BF16, _FP8, _F32, _I32, _I64 = torch.bfloat16, torch.float8_e4m3fn, torch.float32, torch.int32, torch.int64
 _D = _capi.DType
+_NO_EVENT = EventOverlap(None)  # what a call without async_finish returns (immutable in use: no event, no tensors)
 
 
 class LowLatencyHandle(tuple):
@@ -277,7 +278,7 @@ class LowLatencyMixin:
         if async_finish:
             event = EventOverlap(EventHandle(self._comm_stream), (x, topk_idx) + outputs + (stats, waits))
         else:
-            event = EventOverlap(None)
+            event = _NO_EVENT
         return ((recv_x, scales) if use_fp8 else recv_x), recv_count, handle, event, hook
 
     def _ll_dispatch_plan(self, key, x, topk_idx, T, E, use_fp8, round_scale, use_ue8m0, return_recv_hook, stats,
@@ -361,7 +362,7 @@ class LowLatencyMixin:
         if async_finish:
             event = EventOverlap(EventHandle(self._comm_stream), (x, topk_idx, topk_weights, out, waits))
         else:
-            event = EventOverlap(None)
+            event = _NO_EVENT
         return out, event, hook
 
     def _ll_combine_plan(self, key, x, topk_idx, topk_weights, out, return_recv_hook, use_logfmt, waits):

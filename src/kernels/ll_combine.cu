@@ -35,12 +35,12 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     __syncthreads();
     const int32_t count = ((const int32_t *)(mine + lay.count_off))[l];
     const int64_t row_bytes = 2 * (int64_t)a.hidden, S = a.hidden / 128;
-    /* a.send_warps warps per expert share its rows. With fewer rows than warps (small T) a row is cut into
-     * `parts` pieces (bf16 rows in 16-byte chunks, LogFMT rows in 128-channel groups) so that every warp has
-     * bytes to move. More warps than rows is not faster at T=128 (measured: 64 warps with rows cut in four
-     * took 55 us against 46 us for 16 warps with whole rows), hence the default of one block per expert. */
+    /* a.send_warps warps per expert share its rows, a whole row each. Only when an expert has at most an eighth
+     * as many rows as warps (small T: latency, not bytes) is a row cut into `parts` pieces (bf16 rows in 16-byte
+     * chunks, LogFMT rows in 128-channel groups). Cutting larger counts was slower at EP4 (T=128: 55 us with
+     * rows in four pieces against 48 us whole). */
     const int warps = a.send_warps;
-    const int parts = count > 0 ? min(LL_COMBINE_MAX_PARTS, max(1, warps / count)) : 1;
+    const int parts = count > 0 && count * 8 <= warps ? min(LL_COMBINE_MAX_PARTS, warps / count) : 1;
     const int64_t units = LOGFMT ? S : row_bytes / 16, per_part = (units + parts - 1) / parts;
     for (int32_t item = blk * (LL_COMBINE_THREADS / 32) + warp; item < count * parts; item += warps) {
         const int32_t i = item / parts;
