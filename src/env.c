@@ -38,3 +38,12 @@ int ep_env_ll_combine_warps(void) {
     }
     return cached;
 }
+
+int ep_env_ll_fused(void) {
+    static int cached = -1; /* read once: this is on the per-call path */
+    if (cached < 0) {
+        const char *s = getenv("EPCOMM_LL_FUSED");
+        cached = !(s != NULL && strcmp(s, "0") == 0);
+    }
+    return cached;
+}

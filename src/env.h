@@ -17,4 +17,8 @@ ep_log_level_t ep_env_log_level(void);
  * multiple of 16), or -1 when unset or invalid (the library then picks by the expected rows per expert). */
 int ep_env_ll_combine_warps(void);
 
+/* EPCOMM_LL_FUSED: 0 runs a low-latency call without a hook as two kernels (send, receive) even when one fused
+ * kernel would fit on the GPU at once; anything else or unset: fused where it fits. */
+int ep_env_ll_fused(void);
+
 #endif

@@ -9,6 +9,7 @@
 #include "ll_layout.h"
 #include "logfmt.cuh"
 #include "sync.cuh"
+#include "wave.cuh"
 
 #define LL_COMBINE_THREADS   512
 #define LL_LOGFMT_BATCH      4 /* groups whose loads are in flight together when encoding LogFMT */
@@ -19,21 +20,26 @@ __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, in
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
 }
 
-/* One kernel per row format (bf16 copy, LogFMT encode), so that each keeps few registers (two blocks per SM). */
+__host__ __device__ __forceinline__ int combine_send_blocks(const ep_ll_combine_kargs_t &a, int num_ranks) {
+    return a.num_experts / num_ranks * (a.send_warps / (LL_COMBINE_THREADS / 32));
+}
+
+/* Send block vb (of combine_send_blocks; a block beyond them sends nothing), then the block counts itself
+ * done; the last block of the grid raises the flags. One instance per row format (bf16 copy, LogFMT encode),
+ * so that each keeps few registers (two blocks per SM). */
 template <bool LOGFMT>
-__global__ void __launch_bounds__(LL_COMBINE_THREADS)
-    ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
+__device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a, int vb,
+                                                   uint32_t epoch) {
     __shared__ int64_t ranges[EP_MAX_NVL_RANKS];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
-    const int l = blockIdx.x % L, blk = blockIdx.x / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int l = vb % L, blk = vb / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
-    const uint32_t epoch = g.ll_state[2 + p] + 1;
     const char *mine = ll_half_c(g, me, p, a.half_bytes);
     if (tid < R)
         ranges[tid] = ((const int64_t *)(mine + lay.range_off))[l * R + tid];
     __syncthreads();
-    const int32_t count = ((const int32_t *)(mine + lay.count_off))[l];
+    const int32_t count = vb < combine_send_blocks(a, R) ? ((const int32_t *)(mine + lay.count_off))[l] : 0;
     const int64_t row_bytes = 2 * (int64_t)a.hidden, S = a.hidden / 128;
     /* a.send_warps warps per expert share its rows, a whole row each. Only when an expert has at most an eighth
      * as many rows as warps (small T: latency, not bytes) is a row cut into `parts` pieces (bf16 rows in 16-byte
@@ -79,14 +85,20 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
                              (uint64_t)epoch << 32);
 }
 
+template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
-    ll_combine_recv_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
+    ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
+    combine_send_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity] + 1);
+}
+
+/* Receive of token t: waits for every rank's flag of `epoch`, then sums its rows in k order. */
+__device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a, int t,
+                                                   uint32_t epoch) {
     __shared__ int first_k[EP_LL_MAX_TOPK];
     __shared__ float weight[EP_LL_MAX_TOPK];
-    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, t = blockIdx.x;
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
     const int tid = threadIdx.x;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
-    const uint32_t epoch = g.ll_state[2 + p];
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + tid;
@@ -153,9 +165,26 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     }
 }
 
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+    ll_combine_recv_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
+    combine_recv_block(g, a, blockIdx.x, g.ll_state[2 + a.parity]); /* the send kernel before it set the epoch */
+}
+
+/* Send and receive in one kernel (the call without a hook): G = max(send blocks, N) blocks each send, and the
+ * last N of them then receive a token (receivers wait only after sending; send-only blocks come first). */
+template <bool LOGFMT>
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+    ll_combine_fused_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
+    const uint32_t epoch = g.ll_state[2 + a.parity] + 1; /* read before this block counts itself done */
+    combine_send_block<LOGFMT>(g, a, blockIdx.x, epoch);
+    const int t = (int)blockIdx.x - ((int)gridDim.x - a.num_tokens);
+    if (t >= 0)
+        combine_recv_block(g, a, t, epoch);
+}
+
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
                                                  cudaStream_t s) {
-    const int blocks = (a->num_experts / g->num_ranks) * (a->send_warps / (LL_COMBINE_THREADS / 32));
+    const int blocks = combine_send_blocks(*a, g->num_ranks);
     if (a->use_logfmt)
         ll_combine_send_kernel<true><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
     else
@@ -168,5 +197,24 @@ extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const 
     if (a->num_tokens == 0)
         return cudaSuccess;
     ll_combine_recv_kernel<<<a->num_tokens, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}
+
+/* The call without a hook: one fused kernel when its grid fits on the GPU at once, else send then receive. */
+extern "C" cudaError_t ep_launch_ll_combine_both(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
+                                                 cudaStream_t s) {
+    static int per_sm[2];
+    const int send = combine_send_blocks(*a, g->num_ranks);
+    const int blocks = a->num_tokens > send ? a->num_tokens : send;
+    const void *kernel = a->use_logfmt ? (const void *)ll_combine_fused_kernel<true>
+                                       : (const void *)ll_combine_fused_kernel<false>;
+    if (blocks > ep_wave_capacity(kernel, LL_COMBINE_THREADS, &per_sm[a->use_logfmt ? 1 : 0])) {
+        cudaError_t err = ep_launch_ll_combine_send(g, a, s);
+        return err == cudaSuccess ? ep_launch_ll_combine_recv(g, a, s) : err;
+    }
+    if (a->use_logfmt)
+        ll_combine_fused_kernel<true><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    else
+        ll_combine_fused_kernel<false><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }

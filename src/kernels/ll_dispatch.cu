@@ -8,6 +8,7 @@
 #include "ll_kernels.h"
 #include "ll_layout.h"
 #include "sync.cuh"
+#include "wave.cuh"
 
 #include <cuda_fp8.h>
 
@@ -15,6 +16,7 @@
 #define LL_SEND_UNROLL  4
 #define LL_RECV_THREADS 512
 #define LL_RECV_SPLIT   2 /* blocks per local expert in the receive: each scans, and copies every other row */
+static_assert(LL_SEND_THREADS == LL_RECV_THREADS, "the fused kernel runs both parts with one block size");
 
 __device__ __forceinline__ char *ll_half(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
@@ -67,15 +69,15 @@ __device__ __forceinline__ uint32_t cast_group(uint2 raw, int round_scale, float
     return packed;
 }
 
-__global__ void __launch_bounds__(LL_SEND_THREADS)
-    ll_dispatch_send_kernel(const __grid_constant__ ep_dev_group_t g,
-                            const __grid_constant__ ep_ll_dispatch_kargs_t a) {
+/* The send of token t (none if t >= N) by one block, then the block counts itself done; the last block of the
+ * grid raises the flags. `epoch`: this call's, read by every block before it counts itself. */
+__device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, const ep_ll_dispatch_kargs_t &a, int t,
+                                                    uint32_t epoch) {
     __shared__ int16_t ids[EP_MAX_NVL_RANKS][EP_LL_MAX_TOPK];
     __shared__ unsigned dest_mask;
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
-    const uint32_t epoch = g.ll_state[p] + 1;
-    const int t = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     if (t < a.num_tokens) {
         if (tid < EP_MAX_NVL_RANKS * EP_LL_MAX_TOPK)
             ids[tid / EP_LL_MAX_TOPK][tid % EP_LL_MAX_TOPK] = -1;
@@ -161,6 +163,12 @@ __global__ void __launch_bounds__(LL_SEND_THREADS)
                              ((uint64_t)epoch << 32) | (uint32_t)a.num_tokens);
 }
 
+__global__ void __launch_bounds__(LL_SEND_THREADS)
+    ll_dispatch_send_kernel(const __grid_constant__ ep_dev_group_t g,
+                            const __grid_constant__ ep_ll_dispatch_kargs_t a) {
+    dispatch_send_block(g, a, blockIdx.x, g.ll_state[a.parity] + 1);
+}
+
 /* Exclusive prefix of `valid` over the block; returns this thread's position, writes the total. */
 __device__ __forceinline__ int block_scan(int valid, int *total) {
     __shared__ int warp_sums[LL_RECV_THREADS / 32];
@@ -203,18 +211,16 @@ __device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, in
  * token) order, EP_LL_RECV_THREADS at a time: a block-wide scan gives each slot that names l its row, so rows
  * come out in the reference's order. Each of l's blocks makes the same scan (a few header loads) and copies
  * every LL_RECV_SPLIT-th row, so twice as many SMs move the rows; the first writes the bookkeeping. */
-__global__ void __launch_bounds__(LL_RECV_THREADS)
-    ll_dispatch_recv_kernel(const __grid_constant__ ep_dev_group_t g,
-                            const __grid_constant__ ep_ll_dispatch_kargs_t a) {
+__device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, const ep_ll_dispatch_kargs_t &a, int vb,
+                                                    uint32_t epoch) {
     __shared__ int32_t first[EP_MAX_NVL_RANKS + 1]; /* first[s]: index of source s's slot 0 in the sequence */
     __shared__ int32_t per_src[EP_MAX_NVL_RANKS];   /* rows of l from each source */
     __shared__ int32_t picked[LL_RECV_THREADS];     /* sequence index of each picked slot of the chunk */
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
-    const int l = blockIdx.x / LL_RECV_SPLIT, sub = blockIdx.x % LL_RECV_SPLIT; /* sub 0 writes the bookkeeping */
+    const int l = vb / LL_RECV_SPLIT, sub = vb % LL_RECV_SPLIT; /* sub 0 writes the bookkeeping */
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
-    const uint32_t epoch = g.ll_state[p];
     const char *half = ll_half(g, me, p, a.half_bytes);
     const uint64_t tag = ep_ll_tag(epoch, R, a.max_tokens, a.hidden, K, a.num_experts);
     if (tid < R) {
@@ -223,7 +229,7 @@ __global__ void __launch_bounds__(LL_RECV_THREADS)
         bool ok = ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_DISPATCH_RECV, tid);
         first[tid + 1] = ok ? (int32_t)(ep_load_acquire_sys(flag) & 0xffffffffu) : 0;
         per_src[tid] = 0;
-        if (a.wait_cost_stats && blockIdx.x == 0)
+        if (a.wait_cost_stats && vb == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }
     __syncthreads();
@@ -313,6 +319,26 @@ __global__ void __launch_bounds__(LL_RECV_THREADS)
     }
 }
 
+__global__ void __launch_bounds__(LL_RECV_THREADS)
+    ll_dispatch_recv_kernel(const __grid_constant__ ep_dev_group_t g,
+                            const __grid_constant__ ep_ll_dispatch_kargs_t a) {
+    dispatch_recv_block(g, a, blockIdx.x, g.ll_state[a.parity]); /* the send kernel before it set the epoch */
+}
+
+/* Send and receive in one kernel (the call without a hook): G = max(N, blocks of the receive) blocks each send
+ * their token, and the last `recv_blocks` of them then receive. Receivers wait only after sending, and the
+ * blocks that only send come first, so every send runs whatever number of blocks the GPU holds at once. */
+__global__ void __launch_bounds__(LL_SEND_THREADS)
+    ll_dispatch_fused_kernel(const __grid_constant__ ep_dev_group_t g,
+                             const __grid_constant__ ep_ll_dispatch_kargs_t a) {
+    const uint32_t epoch = g.ll_state[a.parity] + 1; /* read before this block counts itself done */
+    dispatch_send_block(g, a, blockIdx.x, epoch);
+    const int recv_blocks = a.num_experts / g.num_ranks * LL_RECV_SPLIT;
+    const int vb = (int)blockIdx.x - ((int)gridDim.x - recv_blocks);
+    if (vb >= 0)
+        dispatch_recv_block(g, a, vb, epoch);
+}
+
 extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
                                                   cudaStream_t s) {
     int blocks = a->num_tokens > 0 ? a->num_tokens : 1;
@@ -323,5 +349,19 @@ extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const
 extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
                                                   cudaStream_t s) {
     ll_dispatch_recv_kernel<<<a->num_experts / g->num_ranks * LL_RECV_SPLIT, LL_RECV_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}
+
+/* The call without a hook: one fused kernel when its grid fits on the GPU at once, else send then receive. */
+extern "C" cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
+                                                  cudaStream_t s) {
+    static int per_sm;
+    const int recv_blocks = a->num_experts / g->num_ranks * LL_RECV_SPLIT;
+    const int blocks = a->num_tokens > recv_blocks ? a->num_tokens : recv_blocks;
+    if (blocks > ep_wave_capacity((const void *)ll_dispatch_fused_kernel, LL_SEND_THREADS, &per_sm)) {
+        cudaError_t err = ep_launch_ll_dispatch_send(g, a, s);
+        return err == cudaSuccess ? ep_launch_ll_dispatch_recv(g, a, s) : err;
+    }
+    ll_dispatch_fused_kernel<<<blocks, LL_SEND_THREADS, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }
