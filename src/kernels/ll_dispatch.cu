@@ -15,7 +15,7 @@
 #define LL_SEND_THREADS 512
 #define LL_SEND_UNROLL  4
 #define LL_RECV_THREADS 512
-#define LL_RECV_SPLIT   2 /* blocks per local expert in the receive: each scans, and copies every other row */
+#define LL_RECV_SPLIT   2 /* blocks per local expert in the receive (fewer in a fused kernel that must fit) */
 static_assert(LL_SEND_THREADS == LL_RECV_THREADS, "the fused kernel runs both parts with one block size");
 
 __device__ __forceinline__ char *ll_half(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
@@ -207,17 +207,17 @@ __device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, in
     return -1;
 }
 
-/* LL_RECV_SPLIT blocks per local expert l. The slots of all sources are scanned as one sequence in (source,
+/* a.recv_split blocks per local expert l. The slots of all sources are scanned as one sequence in (source,
  * token) order, EP_LL_RECV_THREADS at a time: a block-wide scan gives each slot that names l its row, so rows
  * come out in the reference's order. Each of l's blocks makes the same scan (a few header loads) and copies
- * every LL_RECV_SPLIT-th row, so twice as many SMs move the rows; the first writes the bookkeeping. */
+ * every recv_split-th row, so more SMs move the rows; the first writes the bookkeeping. */
 __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, const ep_ll_dispatch_kargs_t &a, int vb,
                                                     uint32_t epoch) {
     __shared__ int32_t first[EP_MAX_NVL_RANKS + 1]; /* first[s]: index of source s's slot 0 in the sequence */
     __shared__ int32_t per_src[EP_MAX_NVL_RANKS];   /* rows of l from each source */
     __shared__ int32_t picked[LL_RECV_THREADS];     /* sequence index of each picked slot of the chunk */
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
-    const int l = vb / LL_RECV_SPLIT, sub = vb % LL_RECV_SPLIT; /* sub 0 writes the bookkeeping */
+    const int split = a.recv_split, l = vb / split, sub = vb % split; /* sub 0 writes the bookkeeping */
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
@@ -266,7 +266,7 @@ __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, con
             }
         }
         __syncthreads();
-        for (int c = warp * LL_RECV_SPLIT + sub; c < total; c += LL_RECV_SPLIT * (LL_RECV_THREADS / 32)) {
+        for (int c = warp * split + sub; c < total; c += split * (LL_RECV_THREADS / 32)) {
             const int32_t fc = picked[c];
             int sc_src = 0;
             while (fc >= first[sc_src + 1])
@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(LL_SEND_THREADS)
                              const __grid_constant__ ep_ll_dispatch_kargs_t a) {
     const uint32_t epoch = g.ll_state[a.parity] + 1; /* read before this block counts itself done */
     dispatch_send_block(g, a, blockIdx.x, epoch);
-    const int recv_blocks = a.num_experts / g.num_ranks * LL_RECV_SPLIT;
+    const int recv_blocks = a.num_experts / g.num_ranks * a.recv_split;
     const int vb = (int)blockIdx.x - ((int)gridDim.x - recv_blocks);
     if (vb >= 0)
         dispatch_recv_block(g, a, vb, epoch);
@@ -348,20 +348,28 @@ extern "C" cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const
 
 extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
                                                   cudaStream_t s) {
-    ll_dispatch_recv_kernel<<<a->num_experts / g->num_ranks * LL_RECV_SPLIT, LL_RECV_THREADS, 0, s>>>(*g, *a);
+    ep_ll_dispatch_kargs_t k = *a;
+    k.recv_split = LL_RECV_SPLIT;
+    ll_dispatch_recv_kernel<<<a->num_experts / g->num_ranks * k.recv_split, LL_RECV_THREADS, 0, s>>>(*g, k);
     return cudaGetLastError();
 }
 
-/* The call without a hook: one fused kernel when its grid fits on the GPU at once, else send then receive. */
+/* The call without a hook: one fused kernel when its grid fits on the GPU at once (with two receive blocks per
+ * expert, else one), else send then receive. */
 extern "C" cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
                                                   cudaStream_t s) {
     static int per_sm;
-    const int recv_blocks = a->num_experts / g->num_ranks * LL_RECV_SPLIT;
-    const int blocks = a->num_tokens > recv_blocks ? a->num_tokens : recv_blocks;
-    if (blocks > ep_wave_capacity((const void *)ll_dispatch_fused_kernel, LL_SEND_THREADS, &per_sm)) {
-        cudaError_t err = ep_launch_ll_dispatch_send(g, a, s);
-        return err == cudaSuccess ? ep_launch_ll_dispatch_recv(g, a, s) : err;
+    const int capacity = ep_wave_capacity((const void *)ll_dispatch_fused_kernel, LL_SEND_THREADS, &per_sm);
+    const int L = a->num_experts / g->num_ranks;
+    for (int split = LL_RECV_SPLIT; split >= 1; split--) {
+        const int blocks = a->num_tokens > L * split ? a->num_tokens : L * split;
+        if (blocks <= capacity) {
+            ep_ll_dispatch_kargs_t k = *a;
+            k.recv_split = split;
+            ll_dispatch_fused_kernel<<<blocks, LL_SEND_THREADS, 0, s>>>(*g, k);
+            return cudaGetLastError();
+        }
     }
-    ll_dispatch_fused_kernel<<<blocks, LL_SEND_THREADS, 0, s>>>(*g, *a);
-    return cudaGetLastError();
+    cudaError_t err = ep_launch_ll_dispatch_send(g, a, s);
+    return err == cudaSuccess ? ep_launch_ll_dispatch_recv(g, a, s) : err;
 }

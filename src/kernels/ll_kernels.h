@@ -30,6 +30,7 @@ typedef struct {
     int64_t *layout_range;     /* [L, R] */
     int32_t *cumulative_stats; /* [L] or NULL */
     int64_t *wait_cost_stats;  /* [R] or NULL */
+    int recv_split;            /* receive blocks per local expert (set by the launchers) */
 } ep_ll_dispatch_kargs_t;
 
 cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a, cudaStream_t s);
