@@ -12,7 +12,8 @@
 #include "wave.cuh"
 
 #define LL_COMBINE_THREADS   512
-#define LL_LOGFMT_BATCH      4 /* groups whose loads are in flight together when encoding LogFMT */
+#define LL_LOGFMT_BATCH      8 /* groups whose loads are in flight together when encoding LogFMT */
+#define LL_LOGFMT_K_BATCH    4 /* LogFMT rows whose fetches are in flight together in the receive */
 #define LL_COMBINE_MAX_PARTS 8 /* pieces a row may be cut into between warps */
 #define LL_COMBINE_K_BATCH   8 /* rows whose loads are in flight together in the receive */
 
@@ -44,9 +45,12 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
     /* a.send_warps warps per expert share its rows, a whole row each. Only when an expert has at most an eighth
      * as many rows as warps (small T: latency, not bytes) is a row cut into `parts` pieces (bf16 rows in 16-byte
      * chunks, LogFMT rows in 128-channel groups). Cutting larger counts was slower at EP4 (T=128: 55 us with
-     * rows in four pieces against 48 us whole). */
+     * rows in four pieces against 48 us whole). LogFMT rows are cut whenever there are more warps than rows:
+     * their encode is a chain of loads and shuffles per group, latency bound, not bytes. */
     const int warps = a.send_warps;
-    const int parts = count > 0 && count * 8 <= warps ? min(LL_COMBINE_MAX_PARTS, warps / count) : 1;
+    int parts = count > 0 && count * 8 <= warps ? min(LL_COMBINE_MAX_PARTS, warps / count) : 1;
+    if (LOGFMT && count > 0)
+        parts = max(1, min(LL_COMBINE_MAX_PARTS, warps / count));
     const int64_t units = LOGFMT ? S : row_bytes / 16, per_part = (units + parts - 1) / parts;
     for (int32_t item = blk * (LL_COMBINE_THREADS / 32) + warp; item < count * parts; item += warps) {
         const int32_t i = item / parts;
@@ -125,17 +129,28 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     for (int c = tid; c < a.hidden / 8; c += LL_COMBINE_THREADS) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (a.use_logfmt) {
-            for (int k = 0; k < K; k++) {
-                const int f = first_k[k];
-                if (f < 0)
-                    continue;
-                const char *row = slots + (uint64_t)f * lay.comb_row_bytes;
-                const int gi = c / 16;
-                float v[8];
-                ep_logfmt_decode8(row + gi * 256, ((const uint32_t *)(row + 2 * a.hidden))[gi], (c % 16) * 8, v);
+            /* As below: the fetches of LL_LOGFMT_K_BATCH rows are in flight together, then decoded in k order. */
+            const int gi = c / 16, e0 = (c % 16) * 8;
+            for (int k0 = 0; k0 < K; k0 += LL_LOGFMT_K_BATCH) {
+                ep_logfmt_piece_t piece[LL_LOGFMT_K_BATCH];
 #pragma unroll
-                for (int j = 0; j < 8; j++)
-                    acc[j] = __fmaf_rn(weight[k], v[j], acc[j]);
+                for (int u = 0; u < LL_LOGFMT_K_BATCH; u++) {
+                    const int f = k0 + u < K ? first_k[k0 + u] : -1;
+                    if (f >= 0) {
+                        const char *row = slots + (uint64_t)f * lay.comb_row_bytes;
+                        piece[u] = ep_logfmt_fetch8(row + gi * 256, ((const uint32_t *)(row + 2 * a.hidden))[gi], e0);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < LL_LOGFMT_K_BATCH; u++) {
+                    if (k0 + u >= K || first_k[k0 + u] < 0)
+                        continue;
+                    float v[8];
+                    ep_logfmt_decode8(piece[u], v);
+#pragma unroll
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = __fmaf_rn(weight[k0 + u], v[j], acc[j]);
+                }
             }
         } else {
             /* The loads of LL_COMBINE_K_BATCH rows are issued together, then summed in k order. */

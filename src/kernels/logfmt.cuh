@@ -48,11 +48,29 @@ __device__ __forceinline__ uint32_t ep_logfmt_encode_group(uint2 raw, char *grou
     return (uint32_t)lo | ((uint32_t)hi << 16);
 }
 
-/* Decodes elements e0 .. e0+7 (e0 % 8 == 0) of a group to float. */
-__device__ __forceinline__ void ep_logfmt_decode8(const char *group, uint32_t word, int e0, float out[8]) {
-    if (word == 0) {
-        const uint4 r = *(const uint4 *)(group + 2 * e0);
-        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+/* The bytes of elements e0 .. e0+7 (e0 % 8 == 0) of a group, fetched with independent loads (both layouts:
+ * which one applies is known only from the word) so that the fetches of several rows can be in flight
+ * together before any is decoded. */
+typedef struct {
+    uint4 raw;      /* a raw group's 8 bf16 */
+    uint2 low;      /* a log group's 8 index low bytes */
+    uint32_t pairs; /* a log group's 8 2-bit pairs */
+    uint32_t word;  /* the group's word: 0 for a raw group */
+} ep_logfmt_piece_t;
+
+__device__ __forceinline__ ep_logfmt_piece_t ep_logfmt_fetch8(const char *group, uint32_t word, int e0) {
+    ep_logfmt_piece_t p;
+    p.raw = *(const uint4 *)(group + 2 * e0);
+    p.low = *(const uint2 *)(group + e0);
+    p.pairs = *(const uint16_t *)(group + 128 + e0 / 4);
+    p.word = word;
+    return p;
+}
+
+/* Decodes a fetched piece to 8 floats. */
+__device__ __forceinline__ void ep_logfmt_decode8(const ep_logfmt_piece_t &p, float out[8]) {
+    if (p.word == 0) {
+        const uint32_t w[4] = {p.raw.x, p.raw.y, p.raw.z, p.raw.w};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             out[2 * j] = __uint_as_float(w[j] << 16);
@@ -60,13 +78,11 @@ __device__ __forceinline__ void ep_logfmt_decode8(const char *group, uint32_t wo
         }
         return;
     }
-    const uint32_t lo = word & 0xffffu, d = (word >> 16) - lo;
-    const uint2 low = *(const uint2 *)(group + e0);
-    const uint32_t pairs = *(const uint16_t *)(group + 128 + e0 / 4);
+    const uint32_t lo = p.word & 0xffffu, d = (p.word >> 16) - lo;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
-        const uint32_t b = ((j < 4 ? low.x : low.y) >> (8 * (j % 4))) & 0xffu;
-        const uint32_t pr = (pairs >> (2 * j)) & 3u;
+        const uint32_t b = ((j < 4 ? p.low.x : p.low.y) >> (8 * (j % 4))) & 0xffu;
+        const uint32_t pr = (p.pairs >> (2 * j)) & 3u;
         const uint32_t index = b | ((pr & 1u) << 8);
         const uint32_t bits = index != 0 ? ep_logfmt_level_bits(index, lo, d) : 0u;
         out[j] = __uint_as_float(bits | ((pr >> 1) << 31));
