@@ -42,16 +42,18 @@ enum {
     OP_COMBINE_RECV,
     OP_FLOOR,
     OP_COMBINE_LOGFMT,
+    OP_LOGFMT_SEND,
+    OP_LOGFMT_RECV,
     NUM_OPS
 };
 static const char *op_names[NUM_OPS] = {"ll_dispatch",      "ll_combine",       "nccl_dispatch",   "nccl_combine",
                                         "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send", "ll_combine_recv",
-                                        "timing_floor",     "ll_combine_logfmt"};
+                                        "timing_floor",     "ll_combine_logfmt", "ll_logfmt_send", "ll_logfmt_recv"};
 
 typedef struct {
     ep_group_t g;
     const ep_low_latency_dispatch_args_t *dispatch, *dispatch_hooked;
-    const ep_low_latency_combine_args_t *combine, *combine_hooked, *combine_logfmt;
+    const ep_low_latency_combine_args_t *combine, *combine_hooked, *combine_logfmt, *logfmt_hooked;
     const ep_launch_t *launch;
 } ll_calls_t;
 
@@ -141,17 +143,19 @@ static int run_phase(int op, int phase, const ll_calls_t *c, const nccl_ctx_t *n
             OK(ep_low_latency_combine(g, c->combine, *h, l));
         break;
     case OP_COMBINE_SEND:
+    case OP_LOGFMT_SEND:
         if (phase == PHASE_BEFORE)
             OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
         else if (phase == PHASE_TIMED)
-            OK(ep_low_latency_combine(g, c->combine_hooked, *h, l));
+            OK(ep_low_latency_combine(g, op == OP_LOGFMT_SEND ? c->logfmt_hooked : c->combine_hooked, *h, l));
         else
             OK(ep_low_latency_combine_hook(g, *h, l));
         break;
     case OP_COMBINE_RECV:
+    case OP_LOGFMT_RECV:
         if (phase == PHASE_BEFORE) {
             OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
-            OK(ep_low_latency_combine(g, c->combine_hooked, *h, l));
+            OK(ep_low_latency_combine(g, op == OP_LOGFMT_RECV ? c->logfmt_hooked : c->combine_hooked, *h, l));
         } else if (phase == PHASE_TIMED)
             OK(ep_low_latency_combine_hook(g, *h, l));
         break;
@@ -252,6 +256,7 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         out->bytes[ti][OP_DISPATCH_SEND] = out->bytes[ti][OP_DISPATCH_RECV] = out->bytes[ti][OP_DISPATCH];
         out->bytes[ti][OP_COMBINE_SEND] = out->bytes[ti][OP_COMBINE_RECV] = out->bytes[ti][OP_COMBINE];
         out->bytes[ti][OP_COMBINE_LOGFMT] = remote_pairs * (H / 128) * (160.0 + 4.0); /* all log groups here */
+        out->bytes[ti][OP_LOGFMT_SEND] = out->bytes[ti][OP_LOGFMT_RECV] = out->bytes[ti][OP_COMBINE_LOGFMT];
         cudaMemcpy(dx, x, (size_t)N * H * 2, cudaMemcpyHostToDevice);
         cudaMemcpy(didx, idx, (size_t)N * K * 8, cudaMemcpyHostToDevice);
         cudaMemcpy(dw, w, (size_t)N * K * 4, cudaMemcpyHostToDevice);
@@ -283,7 +288,9 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         ch.return_recv_hook = 1;
         ep_low_latency_combine_args_t cl = ca;
         cl.use_logfmt = 1;
-        const ll_calls_t calls = {g, &da, &dh, &ca, &ch, &cl, &l};
+        ep_low_latency_combine_args_t clh = cl;
+        clh.return_recv_hook = 1;
+        const ll_calls_t calls = {g, &da, &dh, &ca, &ch, &cl, &clh, &l};
         const nccl_ctx_t nc = {comm, s, R, rank, T, row, 2 * (size_t)H, per_rank, counts, nsend, nrecv, gate_dev};
         for (int op = 0; op < NUM_OPS; op++) {
             for (int i = 0; i < LL_WARMUP + LL_ITERS; i++) {
@@ -384,7 +391,7 @@ int bench_ll_run(const bench_ll_args_t *a) {
                         "\"link_gbps\": %.2f, \"correct\": null}\n",
                         date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", op_names[op],
                         a->ranks, token_counts[ti], a->hidden, a->topk, a->experts,
-                        op == OP_COMBINE_LOGFMT                     ? "logfmt"
+                        op >= OP_COMBINE_LOGFMT                     ? "logfmt"
                         : op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16"
                                                                     : "fp8",
                         med, p99, bytes / med / 1e3);
