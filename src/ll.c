@@ -214,6 +214,13 @@ static int combine_send_warps(int max_tokens, int topk, int num_local_experts) {
     return (int)(warps < 16 ? 16 : warps > 128 ? 128 : warps);
 }
 
+/* Receive blocks per token: one per token from 128 tokens on (a block per SM), more for fewer tokens so that
+ * the sum (and LogFMT's decode, which is arithmetic-bound) is spread over the SMs: 8 blocks at 1 token. */
+static int combine_recv_slices(int num_tokens) {
+    int slices = num_tokens > 0 ? 128 / num_tokens : 1;
+    return slices < 1 ? 1 : slices > 8 ? 8 : slices;
+}
+
 ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_args_t *a, ep_ll_handle_t h,
                                    const ep_launch_t *launch) {
     ep_clear_error();
@@ -240,6 +247,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         .wait_cost_stats = (int64_t *)a->combine_wait_recv_cost_stats.data,
         .use_logfmt = a->use_logfmt != 0,
         .send_warps = combine_send_warps(d->max_tokens, d->topk, d->num_experts / g->num_ranks),
+        .recv_slices = combine_recv_slices(d->num_tokens),
     };
     EP_CHECK(
         run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k, "low-latency combine"));

@@ -12,7 +12,9 @@
 #include "wave.cuh"
 
 #define LL_COMBINE_THREADS   512
-#define LL_LOGFMT_BATCH      8 /* groups whose loads are in flight together when encoding LogFMT */
+#ifndef LL_LOGFMT_BATCH
+#define LL_LOGFMT_BATCH 8 /* groups whose loads are in flight together when encoding LogFMT */
+#endif
 #define LL_LOGFMT_K_BATCH    4 /* LogFMT rows whose fetches are in flight together in the receive */
 #define LL_COMBINE_MAX_PARTS 8 /* pieces a row may be cut into between warps */
 #define LL_COMBINE_K_BATCH   8 /* rows whose loads are in flight together in the receive */
@@ -95,19 +97,22 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     combine_send_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity] + 1);
 }
 
-/* Receive of token t: waits for every rank's flag of `epoch`, then sums its rows in k order. */
-__device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a, int t,
+/* Receive block b (of num_tokens * recv_slices): token b / recv_slices, slice b % recv_slices of its 16-byte
+ * chunks. Waits for every rank's flag of `epoch`, then sums the token's rows in k order. */
+__device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a, int b,
                                                    uint32_t epoch) {
     __shared__ int first_k[EP_LL_MAX_TOPK];
     __shared__ float weight[EP_LL_MAX_TOPK];
     const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, t = b / a.recv_slices, slice = b % a.recv_slices;
+    const int chunks = a.hidden / 8, per_slice = (chunks + a.recv_slices - 1) / a.recv_slices;
+    const int c_end = min(chunks, (slice + 1) * per_slice);
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + tid;
         ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_COMBINE_RECV, tid);
-        if (a.wait_cost_stats && t == 0)
+        if (a.wait_cost_stats && b == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }
     if (tid < K) {
@@ -126,7 +131,7 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     }
     __syncthreads();
     const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * lay.comb_row_bytes;
-    for (int c = tid; c < a.hidden / 8; c += LL_COMBINE_THREADS) {
+    for (int c = slice * per_slice + tid; c < c_end; c += LL_COMBINE_THREADS) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (a.use_logfmt) {
             /* As below: the fetches of LL_LOGFMT_K_BATCH rows are in flight together, then decoded in k order. */
@@ -185,16 +190,16 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     combine_recv_block(g, a, blockIdx.x, g.ll_state[2 + a.parity]); /* the send kernel before it set the epoch */
 }
 
-/* Send and receive in one kernel (the call without a hook): G = max(send blocks, N) blocks each send, and the
- * last N of them then receive a token (receivers wait only after sending; send-only blocks come first). */
+/* Send and receive in one kernel (the call without a hook): G = max(send blocks, receive blocks) blocks each
+ * send, and the last ones then receive (receivers wait only after sending; send-only blocks come first). */
 template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_fused_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     const uint32_t epoch = g.ll_state[2 + a.parity] + 1; /* read before this block counts itself done */
     combine_send_block<LOGFMT>(g, a, blockIdx.x, epoch);
-    const int t = (int)blockIdx.x - ((int)gridDim.x - a.num_tokens);
-    if (t >= 0)
-        combine_recv_block(g, a, t, epoch);
+    const int b = (int)blockIdx.x - ((int)gridDim.x - a.num_tokens * a.recv_slices);
+    if (b >= 0)
+        combine_recv_block(g, a, b, epoch);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
@@ -211,7 +216,7 @@ extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const 
                                                  cudaStream_t s) {
     if (a->num_tokens == 0)
         return cudaSuccess;
-    ll_combine_recv_kernel<<<a->num_tokens, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    ll_combine_recv_kernel<<<a->num_tokens * a->recv_slices, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }
 
@@ -219,8 +224,8 @@ extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const 
 extern "C" cudaError_t ep_launch_ll_combine_both(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
                                                  cudaStream_t s) {
     static int per_sm[2];
-    const int send = combine_send_blocks(*a, g->num_ranks);
-    const int blocks = a->num_tokens > send ? a->num_tokens : send;
+    const int send = combine_send_blocks(*a, g->num_ranks), recv = a->num_tokens * a->recv_slices;
+    const int blocks = recv > send ? recv : send;
     const void *kernel = a->use_logfmt ? (const void *)ll_combine_fused_kernel<true>
                                        : (const void *)ll_combine_fused_kernel<false>;
     if (blocks > ep_wave_capacity(kernel, LL_COMBINE_THREADS, &per_sm[a->use_logfmt ? 1 : 0])) {

@@ -53,6 +53,7 @@ typedef struct {
     int64_t *wait_cost_stats; /* [R] or NULL */
     int use_logfmt;           /* rows travel in LogFMT (logfmt.cuh) */
     int send_warps;           /* warps per local expert in the send (a multiple of 16) */
+    int recv_slices;          /* receive blocks per token, each summing a slice of the hidden dimension */
 } ep_ll_combine_kargs_t;
 
 cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s);

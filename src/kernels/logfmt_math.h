@@ -29,9 +29,12 @@ EP_LOGFMT_HD uint32_t ep_logfmt_index(int t, int d, float inv_2d) {
 }
 
 /* The float32 bits of a nonzero index's magnitude: lo's bf16 bits in float position plus round-to-nearest
- * of (index - 1) * d * 2^16 / 510 float steps. */
+ * of (index - 1) * d * 2^16 / 510 float steps, i.e. floor((n * 32768 + 127) / 255) with n = (index - 1) * d
+ * < 2^21. In 32-bit arithmetic: with n = 255 a + b, that is a * 32768 + floor((b * 32768 + 127) / 255), and
+ * b * 32768 + 127 < 2^23 (the decoder runs this per value; a 64-bit division by a constant costs more). */
 EP_LOGFMT_HD uint32_t ep_logfmt_level_bits(uint32_t index, uint32_t lo, uint32_t d) {
-    return (lo << 16) + (uint32_t)(((uint64_t)(index - 1u) * d * 32768u + 127u) / 255u);
+    const uint32_t n = (index - 1u) * d, a = n / 255u, b = n - 255u * a;
+    return (lo << 16) + a * 32768u + (b * 32768u + 127u) / 255u;
 }
 
 #endif

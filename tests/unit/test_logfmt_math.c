@@ -1,6 +1,7 @@
 /* The LogFMT arithmetic the kernels use (src/kernels/logfmt_math.h) against the reference (ref/logfmt.c):
  * the division-free index exhaustively over every (t, d) it can meet, also with the reciprocal off by one
- * float step either way; and whole groups encoded and decoded the way logfmt.cuh does (range, raw or log,
+ * float step either way; the 32-bit level bits exhaustively over every (index, d) against the reference's 64-bit
+ * formula; and whole groups encoded and decoded the way logfmt.cuh does (range, raw or log,
  * sign), bit for bit equal to epref_logfmt_roundtrip. */
 #include "epref.h"
 #include "kernels/logfmt_math.h"
@@ -21,6 +22,18 @@ static void index_is_exact_for_every_t_and_d(void) {
                     TCHECK(0, "d=%d t=%d inv #%d: index %u, want %u", d, t, i, ep_logfmt_index(t, d, invs[i]), want);
         }
     }
+    TCHECK_EQ_INT(bad, 0);
+}
+
+static void level_bits_match_the_64_bit_formula(void) {
+    long bad = 0;
+    for (uint32_t d = 1; d <= EP_LOGFMT_CLIP_STEPS; d++)
+        for (uint32_t index = 1; index <= EP_LOGFMT_LEVELS; index++) {
+            const uint32_t lo = 0x3f7f - d; /* any lo: it only adds lo << 16 */
+            const uint32_t want = (lo << 16) + (uint32_t)(((uint64_t)(index - 1u) * d * 32768u + 127u) / 255u);
+            if (ep_logfmt_level_bits(index, lo, d) != want && bad++ < 5)
+                TCHECK(0, "d=%u index=%u: %#x, want %#x", d, index, ep_logfmt_level_bits(index, lo, d), want);
+        }
     TCHECK_EQ_INT(bad, 0);
 }
 
@@ -83,6 +96,7 @@ static void groups_match_the_reference(void) {
 
 int main(void) {
     TRUN(index_is_exact_for_every_t_and_d);
+    TRUN(level_bits_match_the_64_bit_formula);
     TRUN(groups_match_the_reference);
     return TDONE();
 }
