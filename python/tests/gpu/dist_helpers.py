@@ -20,14 +20,15 @@ def num_gpus():
 
 
 def world_sizes():
-    """EPCOMM_TEST_WORLD (e.g. "2,4"), else every GPU here (2 to 8)."""
+    """EPCOMM_TEST_WORLD (e.g. "2,4"; "1" runs the cases as one rank on one GPU, a smoke test), else every GPU
+    here (2 to 8)."""
     env = os.environ.get("EPCOMM_TEST_WORLD")
     if env:
         return [int(w) for w in env.split(",") if int(w) <= num_gpus()]
     return [min(num_gpus(), 8)] if num_gpus() >= 2 else []
 
 
-needs_gpus = pytest.mark.skipif(num_gpus() < 2, reason="needs at least 2 CUDA GPUs")
+needs_gpus = pytest.mark.skipif(not world_sizes(), reason="needs at least 2 CUDA GPUs (or EPCOMM_TEST_WORLD=1)")
 
 
 def _free_port():
