@@ -3,7 +3,7 @@
 # machine has), then the demo/benchmark. Logs go to $OUT (or build-gpu/logs); a short table is printed last.
 #
 #   tools/gpu-check.sh [--quick]
-# Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine), EPCOMM_PY_WORLDS ("2,4"),
+# Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine, 1 on a 1-GPU one), EPCOMM_PY_WORLDS ("2,4"),
 # EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
 # EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_BENCH_ARGS (e.g. "--only ll"), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_PY_K (a pytest -k expression), EPCOMM_DEADLINE_S (seconds in all).
 # Order: build, host tests, GPU tests, benchmarks, Python binding.
@@ -37,7 +37,10 @@ row() { printf '| %-42s | %-6s | %s\n' "$1" "$2" "$3" | tee -a "$SUMMARY"; }
   echo "NCCL_HOME=$NCCL_HOME"
 } > "$LOGS/machine.txt" 2>&1
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-RANKS="${EPCOMM_RANKS:-2 4$( (( NGPU >= 8 )) && echo ' 8')}"
+# One GPU: every case as one rank (a smoke test of the kernels; peers are what the 2- and 4-GPU runs test).
+DEFAULT_RANKS="2 4$( (( NGPU >= 8 )) && echo ' 8')"
+(( NGPU == 1 )) && DEFAULT_RANKS=1
+RANKS="${EPCOMM_RANKS:-$DEFAULT_RANKS}"
 SKIP=" ${EPCOMM_SKIP:-} "
 TEST_TIMEOUT="${EPCOMM_TEST_TIMEOUT:-180}"
 skipped() { [[ "$SKIP" == *" $1 "* ]]; }
@@ -108,7 +111,7 @@ fi
 if skipped python; then
   row "python binding (pytest)" "skip" "EPCOMM_SKIP"
 elif python3 -c 'import torch' 2>/dev/null; then
-  worlds="${EPCOMM_PY_WORLDS:-2$( (( NGPU >= 4 )) && echo ,4)}"
+  worlds="${EPCOMM_PY_WORLDS:-$( (( NGPU == 1 )) && echo 1 || echo 2)$( (( NGPU >= 4 )) && echo ,4)}"
   log="$BUILD.python.log"
   EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout "$(left 900)" \
     python3 -m pytest -q -s -p no:cacheprovider ${EPCOMM_PY_K:+-k "$EPCOMM_PY_K"} "$ROOT/python/tests" > "$log" 2>&1
