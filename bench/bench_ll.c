@@ -28,6 +28,12 @@
 
 static const int token_counts[NUM_T] = {1, 32, 128, 256};
 
+/* EPCOMM_BENCH_LL_TOKENS=T measures only that row (e.g. for a profiler); unset: every row. */
+static int row_wanted(int T) {
+    const char *only = getenv("EPCOMM_BENCH_LL_TOKENS");
+    return only == NULL || *only == '\0' || atoi(only) == T;
+}
+
 /* The ops timed. After the four headline ones, a breakdown: each half of a hooked dispatch and combine
  * (the send alone; the receive alone once the sends are done) and the floor of the timing itself (an empty
  * kernel between the two events). */
@@ -230,6 +236,8 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
     cudaHostGetDevicePointer((void **)&gate_dev, gate_host, 0);
     for (int ti = 0; ti < NUM_T; ti++) {
         int T = token_counts[ti], N = T;
+        if (!row_wanted(T))
+            continue;
         /* Every rank's inputs come from (seed, rank): draw all of them, so the NCCL baseline knows what each
          * peer sends; keep our own. */
         int32_t counts[8][8];
@@ -372,7 +380,7 @@ int bench_ll_run(const bench_ll_args_t *a) {
                "remote MB");
         printf("|------------------|--------|-----------|-----------|---------|--------------|\n");
         for (int ti = 0; ti < NUM_T; ti++)
-            for (int op = 0; op < NUM_OPS; op++) {
+            for (int op = 0; op < NUM_OPS && row_wanted(token_counts[ti]); op++) {
                 double med = 0, p99 = 0, host = 0, bytes = 0;
                 for (int r = 0; r < a->ranks; r++) {
                     med = sh[r].med[ti][op] > med ? sh[r].med[ti][op] : med;

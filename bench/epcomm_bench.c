@@ -80,7 +80,11 @@ int main(int argc, char **argv) {
     int gpus = o.cpu_only ? 0 : demo_gpu_count();
     if (o.gpus > 0 && o.gpus < gpus)
         gpus = o.gpus;
-    if (gpus < 2) {
+    const int one_rank = o.gpus == 1 && gpus >= 1; /* asked for: kernel cost with every row to itself */
+    if (one_rank) {
+        printf("epcomm-bench: --gpus 1: one rank, every row goes to itself (kernel cost without NVLink; "
+               "the NCCL rows are local copies)\n");
+    } else if (gpus < 2) {
         printf("epcomm-bench: %s: no GPU run; running the CPU reference instead.\n",
                o.cpu_only  ? "--cpu-only"
                : gpus == 1 ? "only 1 GPU found (a group needs 2)"
@@ -89,7 +93,7 @@ int main(int argc, char **argv) {
         printf("epcomm-bench: %d GPUs; one NVLink group holds at most 8, using 8.\n", gpus);
         gpus = 8;
     }
-    if (gpus >= 2) {
+    if (gpus >= 2 || one_rank) {
         printf("epcomm-bench: %d GPUs: group check, then the high-throughput and low-latency benchmarks, then the "
                "CPU reference.\n",
                gpus);
