@@ -15,6 +15,9 @@
 #ifndef LL_LOGFMT_BATCH
 #define LL_LOGFMT_BATCH 8 /* groups whose loads are in flight together when encoding LogFMT */
 #endif
+#ifndef LL_LOGFMT_MIN_BLOCKS
+#define LL_LOGFMT_MIN_BLOCKS 1 /* resident blocks per SM the LogFMT kernels are compiled for (registers) */
+#endif
 #define LL_LOGFMT_K_BATCH    4 /* LogFMT rows whose fetches are in flight together in the receive */
 #define LL_COMBINE_MAX_PARTS 8 /* pieces a row may be cut into between warps */
 #define LL_COMBINE_K_BATCH   8 /* rows whose loads are in flight together in the receive */
@@ -25,6 +28,14 @@ __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, in
 
 __host__ __device__ __forceinline__ int combine_send_blocks(const ep_ll_combine_kargs_t &a, int num_ranks) {
     return a.num_experts / num_ranks * (a.send_warps / (LL_COMBINE_THREADS / 32));
+}
+
+/* Encodes group gi of a row into the row's slot `dst`: the payload at gi * 256, the group's word after the
+ * row's payload (at row_bytes + 4 * gi). */
+__device__ __forceinline__ void logfmt_encode_to(uint2 raw, char *dst, int64_t row_bytes, int64_t gi, int lane) {
+    const uint32_t word = ep_logfmt_encode_group(raw, dst + gi * 256, lane);
+    if (lane == 0)
+        ((uint32_t *)(dst + row_bytes))[gi] = word;
 }
 
 /* Send block vb (of combine_send_blocks; a block beyond them sends nothing), then the block counts itself
@@ -65,20 +76,28 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
             if (u1 > u0)
                 ep_warp_copy16((uint4 *)dst + u0, src + u0, u1 - u0, lane);
         } else {
-            for (int64_t g0 = u0; g0 < u1; g0 += LL_LOGFMT_BATCH) { /* the loads of a batch of groups go together */
+            /* Full batches (the loads of LL_LOGFMT_BATCH groups in flight together, no bounds test inside), then
+             * the groups left. */
+            int64_t g0 = u0;
+            for (; g0 + LL_LOGFMT_BATCH <= u1; g0 += LL_LOGFMT_BATCH) {
+                uint2 raw[LL_LOGFMT_BATCH];
+#pragma unroll
+                for (int u = 0; u < LL_LOGFMT_BATCH; u++)
+                    raw[u] = ((const uint2 *)src)[(g0 + u) * 32 + lane];
+#pragma unroll
+                for (int u = 0; u < LL_LOGFMT_BATCH; u++)
+                    logfmt_encode_to(raw[u], dst, row_bytes, g0 + u, lane);
+            }
+            if (g0 < u1) { /* fewer than a batch left (a row cut in pieces): their loads in flight together too */
                 uint2 raw[LL_LOGFMT_BATCH];
 #pragma unroll
                 for (int u = 0; u < LL_LOGFMT_BATCH; u++)
                     if (g0 + u < u1)
                         raw[u] = ((const uint2 *)src)[(g0 + u) * 32 + lane];
 #pragma unroll
-                for (int u = 0; u < LL_LOGFMT_BATCH; u++) {
-                    if (g0 + u >= u1)
-                        break;
-                    uint32_t word = ep_logfmt_encode_group(raw[u], dst + (g0 + u) * 256, lane);
-                    if (lane == 0)
-                        ((uint32_t *)(dst + row_bytes))[g0 + u] = word;
-                }
+                for (int u = 0; u < LL_LOGFMT_BATCH; u++)
+                    if (g0 + u < u1) /* the same on every lane: the warp stays converged */
+                        logfmt_encode_to(raw[u], dst, row_bytes, g0 + u, lane);
             }
         }
     }
@@ -89,13 +108,14 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
 }
 
 template <bool LOGFMT>
-__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+__global__ void __launch_bounds__(LL_COMBINE_THREADS, LOGFMT ? LL_LOGFMT_MIN_BLOCKS : 0)
     ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     combine_send_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity] + 1);
 }
 
 /* Receive block b (of num_tokens * recv_slices): token b / recv_slices, slice b % recv_slices of its 16-byte
  * chunks. Waits for every rank's flag of `epoch`, then sums the token's rows in k order. */
+template <bool LOGFMT>
 __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a, int b,
                                                    uint32_t epoch) {
     __shared__ int first_k[EP_LL_MAX_TOPK];
@@ -130,7 +150,7 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * lay.comb_row_bytes;
     for (int c = slice * per_slice + tid; c < c_end; c += LL_COMBINE_THREADS) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (a.use_logfmt) {
+        if constexpr (LOGFMT) {
             /* As below: the fetches of LL_LOGFMT_K_BATCH rows are in flight together, then decoded in k order. */
             const int gi = c / 16, e0 = (c % 16) * 8;
             for (int k0 = 0; k0 < K; k0 += LL_LOGFMT_K_BATCH) {
@@ -182,21 +202,22 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     }
 }
 
-__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+template <bool LOGFMT>
+__global__ void __launch_bounds__(LL_COMBINE_THREADS, LOGFMT ? LL_LOGFMT_MIN_BLOCKS : 0)
     ll_combine_recv_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
-    combine_recv_block(g, a, blockIdx.x, g.ll_state[2 + a.parity]); /* the send kernel before it set the epoch */
+    combine_recv_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity]); /* the send kernel set the epoch */
 }
 
 /* Send and receive in one kernel (the call without a hook): G = max(send blocks, receive blocks) blocks each
  * send, and the last ones then receive (receivers wait only after sending; send-only blocks come first). */
 template <bool LOGFMT>
-__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+__global__ void __launch_bounds__(LL_COMBINE_THREADS, LOGFMT ? LL_LOGFMT_MIN_BLOCKS : 0)
     ll_combine_fused_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     const uint32_t epoch = g.ll_state[2 + a.parity] + 1; /* read before this block counts itself done */
     combine_send_block<LOGFMT>(g, a, blockIdx.x, epoch);
     const int b = (int)blockIdx.x - ((int)gridDim.x - a.num_tokens * a.recv_slices);
     if (b >= 0)
-        combine_recv_block(g, a, b, epoch);
+        combine_recv_block<LOGFMT>(g, a, b, epoch);
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
@@ -213,7 +234,10 @@ extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const 
                                                  cudaStream_t s) {
     if (a->num_tokens == 0)
         return cudaSuccess;
-    ll_combine_recv_kernel<<<a->num_tokens * a->recv_slices, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    if (a->use_logfmt)
+        ll_combine_recv_kernel<true><<<a->num_tokens * a->recv_slices, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
+    else
+        ll_combine_recv_kernel<false><<<a->num_tokens * a->recv_slices, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }
 

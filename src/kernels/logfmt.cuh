@@ -12,34 +12,31 @@
 #include <stdint.h>
 
 /* One warp encodes one group; lane holds elements 4*lane .. 4*lane+3 as `raw` (4 bf16). Writes the payload
- * into `group` (the group's 256 bytes) and returns the group's word (the same on every lane). */
+ * into `group` (the group's 256 bytes) and returns the group's word (the same on every lane). The whole warp
+ * must call it together (the group's amax and amin are warp reductions). */
 __device__ __forceinline__ uint32_t ep_logfmt_encode_group(uint2 raw, char *group, int lane) {
     const uint32_t v[4] = {raw.x & 0xffffu, raw.x >> 16, raw.y & 0xffffu, raw.y >> 16};
-    int hi = 0, lo = 0x8000;
+    uint32_t amax = 0, amin = 0x8000u;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        int m = (int)(v[i] & 0x7fffu);
-        hi = max(hi, m);
-        if (m != 0)
-            lo = min(lo, m);
+        const uint32_t m = v[i] & 0x7fffu;
+        amax = max(amax, m);
+        amin = min(amin, m != 0 ? m : 0x8000u);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-    }
+    const int hi = (int)__reduce_max_sync(0xffffffffu, amax); /* one instruction each (sm_80+) */
+    int lo = (int)__reduce_min_sync(0xffffffffu, amin);
     lo = max(lo, hi - EP_LOGFMT_CLIP_STEPS);
     if (!(hi < EP_LOGFMT_ONE_BITS && lo < hi)) {
         ((uint2 *)group)[lane] = raw;
         return 0;
     }
     const int d = hi - lo;
-    const float inv_2d = 1.0f / (float)(2 * d);
+    const float inv_2d = __fdividef(1.0f, (float)(2 * d)); /* approximate: ep_logfmt_index corrects its estimate */
     uint32_t low = 0, pairs = 0;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        const int t = (int)(v[i] & 0x7fffu) - lo;
-        const uint32_t index = t < 0 ? 0u : ep_logfmt_index(t, d, inv_2d);
+        const int t = (int)(v[i] & 0x7fffu) - lo; /* below lo (clipped, or zero): index 0 */
+        const uint32_t index = ep_logfmt_index(max(t, 0), d, inv_2d) & (t < 0 ? 0u : ~0u); /* no branch */
         low |= (index & 0xffu) << (8 * i);
         pairs |= (((index >> 8) & 1u) | ((v[i] >> 15) << 1)) << (2 * i);
     }

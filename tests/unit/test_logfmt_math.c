@@ -13,11 +13,13 @@
 static void index_is_exact_for_every_t_and_d(void) {
     long bad = 0;
     for (int d = 1; d <= EP_LOGFMT_CLIP_STEPS; d++) {
-        const float inv = 1.0f / (float)(2 * d);
-        const float invs[3] = {inv, nextafterf(inv, 0.0f), nextafterf(inv, 1.0f)};
+        /* The kernel's 1 / (2 d) is __fdividef's (within 2 ulp): every estimate within 2 ulp must give the
+         * exact index. */
+        const float inv = 1.0f / (float)(2 * d), dn = nextafterf(inv, 0.0f), up = nextafterf(inv, 1.0f);
+        const float invs[5] = {inv, dn, up, nextafterf(dn, 0.0f), nextafterf(up, 1.0f)};
         for (int t = 0; t <= d; t++) {
             const uint32_t want = 1u + (uint32_t)((2 * EP_LOGFMT_LEVELS * t + d) / (2 * d));
-            for (int i = 0; i < 3; i++)
+            for (int i = 0; i < 5; i++)
                 if (ep_logfmt_index(t, d, invs[i]) != want && bad++ < 5)
                     TCHECK(0, "d=%d t=%d inv #%d: index %u, want %u", d, t, i, ep_logfmt_index(t, d, invs[i]), want);
         }
