@@ -339,6 +339,18 @@ static void run_nccl(ctx_t *c, work_t *w, const char *dtype, size_t row) {
     cudaFree(n.send), cudaFree(n.recv);
 }
 
+/* The same dispatch with its rows moved by bulk copies (EPCOMM_HT_DISPATCH_TMA=1, experimental), checked. */
+static int run_dispatch_tma(ctx_t *c, work_t *w, const char *dtype, double logical, double link, int check) {
+    setenv("EPCOMM_HT_DISPATCH_TMA", "1", 1);
+    double t_full = time_op(c, op_dispatch, w);
+    int ok = check ? check_dispatch(c, w) : -1;
+    double t_cached = time_op(c, op_cached_dispatch, w);
+    unsetenv("EPCOMM_HT_DISPATCH_TMA");
+    add_row(c, "dispatch_tma", dtype, w->N, w->sms, t_full, logical, link, ok);
+    add_row(c, "cached_dispatch_tma", dtype, w->N, w->sms, t_cached, logical, link, -1);
+    return t_full < 0 || t_cached < 0 || ok == 0;
+}
+
 static void run_workload(ctx_t *c, int N, int fp8, const int *sms_list, int num_sms, int check) {
     work_t w;
     memset(&w, 0, sizeof(w));
@@ -359,6 +371,8 @@ static void run_workload(ctx_t *c, int N, int fp8, const int *sms_list, int num_
         add_row(c, "dispatch", dtype, N, w.sms, t_full, logical, link, ok);
         double t_cached = time_op(c, op_cached_dispatch, &w);
         add_row(c, "cached_dispatch", dtype, N, w.sms, t_cached, logical, link, -1);
+        if (run_dispatch_tma(c, &w, dtype, logical, link, check) != 0)
+            c->out->failed = 1;
         if (fp8)
             continue;
         combine_arg_t ca = {&w, NULL, NULL};

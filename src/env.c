@@ -47,3 +47,10 @@ int ep_env_ll_fused(void) {
     }
     return cached;
 }
+
+int ep_env_ht_dispatch_tma(void) {
+    /* Read at every call (a high-throughput dispatch takes hundreds of microseconds), so that a benchmark can
+     * compare both transports in one process. */
+    const char *s = getenv("EPCOMM_HT_DISPATCH_TMA");
+    return s != NULL && strcmp(s, "1") == 0;
+}

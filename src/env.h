@@ -21,4 +21,8 @@ int ep_env_ll_combine_warps(void);
  * kernel would fit on the GPU at once; anything else or unset: fused where it fits. */
 int ep_env_ll_fused(void);
 
+/* EPCOMM_HT_DISPATCH_TMA: 1 moves the high-throughput dispatch's rows with bulk copies through shared memory
+ * (experimental); anything else or unset: SM stores. */
+int ep_env_ht_dispatch_tma(void);
+
 #endif

@@ -2,6 +2,7 @@
  * for the receive count (skipped in worst-token and cached mode), the send, a closing barrier. */
 #define _POSIX_C_SOURCE 200809L
 #include "check.h"
+#include "env.h"
 #include "error.h"
 #include "handle.h"
 #include "kernels/group_kernels.h"
@@ -200,6 +201,7 @@ static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle
         .data_bytes = g->config.num_nvl_bytes,
         .routing = h->routing,
         .num_blocks = ep_group_ht_blocks(g, a->num_sms),
+        .use_tma = ep_env_ht_dispatch_tma(),
     };
     cudaError_t err = ep_launch_ht_dispatch_send(&g->dev, &s, g->stream);
     if (err == cudaSuccess)

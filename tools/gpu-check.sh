@@ -68,15 +68,16 @@ rc=$?
 row "host tests (ctest)" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(grep -E 'tests passed' "$BUILD.host-tests.log")"
 
 status=0
-run_gpu_test() { # name ranks args...
+run_gpu_test() { # name ranks args... (TAG, when set, names a variant: its label and log)
   local name=$1 ranks=$2; shift 2
-  if (( NGPU < ranks )); then row "$name R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
-  local log="$BUILD.$name-r$ranks.log"
+  local label="$name${TAG:+ $TAG}"
+  if (( NGPU < ranks )); then row "$label R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
+  local log="$BUILD.$name${TAG:+-$TAG}-r$ranks.log"
   timeout "$(left "$TEST_TIMEOUT")" "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
   local rc=$?
-  { echo "==== $name R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
+  { echo "==== $label R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
   [[ $rc -ne 0 ]] && status=1
-  row "$name R=$ranks" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
+  row "$label R=$ranks" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
   grep -E '^(PASS|FAIL)|^     ' "$log" | sed 's/^/    /'
 }
 
@@ -85,6 +86,7 @@ for R in $RANKS; do
   run_gpu_test test_group_gpu "$R"
   run_gpu_test test_layout_gpu "$R"
   run_gpu_test test_ht_gpu "$R" --rounds 2
+  EPCOMM_HT_DISPATCH_TMA=1 TAG=tma run_gpu_test test_ht_gpu "$R" --rounds 2
   run_gpu_test test_ht_modes_gpu "$R"
   run_gpu_test test_ll_gpu "$R"
   run_gpu_test test_ll_modes_gpu "$R"

@@ -2,17 +2,12 @@
  * that rank's receive region (the position the notify kernel computed), so the receiver spends no SM time
  * and no copy on it. One warp per token: each lane loads 16-byte chunks of the row (several in flight) and
  * stores each to every destination of the token. Metadata (local expert ids, weights, source index) rides
- * along. */
-#include "ht_kernels.h"
-#include "ht_layout.h"
+ * along. With `use_tma` (EPCOMM_HT_DISPATCH_TMA=1) the rows go by bulk copies instead (ht_dispatch_tma.cu). */
+#include "ht_dispatch_token.cuh"
 #include "sync.cuh"
 
 #define SEND_WARPS  16
 #define SEND_UNROLL 4
-
-__device__ __forceinline__ char *dispatch_region(const ep_dev_group_t &g, int rank, const ep_ht_dispatch_args_t &a) {
-    return g.window[rank] + EP_CTRL_BYTES + ep_ht_dispatch_base(a.data_bytes, a.parity);
-}
 
 __global__ void __launch_bounds__(SEND_WARPS * 32) ht_dispatch_send_kernel(ep_dev_group_t g, ep_ht_dispatch_args_t a) {
     const int R = g.num_ranks, lane = threadIdx.x % 32;
@@ -20,18 +15,13 @@ __global__ void __launch_bounds__(SEND_WARPS * 32) ht_dispatch_send_kernel(ep_de
         return; /* abandoned by the notify kernel */
     const ep_ht_dispatch_region_t reg =
         ep_ht_dispatch_region(a.data_bytes, a.x_row_bytes, (uint64_t)a.num_scales * 4, a.topk);
-    const int L = a.num_experts > 0 ? a.num_experts / R : 1;
     const int64_t chunks = a.x_row_bytes / 16;
     const int64_t warp_id = (int64_t)blockIdx.x * SEND_WARPS + threadIdx.x / 32;
     const int64_t num_warps = (int64_t)gridDim.x * SEND_WARPS;
 
     for (int64_t t = warp_id; t < a.num_tokens; t += num_warps) {
-        int my_pos = lane < R ? a.routing.send_pos[t * R + lane] : -1;
-        int pos[EP_MAX_NVL_RANKS];
-#pragma unroll
-        for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
-            pos[d] = __shfl_sync(0xffffffffu, my_pos, d);
-        if (__ballot_sync(0xffffffffu, my_pos >= 0) == 0)
+        int pos[EP_MAX_NVL_RANKS], my_pos;
+        if (!ep_ht_token_positions(a, R, t, lane, pos, &my_pos))
             continue;
 
         const uint4 *src = (const uint4 *)(a.x + t * a.x_stride_bytes);
@@ -45,38 +35,15 @@ __global__ void __launch_bounds__(SEND_WARPS * 32) ht_dispatch_send_kernel(ep_de
             for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
                 if (d >= R || pos[d] < 0)
                     continue;
-                uint4 *dst = (uint4 *)(dispatch_region(g, d, a) + reg.x_off + (uint64_t)pos[d] * reg.x_row_bytes);
+                uint4 *dst =
+                    (uint4 *)(ep_ht_dispatch_region_ptr(g, d, a) + reg.x_off + (uint64_t)pos[d] * reg.x_row_bytes);
 #pragma unroll
                 for (int u = 0; u < SEND_UNROLL; u++)
                     if (c0 + u * 32 < chunks)
                         dst[c0 + u * 32] = v[u];
             }
         }
-        for (int j = lane; j < a.num_scales; j += 32) {
-            uint32_t w = a.scales[t * a.scale_stride0 + (int64_t)j * a.scale_stride1];
-#pragma unroll
-            for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
-                if (d < R && pos[d] >= 0)
-                    ((uint32_t *)(dispatch_region(g, d, a) + reg.scales_off))[(uint64_t)pos[d] * a.num_scales + j] = w;
-        }
-        if (a.topk_idx && lane < a.topk) { /* cached dispatch without topk sends no metadata */
-            int64_t e = a.topk_idx[t * a.idx_stride + lane];
-            float w = a.weights ? a.weights[t * a.w_stride + lane] : 0.0f;
-            if (e < -1 || e >= a.num_experts)
-                e = -1; /* reported by the layout kernel */
-#pragma unroll
-            for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
-                if (d >= R || pos[d] < 0)
-                    continue;
-                int64_t local = (e >= 0 && e / L == d) ? e - (int64_t)d * L : -1;
-                char *region = dispatch_region(g, d, a);
-                ((int64_t *)(region + reg.idx_off))[(uint64_t)pos[d] * a.topk + lane] = local;
-                if (a.weights)
-                    ((float *)(region + reg.weights_off))[(uint64_t)pos[d] * a.topk + lane] = local >= 0 ? w : 0.0f;
-            }
-        }
-        if (lane < R && my_pos >= 0)
-            ((int32_t *)(dispatch_region(g, lane, a) + reg.src_off))[my_pos] = (int32_t)t;
+        ep_ht_token_metadata(g, a, reg, t, pos, my_pos, lane);
     }
 }
 
@@ -84,6 +51,8 @@ extern "C" cudaError_t ep_launch_ht_dispatch_send(const ep_dev_group_t *g, const
                                                   cudaStream_t s) {
     if (a->num_tokens == 0)
         return cudaSuccess;
+    if (a->use_tma && ep_ht_dispatch_tma_applies(a))
+        return ep_launch_ht_dispatch_send_tma(g, a, s);
     ht_dispatch_send_kernel<<<a->num_blocks, SEND_WARPS * 32, 0, s>>>(*g, *a);
     return cudaGetLastError();
 }
@@ -91,7 +60,7 @@ extern "C" cudaError_t ep_launch_ht_dispatch_send(const ep_dev_group_t *g, const
 __global__ void ht_dispatch_pad_kernel(ep_dev_group_t g, ep_ht_dispatch_args_t a, int num_rows) {
     const ep_ht_dispatch_region_t reg =
         ep_ht_dispatch_region(a.data_bytes, a.x_row_bytes, (uint64_t)a.num_scales * 4, a.topk);
-    char *region = dispatch_region(g, g.rank, a);
+    char *region = ep_ht_dispatch_region_ptr(g, g.rank, a);
     int nr = *a.routing.num_recv;
     if (nr < 0)
         nr = 0; /* abandoned: every row is empty */

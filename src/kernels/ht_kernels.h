@@ -60,9 +60,14 @@ typedef struct {
     uint64_t data_bytes; /* the data buffer's size (for ht_layout.h) */
     ep_ht_routing_t routing;
     int num_blocks;
+    int use_tma; /* rows by bulk copies through shared memory (when the sizes and addresses allow it) */
 } ep_ht_dispatch_args_t;
 
 cudaError_t ep_launch_ht_dispatch_send(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a, cudaStream_t s);
+/* The bulk-copy transport of the send (ht_dispatch_tma.cu): whether it can move these rows (16-byte aligned
+ * rows, strides and buffer), and its launch. */
+int ep_ht_dispatch_tma_applies(const ep_ht_dispatch_args_t *a);
+cudaError_t ep_launch_ht_dispatch_send_tma(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a, cudaStream_t s);
 /* Worst-token mode: marks rows [num_recv, num_rows) of this rank's receive arrays as empty (idx -1). */
 cudaError_t ep_launch_ht_dispatch_pad(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a, int num_rows,
                                       cudaStream_t s);
