@@ -1,18 +1,29 @@
 /* Dispatch send with bulk copies (EPCOMM_HT_DISPATCH_TMA=1; experimental): the same placement as
  * ht_dispatch.cu, but a token's row is not moved by the lanes' 16-byte loads and stores. One lane per warp
  * asks the SM's copy unit to bring the row into shared memory, chunk by chunk, and then to store each chunk to
- * every destination rank; the other lanes only write the token's small arrays. A warp keeps TMA_STAGES chunks
- * in flight, across token boundaries, so loads of the next chunks overlap the stores of the current one.
+ * every destination rank; the other lanes only write the token's small arrays. A warp keeps TMA_STAGES chunk
+ * buffers, across token boundaries: TMA_AHEAD chunks loading while the stores of up to TMA_STORES chunks still
+ * read theirs.
  *
  * Why: plain SM stores to peers flatten at about 432 GB/s with 16 SMs on the 4xH200 machine (PERF.md), below
  * the 450 GB/s target; the copy unit is asynchronous and needs no registers per byte. */
 #include "bulk.cuh"
 #include "ht_dispatch_token.cuh"
 
-#define TMA_WARPS  8
-#define TMA_STAGES 4
-#define TMA_CHUNK  4096 /* bytes per bulk copy, a multiple of 16 */
-#define TMA_SMEM   (TMA_WARPS * TMA_STAGES * (TMA_CHUNK + 8))
+#ifndef TMA_WARPS
+#define TMA_WARPS 8
+#endif
+#ifndef TMA_STAGES
+#define TMA_STAGES 4 /* chunk buffers per warp */
+#endif
+#ifndef TMA_STORES
+#define TMA_STORES 2 /* chunks whose stores may still read their buffer; the other stages are loads ahead */
+#endif
+#ifndef TMA_CHUNK
+#define TMA_CHUNK 4096 /* bytes per bulk copy, a multiple of 16 */
+#endif
+#define TMA_AHEAD (TMA_STAGES - TMA_STORES)
+#define TMA_SMEM  (TMA_WARPS * TMA_STAGES * (TMA_CHUNK + 8))
 
 /* The chunks a warp moves, numbered in order: chunk i is piece i % per_token of the warp's token i / per_token
  * (tokens warp_id, warp_id + num_warps, ...). */
@@ -55,7 +66,7 @@ __global__ void __launch_bounds__(TMA_WARPS * 32)
         for (int s = 0; s < TMA_STAGES; s++)
             ep_mbar_init(&bars[s]);
         ep_mbar_init_fence();
-        for (int64_t i = 0; i < n && i < TMA_STAGES - 1; i++)
+        for (int64_t i = 0; i < n && i < TMA_AHEAD; i++)
             load_chunk(c, i, stages, bars);
     }
     __syncwarp();
@@ -78,9 +89,9 @@ __global__ void __launch_bounds__(TMA_WARPS * 32)
                                           (uint64_t)pos[d] * reg.x_row_bytes + off,
                                       stages + (size_t)s * TMA_CHUNK, bytes);
                 ep_bulk_commit();
-                if (i + TMA_STAGES - 1 < n) {
-                    ep_bulk_wait_read<1>(); /* chunk i-1's stores no longer read the stage that chunk reuses */
-                    load_chunk(c, i + TMA_STAGES - 1, stages, bars);
+                if (i + TMA_AHEAD < n) { /* its stage last held chunk i + TMA_AHEAD - TMA_STAGES */
+                    ep_bulk_wait_read<TMA_STORES>(); /* the group of that chunk no longer reads it */
+                    load_chunk(c, i + TMA_AHEAD, stages, bars);
                 }
             }
         }
