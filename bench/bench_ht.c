@@ -441,10 +441,10 @@ static void print_and_record(const bench_ht_args_t *a, rank_rows_t *all) {
     printf("\nhigh-throughput, EP%d, H=%d, top-%d of %d experts (time: slowest rank's median of %d; GB/s: mean "
            "bytes per rank / that time)\n",
            a->ranks, a->hidden, a->topk, a->experts, ITERS);
-    printf("| %-16s | %-5s | %6s | %4s | %9s | %12s | %9s | %8s | %7s |\n", "op", "dtype", "tokens", "SMs", "time us",
+    printf("| %-19s | %-5s | %6s | %4s | %9s | %12s | %9s | %8s | %7s |\n", "op", "dtype", "tokens", "SMs", "time us",
            "logical GB/s", "link GB/s", "vs NCCL", "correct");
-    printf(
-        "|------------------|-------|--------|------|-----------|--------------|-----------|----------|---------|\n");
+    printf("|---------------------|-------|--------|------|-----------|--------------|-----------|----------|---------|"
+           "\n");
     for (int i = 0; i < all[0].n; i++) {
         row_t r = all[0].rows[i];
         double logical = 0, link = 0;
@@ -468,7 +468,7 @@ static void print_and_record(const bench_ht_args_t *a, rank_rows_t *all) {
         char ratio[16] = "-";
         if (nccl_us > 0 && strcmp(r.op, "nccl_dispatch") != 0)
             snprintf(ratio, sizeof(ratio), "%.2fx", nccl_us / r.time_us);
-        printf("| %-16s | %-5s | %6d | %4d | %9.1f | %12.1f | %9.1f | %8s | %7s |\n", r.op, r.dtype, r.tokens, r.sms,
+        printf("| %-19s | %-5s | %6d | %4d | %9.1f | %12.1f | %9.1f | %8s | %7s |\n", r.op, r.dtype, r.tokens, r.sms,
                r.time_us, lg, kg, ratio,
                correct < 0 ? "-"
                : correct   ? "yes"
