@@ -6,7 +6,8 @@
  *  - missing_peer_times_out: a rank that never dispatches makes the others fail with EP_ERROR_TIMEOUT naming
  *    it and the stage; every rank can then destroy the group;
  *  - autotune: every rank gets the same best SM count, one of the candidates;
- *  - argument errors: capture of a host-waiting dispatch, weights without ids, a too-small buffer.
+ *  - argument errors: capture of a host-waiting dispatch, weights without ids, a too-small buffer, a cached
+ *    dispatch with another worst-token count than its handle's, destroying a group a handle still uses.
  * Dispatch outputs are compared with the CPU reference; combine of the received rows must give x times the
  * number of ranks each token reached (exact in float32). */
 #define _DEFAULT_SOURCE
@@ -381,6 +382,18 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, &l), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
     failures += check_dispatch(rank, R, &in, &res, 0, "dispatch after errors");
+    /* A cached dispatch asking for another worst-token count than its handle was made with; a group destroyed
+     * while a handle still refers to it. Both refused on the host, with nothing launched or torn down. */
+    b = a;
+    b.cached_handle = res.handle;
+    b.num_worst_tokens = 8;
+    ep_dispatch_result_t res2 = EP_DISPATCH_RESULT_INIT;
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res2, &l), EP_ERROR_INVALID_ARGUMENT);
+    if (!strstr(ep_last_error(), "num_worst_tokens: the cached handle"))
+        MP_FAIL(rank, "cached worst-token message: %s", ep_last_error());
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_ERROR_IN_PROGRESS);
+    if (!strstr(ep_last_error(), "handles still refer"))
+        MP_FAIL(rank, "destroy with a live handle: %s", ep_last_error());
     MP_EXPECT_STATUS(rank, ep_handle_destroy(res.handle), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
     free_inputs(&in, R);
