@@ -15,9 +15,6 @@
 #ifndef LL_LOGFMT_BATCH
 #define LL_LOGFMT_BATCH 8 /* groups whose loads are in flight together when encoding LogFMT */
 #endif
-#ifndef LL_LOGFMT_MIN_BLOCKS
-#define LL_LOGFMT_MIN_BLOCKS 1 /* resident blocks per SM the LogFMT kernels are compiled for (registers) */
-#endif
 #define LL_LOGFMT_K_BATCH    4 /* LogFMT rows whose fetches are in flight together in the receive */
 #define LL_COMBINE_MAX_PARTS 8 /* pieces a row may be cut into between warps */
 #define LL_COMBINE_K_BATCH   8 /* rows whose loads are in flight together in the receive */
@@ -77,7 +74,8 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
                 ep_warp_copy16((uint4 *)dst + u0, src + u0, u1 - u0, lane);
         } else {
             /* Full batches (the loads of LL_LOGFMT_BATCH groups in flight together, no bounds test inside), then
-             * the groups left. */
+             * the groups left. Two loops on purpose: one helper for both compiled to 64 registers with spills
+             * instead of 96 without (not measured, so not taken). */
             int64_t g0 = u0;
             for (; g0 + LL_LOGFMT_BATCH <= u1; g0 += LL_LOGFMT_BATCH) {
                 uint2 raw[LL_LOGFMT_BATCH];
@@ -108,7 +106,7 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
 }
 
 template <bool LOGFMT>
-__global__ void __launch_bounds__(LL_COMBINE_THREADS, LOGFMT ? LL_LOGFMT_MIN_BLOCKS : 0)
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     combine_send_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity] + 1);
 }
@@ -203,7 +201,7 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
 }
 
 template <bool LOGFMT>
-__global__ void __launch_bounds__(LL_COMBINE_THREADS, LOGFMT ? LL_LOGFMT_MIN_BLOCKS : 0)
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_recv_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     combine_recv_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity]); /* the send kernel set the epoch */
 }
@@ -211,7 +209,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS, LOGFMT ? LL_LOGFMT_MIN_BLO
 /* Send and receive in one kernel (the call without a hook): G = max(send blocks, receive blocks) blocks each
  * send, and the last ones then receive (receivers wait only after sending; send-only blocks come first). */
 template <bool LOGFMT>
-__global__ void __launch_bounds__(LL_COMBINE_THREADS, LOGFMT ? LL_LOGFMT_MIN_BLOCKS : 0)
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_fused_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     const uint32_t epoch = g.ll_state[2 + a.parity] + 1; /* read before this block counts itself done */
     combine_send_block<LOGFMT>(g, a, blockIdx.x, epoch);
