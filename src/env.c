@@ -43,7 +43,9 @@ int ep_env_ll_fused(void) {
     static int cached = -1; /* read once: this is on the per-call path */
     if (cached < 0) {
         const char *s = getenv("EPCOMM_LL_FUSED");
-        cached = !(s != NULL && strcmp(s, "0") == 0);
+        cached = s != NULL && strcmp(s, "0") == 0       ? EP_LL_TWO_KERNELS
+                 : s != NULL && strcmp(s, "plain") == 0 ? EP_LL_FUSED_PLAIN
+                                                        : EP_LL_FUSED_COOPERATIVE;
     }
     return cached;
 }

@@ -17,8 +17,12 @@ ep_log_level_t ep_env_log_level(void);
  * multiple of 16), or -1 when unset or invalid (the library then picks by the expected rows per expert). */
 int ep_env_ll_combine_warps(void);
 
-/* EPCOMM_LL_FUSED: 0 runs a low-latency call without a hook as two kernels (send, receive) even when one fused
- * kernel would fit on the GPU at once; anything else or unset: fused where it fits. */
+/* EPCOMM_LL_FUSED: how a low-latency call without a hook runs. 0: two kernels (send, receive) even when one
+ * fused kernel would fit on the GPU at once; "plain": fused where it fits, by an ordinary launch (to measure
+ * what the cooperative launch costs); anything else or unset: fused where it fits, by a cooperative launch. */
+#define EP_LL_TWO_KERNELS       0
+#define EP_LL_FUSED_COOPERATIVE 1
+#define EP_LL_FUSED_PLAIN       2
 int ep_env_ll_fused(void);
 
 /* EPCOMM_HT_DISPATCH_TMA: 1 moves the high-throughput dispatch's rows with bulk copies through shared memory

@@ -1,5 +1,6 @@
-/* ep_dispatch (high-throughput mode): checks, the count exchange (skipped in cached mode), the host's wait
- * for the receive count (skipped in worst-token and cached mode), the send, a closing barrier. */
+/* ep_dispatch (high-throughput mode): checks, the count exchange (skipped in cached mode), the send and a
+ * closing barrier, then the host's wait for the receive count (skipped in worst-token and cached mode), which
+ * overlaps the send. */
 #define _POSIX_C_SOURCE 200809L
 #include "check.h"
 #include "env.h"
@@ -128,7 +129,8 @@ static ep_status_t wait_notify(ep_group_t g, uint32_t seq) {
     return EP_SUCCESS;
 }
 
-static ep_status_t run_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int64_t capacity_rows) {
+static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int64_t capacity_rows,
+                                 uint32_t *seq) {
     ep_ht_notify_args_t n = {
         .is_token_in_rank = (const uint8_t *)a->is_token_in_rank.data,
         .in_rank_stride = a->is_token_in_rank.strides[0],
@@ -143,18 +145,21 @@ static ep_status_t run_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_hand
         .host = &g->mapped_dev->notify,
         .seq = ++g->notify_seq,
     };
+    *seq = n.seq;
     cudaError_t err = ep_launch_ht_notify(&g->dev, &n, g->stream);
-    if (err != cudaSuccess)
-        return ep_cuda_fail(err, "dispatch notify kernel", __FILE__, __LINE__);
-    if (a->num_worst_tokens > 0)
-        return EP_SUCCESS;
-    EP_CHECK(wait_notify(g, n.seq));
+    return err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "dispatch notify kernel", __FILE__, __LINE__);
+}
+
+/* The host's part of the default mode: the receive count, read once the notify kernel has answered. */
+static ep_status_t take_notify_answer(ep_group_t g, ep_handle_t h, uint32_t seq) {
+    EP_CHECK(wait_notify(g, seq));
     const ep_ht_notify_host_t *res = &g->mapped_host->notify;
     if (!res->ok) {
         ep_status_t st = ep_group_take_input_error(g);
         return st != EP_SUCCESS ? st : ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: dispatch abandoned", g->rank);
     }
     h->num_recv = res->num_recv;
+    h->num_rows = h->num_recv;
     memcpy(h->counts, res->counts, sizeof(h->counts));
     return EP_SUCCESS;
 }
@@ -256,17 +261,22 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
                        "cached handle");
     EP_CHECK(ep_launch_begin(group, &frame));
     ep_handle_t h = NULL;
+    uint32_t seq = 0;
     ep_status_t st = prepare_handle(group, args, &h);
-    if (st == EP_SUCCESS && args->cached_handle == NULL)
-        st = run_notify(group, args, h, capacity);
-    if (st == EP_SUCCESS) {
-        h->num_rows = h->num_worst_tokens > 0 ? h->num_worst_tokens : h->num_recv;
-        if (args->cached_handle && args->num_worst_tokens > 0 && h->num_worst_tokens != args->num_worst_tokens)
-            st = ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the cached handle was made with %d, got %d",
-                         h->num_worst_tokens, args->num_worst_tokens);
+    if (st == EP_SUCCESS && args->cached_handle != NULL && args->num_worst_tokens > 0 &&
+        h->num_worst_tokens != args->num_worst_tokens)
+        st = ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the cached handle was made with %d, got %d",
+                     h->num_worst_tokens, args->num_worst_tokens);
+    if (st == EP_SUCCESS && args->cached_handle == NULL) {
+        h->num_rows = h->num_worst_tokens; /* the default mode learns it from the notify kernel's answer */
+        st = launch_notify(group, args, h, capacity, &seq);
     }
+    /* The send goes into the stream before the host waits for the count: it reads the routing the notify
+     * kernel wrote (and does nothing if that kernel abandoned the op), so the wait overlaps the transfer. */
     if (st == EP_SUCCESS)
         st = run_send(group, args, h, num_scales);
+    if (st == EP_SUCCESS && args->cached_handle == NULL && args->num_worst_tokens == 0)
+        st = take_notify_answer(group, h, seq);
     if (st == EP_SUCCESS) {
         fill_views(group, args, h, num_scales, &reg, result);
         if (result->num_recv_tokens_per_expert && h->num_recv >= 0 && args->cached_handle == NULL)

@@ -92,8 +92,9 @@ static cudaError_t launch_dispatch_recv(const ep_dev_group_t *d, const void *k, 
     return ep_launch_ll_dispatch_recv(d, (const ep_ll_dispatch_kargs_t *)k, s);
 }
 static cudaError_t launch_dispatch_both(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
-    if (ep_env_ll_fused())
-        return ep_launch_ll_dispatch_both(d, (const ep_ll_dispatch_kargs_t *)k, s);
+    const int mode = ep_env_ll_fused();
+    if (mode != EP_LL_TWO_KERNELS)
+        return ep_launch_ll_dispatch_both(d, (const ep_ll_dispatch_kargs_t *)k, mode == EP_LL_FUSED_COOPERATIVE, s);
     cudaError_t err = ep_launch_ll_dispatch_send(d, (const ep_ll_dispatch_kargs_t *)k, s);
     return err == cudaSuccess ? ep_launch_ll_dispatch_recv(d, (const ep_ll_dispatch_kargs_t *)k, s) : err;
 }
@@ -104,8 +105,9 @@ static cudaError_t launch_combine_recv(const ep_dev_group_t *d, const void *k, c
     return ep_launch_ll_combine_recv(d, (const ep_ll_combine_kargs_t *)k, s);
 }
 static cudaError_t launch_combine_both(const ep_dev_group_t *d, const void *k, cudaStream_t s) {
-    if (ep_env_ll_fused())
-        return ep_launch_ll_combine_both(d, (const ep_ll_combine_kargs_t *)k, s);
+    const int mode = ep_env_ll_fused();
+    if (mode != EP_LL_TWO_KERNELS)
+        return ep_launch_ll_combine_both(d, (const ep_ll_combine_kargs_t *)k, mode == EP_LL_FUSED_COOPERATIVE, s);
     cudaError_t err = ep_launch_ll_combine_send(d, (const ep_ll_combine_kargs_t *)k, s);
     return err == cudaSuccess ? ep_launch_ll_combine_recv(d, (const ep_ll_combine_kargs_t *)k, s) : err;
 }

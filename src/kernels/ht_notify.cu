@@ -11,9 +11,50 @@
 #include "sync.cuh"
 
 #define NOTIFY_THREADS 1024
+#define NOTIFY_WARPS   (NOTIFY_THREADS / 32)
+static_assert(NOTIFY_WARPS == 32, "the second level of the scan is one warp over the warps' totals");
+
+/* Inclusive scan of v over the warp's lanes. */
+__device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int32_t up = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o)
+            v += up;
+    }
+    return v;
+}
+
+/* Replaces each thread's count per destination by the sum of the counts of the threads before it (thread order
+ * is token order), and writes the block's totals: a warp scan, then one warp scans the warps' totals. */
+__device__ __forceinline__ void block_exclusive_scan(int32_t (&v)[EP_MAX_NVL_RANKS],
+                                                     int32_t (*warp_sums)[EP_MAX_NVL_RANKS], int32_t *totals) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int32_t incl[EP_MAX_NVL_RANKS];
+#pragma unroll
+    for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
+        incl[d] = warp_inclusive_scan(v[d], lane);
+        if (lane == 31)
+            warp_sums[warp][d] = incl[d];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
+            int32_t w = warp_sums[lane][d], w_incl = warp_inclusive_scan(w, lane);
+            warp_sums[lane][d] = w_incl - w;
+            if (lane == 31)
+                totals[d] = w_incl;
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
+        v[d] = warp_sums[warp][d] + incl[d] - v[d];
+}
 
 __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_group_t g, ep_ht_notify_args_t a) {
-    __shared__ int32_t run_count[NOTIFY_THREADS][EP_MAX_NVL_RANKS]; /* then: exclusive prefix per thread */
+    __shared__ int32_t warp_sums[NOTIFY_WARPS][EP_MAX_NVL_RANKS];
     __shared__ int32_t totals[EP_MAX_NVL_RANKS];
     __shared__ int32_t counts[EP_MAX_NVL_RANKS][EP_MAX_NVL_RANKS];
     __shared__ int abandon;
@@ -21,32 +62,20 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_gro
     const int per_thread = (a.num_tokens + NOTIFY_THREADS - 1) / NOTIFY_THREADS;
     const int t0 = tid * per_thread, t1 = min(a.num_tokens, t0 + per_thread);
 
-    /* a. per-thread counts, then a serial scan per destination (R threads, NOTIFY_THREADS steps each). */
-    int32_t mine[EP_MAX_NVL_RANKS];
+    /* a. per-thread counts (destinations >= R stay 0), then their block scan: run[d] is the rank of this
+     *    thread's first token among this rank's tokens going to d. */
+    int32_t run[EP_MAX_NVL_RANKS];
 #pragma unroll
     for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
-        mine[d] = 0;
+        run[d] = 0;
     for (int t = t0; t < t1; t++)
 #pragma unroll
         for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
             if (d < R)
-                mine[d] += a.is_token_in_rank[(int64_t)t * a.in_rank_stride + d] != 0;
-#pragma unroll
-    for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
-        run_count[tid][d] = mine[d];
+                run[d] += a.is_token_in_rank[(int64_t)t * a.in_rank_stride + d] != 0;
     if (tid == 0)
         abandon = 0;
-    __syncthreads();
-    if (tid < R) {
-        int32_t sum = 0;
-        for (int i = 0; i < NOTIFY_THREADS; i++) {
-            int32_t c = run_count[i][tid];
-            run_count[i][tid] = sum;
-            sum += c;
-        }
-        totals[tid] = sum;
-    }
-    __syncthreads();
+    block_exclusive_scan(run, warp_sums, totals);
 
     /* b. publish counts. */
     const int L = a.num_experts / R;
@@ -115,8 +144,8 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_gro
             if (d >= R)
                 continue;
             int in = a.is_token_in_rank[(int64_t)t * a.in_rank_stride + d] != 0;
-            a.routing.send_pos[(int64_t)t * R + d] = (in && !abandon) ? base[d] + run_count[tid][d] : -1;
-            run_count[tid][d] += in;
+            a.routing.send_pos[(int64_t)t * R + d] = (in && !abandon) ? base[d] + run[d] : -1;
+            run[d] += in;
         }
     }
     for (int l = tid; l < L; l += NOTIFY_THREADS) {

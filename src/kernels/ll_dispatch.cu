@@ -357,7 +357,7 @@ extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const
 /* The call without a hook: one fused kernel when its grid fits on the GPU at once (with two receive blocks per
  * expert, else one), else send then receive. */
 extern "C" cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
-                                                  cudaStream_t s) {
+                                                  int cooperative, cudaStream_t s) {
     static int per_sm;
     const int capacity = ep_wave_capacity((const void *)ll_dispatch_fused_kernel, LL_SEND_THREADS, &per_sm);
     const int L = a->num_experts / g->num_ranks;
@@ -366,8 +366,10 @@ extern "C" cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const
         if (blocks <= capacity) {
             ep_ll_dispatch_kargs_t k = *a;
             k.recv_split = split;
-            ll_dispatch_fused_kernel<<<blocks, LL_SEND_THREADS, 0, s>>>(*g, k);
-            return cudaGetLastError();
+            cudaError_t err = ep_launch_resident(ll_dispatch_fused_kernel, blocks, LL_SEND_THREADS, cooperative, s,
+                                                 *g, k);
+            if (err != cudaErrorCooperativeLaunchTooLarge)
+                return err;
         }
     }
     cudaError_t err = ep_launch_ll_dispatch_send(g, a, s);

@@ -35,8 +35,11 @@ typedef struct {
 
 cudaError_t ep_launch_ll_dispatch_send(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a, cudaStream_t s);
 cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a, cudaStream_t s);
-/* Send and receive (the call without a hook): one kernel when the grid fits on the GPU at once. */
-cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a, cudaStream_t s);
+/* Send and receive (the call without a hook): one kernel when the grid fits on the GPU at once, launched
+ * cooperatively if `cooperative` (all blocks resident together, or the launch is refused and two kernels run),
+ * else two kernels. The same for the combine. */
+cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a, int cooperative,
+                                       cudaStream_t s);
 
 typedef struct {
     int num_tokens, max_tokens, hidden, topk, num_experts;
@@ -58,7 +61,8 @@ typedef struct {
 
 cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s);
 cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s);
-cudaError_t ep_launch_ll_combine_both(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s);
+cudaError_t ep_launch_ll_combine_both(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, int cooperative,
+                                      cudaStream_t s);
 
 #ifdef __cplusplus
 }

@@ -4,6 +4,8 @@
  *  - graph_replay: dispatch + combine captured once, replayed with new inputs, checked every time;
  *  - hook_frees_sms: a compute kernel on every SM runs as fast between a hooked send and its receive as
  *    alone (nothing of ours holds SMs in between);
+ *  - fused_beside_busy_stream: a call without a hook (one fused kernel, whose blocks wait for each other)
+ *    enqueued while a compute kernel on another stream holds every SM completes, correct;
  *  - missing_peer_times_out: a rank that never dispatches: the receive times out naming it;
  *  - argument errors: N > T, K > 16, H not a multiple of 128, UE8M0 without round_scale, too small a buffer. */
 #define _POSIX_C_SOURCE 200809L
@@ -268,6 +270,42 @@ static int hook_frees_sms(int rank, int R, const ep_unique_id_t *id, void *arg) 
     return failures;
 }
 
+static int fused_beside_busy_stream(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = make_group(rank, R, id, 0);
+    if (!g)
+        return 1;
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, rank);
+    float *sink;
+    cudaMalloc((void **)&sink, 4096);
+    cudaStream_t busy;
+    cudaStreamCreateWithFlags(&busy, cudaStreamNonBlocking);
+    inputs_t in;
+    make_inputs(&in, R, 50);
+    pair_t p;
+    pair_init(&p, R);
+    pair_load(&p, &in, rank, R);
+    for (int round = 0; round < 3; round++) {
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+        cudaMemset(p.out, 0, (size_t)T * H * 2);
+        test_busy_kernel(sink, sms, 400000, busy); /* half of every SM's threads, for milliseconds */
+        ep_ll_handle_t h = NULL;
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+        cudaStreamSynchronize(busy);
+        failures += check_pair(rank, R, &in, &p, "fused call beside a busy stream");
+        ep_ll_handle_destroy(h);
+    }
+    free_inputs(&in, R);
+    pair_free(&p);
+    cudaStreamDestroy(busy);
+    cudaFree(sink);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
 static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     const int64_t timeout_ms = R > 4 ? 4000 : 1500; /* creation at R=8 takes ~2 s */
@@ -355,8 +393,9 @@ int main(int argc, char **argv) {
     failed += mp_run("ll.double_buffering", ranks, double_buffering, NULL, 120) != 0;
     failed += mp_run("ll.graph_replay", ranks, graph_replay, NULL, 120) != 0;
     failed += mp_run("ll.hook_frees_sms", ranks, hook_frees_sms, NULL, 120) != 0;
+    failed += mp_run("ll.fused_beside_busy_stream", ranks, fused_beside_busy_stream, NULL, 120) != 0;
     failed += mp_run("ll.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
     failed += mp_run("ll.argument_errors", ranks, argument_errors, NULL, 60) != 0;
-    printf("%d passed, %d failed\n", 5 - failed, failed);
+    printf("%d passed, %d failed\n", 6 - failed, failed);
     return failed;
 }
