@@ -2,7 +2,7 @@
 #include "group_kernels.h"
 #include "sync.cuh"
 
-__global__ void barrier_kernel(ep_dev_group_t g, int stage) {
+__global__ void barrier_kernel(const __grid_constant__ ep_dev_group_t g, int stage) {
     ep_cta_barrier(g, stage);
 }
 
@@ -12,7 +12,8 @@ extern "C" cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage,
 }
 
 /* Destroy flags are written once per group lifetime, so a non-zero slot is that peer's vote. */
-__global__ void destroy_vote_kernel(ep_dev_group_t g, uint64_t vote, int wait, int32_t *votes_out) {
+__global__ void destroy_vote_kernel(const __grid_constant__ ep_dev_group_t g, uint64_t vote, int wait,
+                                    int32_t *votes_out) {
     int peer = threadIdx.x;
     if (peer >= g.num_ranks)
         return;

@@ -22,7 +22,8 @@ __device__ __forceinline__ void add_bf16x8(float acc[8], uint4 v) {
     acc[4] += ep_bf16_lo(v.z), acc[5] += ep_bf16_hi(v.z), acc[6] += ep_bf16_lo(v.w), acc[7] += ep_bf16_hi(v.w);
 }
 
-__global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_send_kernel(ep_dev_group_t g, ep_ht_combine_args_t a) {
+__global__ void __launch_bounds__(COMBINE_WARPS * 32)
+    ht_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ht_combine_args_t a) {
     __shared__ int32_t recv_start[EP_MAX_NVL_RANKS + 1]; /* rows from source s start here on this rank */
     __shared__ int32_t dst_start[EP_MAX_NVL_RANKS];      /* this rank's run starts here in s's region */
     __shared__ int skip;
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) ht_combine_send_kernel(ep_
 }
 
 __global__ void __launch_bounds__(COMBINE_WARPS * 32)
-    ht_combine_reduce_kernel(ep_dev_group_t g, ep_ht_combine_args_t a) {
+    ht_combine_reduce_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ht_combine_args_t a) {
     __shared__ int32_t region_start[EP_MAX_NVL_RANKS]; /* rows from destination d start here */
     __shared__ int32_t base[EP_MAX_NVL_RANKS];         /* this rank's first row at destination d */
     const int R = g.num_ranks, me = g.rank, lane = threadIdx.x % 32;

@@ -9,7 +9,8 @@
 #define SEND_WARPS  16
 #define SEND_UNROLL 4
 
-__global__ void __launch_bounds__(SEND_WARPS * 32) ht_dispatch_send_kernel(ep_dev_group_t g, ep_ht_dispatch_args_t a) {
+__global__ void __launch_bounds__(SEND_WARPS * 32)
+    ht_dispatch_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ht_dispatch_args_t a) {
     const int R = g.num_ranks, lane = threadIdx.x % 32;
     if (*a.routing.num_recv < 0)
         return; /* abandoned by the notify kernel */
@@ -57,7 +58,8 @@ extern "C" cudaError_t ep_launch_ht_dispatch_send(const ep_dev_group_t *g, const
     return cudaGetLastError();
 }
 
-__global__ void ht_dispatch_pad_kernel(ep_dev_group_t g, ep_ht_dispatch_args_t a, int num_rows) {
+__global__ void ht_dispatch_pad_kernel(const __grid_constant__ ep_dev_group_t g,
+                                       const __grid_constant__ ep_ht_dispatch_args_t a, int num_rows) {
     const ep_ht_dispatch_region_t reg =
         ep_ht_dispatch_region(a.data_bytes, a.x_row_bytes, (uint64_t)a.num_scales * 4, a.topk);
     char *region = ep_ht_dispatch_region_ptr(g, g.rank, a);

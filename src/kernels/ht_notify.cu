@@ -14,6 +14,30 @@
 #define NOTIFY_WARPS   (NOTIFY_THREADS / 32)
 static_assert(NOTIFY_WARPS == 32, "the second level of the scan is one warp over the warps' totals");
 
+#define NOTIFY_HELD_TOKENS 8 /* a thread's first tokens, whose destinations stay in registers between phases */
+static_assert(NOTIFY_HELD_TOKENS * EP_MAX_NVL_RANKS == 64, "one bit per (held token, destination) in a uint64");
+
+/* Bit i * 8 + d set: token t0 + i goes to rank d, for the thread's first NOTIFY_HELD_TOKENS tokens (t < t1),
+ * with all the loads issued together. */
+__device__ __forceinline__ uint64_t load_held_destinations(const ep_ht_notify_args_t &a, int R, int t0, int t1) {
+    uint64_t bits = 0;
+#pragma unroll
+    for (int i = 0; i < NOTIFY_HELD_TOKENS; i++)
+#pragma unroll
+        for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
+            if (t0 + i < t1 && d < R && a.is_token_in_rank[(int64_t)(t0 + i) * a.in_rank_stride + d] != 0)
+                bits |= 1ull << (i * EP_MAX_NVL_RANKS + d);
+    return bits;
+}
+
+/* Whether token t (this thread's, t >= t0) goes to rank d: from the held bits, else from memory. */
+__device__ __forceinline__ int goes_to(const ep_ht_notify_args_t &a, uint64_t held, int t0, int t, int d) {
+    const int i = t - t0;
+    if (i < NOTIFY_HELD_TOKENS)
+        return (int)(held >> (i * EP_MAX_NVL_RANKS + d) & 1);
+    return a.is_token_in_rank[(int64_t)t * a.in_rank_stride + d] != 0;
+}
+
 /* Inclusive scan of v over the warp's lanes. */
 __device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v, int lane) {
 #pragma unroll
@@ -53,7 +77,8 @@ __device__ __forceinline__ void block_exclusive_scan(int32_t (&v)[EP_MAX_NVL_RAN
         v[d] = warp_sums[warp][d] + incl[d] - v[d];
 }
 
-__global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_group_t g, ep_ht_notify_args_t a) {
+__global__ void __launch_bounds__(NOTIFY_THREADS, 1)
+    ht_notify_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ht_notify_args_t a) {
     __shared__ int32_t warp_sums[NOTIFY_WARPS][EP_MAX_NVL_RANKS];
     __shared__ int32_t totals[EP_MAX_NVL_RANKS];
     __shared__ int32_t counts[EP_MAX_NVL_RANKS][EP_MAX_NVL_RANKS];
@@ -64,11 +89,12 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_gro
 
     /* a. per-thread counts (destinations >= R stay 0), then their block scan: run[d] is the rank of this
      *    thread's first token among this rank's tokens going to d. */
+    const uint64_t held = load_held_destinations(a, R, t0, t1);
     int32_t run[EP_MAX_NVL_RANKS];
 #pragma unroll
     for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
-        run[d] = 0;
-    for (int t = t0; t < t1; t++)
+        run[d] = __popcll(held & (0x0101010101010101ull << d));
+    for (int t = t0 + NOTIFY_HELD_TOKENS; t < t1; t++) /* more than 8192 tokens */
 #pragma unroll
         for (int d = 0; d < EP_MAX_NVL_RANKS; d++)
             if (d < R)
@@ -143,7 +169,7 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1) ht_notify_kernel(ep_dev_gro
         for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
             if (d >= R)
                 continue;
-            int in = a.is_token_in_rank[(int64_t)t * a.in_rank_stride + d] != 0;
+            const int in = goes_to(a, held, t0, t, d);
             a.routing.send_pos[(int64_t)t * R + d] = (in && !abandon) ? base[d] + run[d] : -1;
             run[d] += in;
         }
