@@ -16,6 +16,7 @@
 #define LL_SEND_UNROLL  4
 #define LL_RECV_THREADS 512
 #define LL_RECV_SPLIT   2 /* blocks per local expert in the receive (fewer in a fused kernel that must fit) */
+#define LL_RECV_MIN_BLOCKS 2 /* receive and fused kernels: two blocks per SM (64 registers, no spills) */
 static_assert(LL_SEND_THREADS == LL_RECV_THREADS, "the fused kernel runs both parts with one block size");
 
 __device__ __forceinline__ char *ll_half(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
@@ -319,7 +320,7 @@ __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, con
     }
 }
 
-__global__ void __launch_bounds__(LL_RECV_THREADS)
+__global__ void __launch_bounds__(LL_RECV_THREADS, LL_RECV_MIN_BLOCKS)
     ll_dispatch_recv_kernel(const __grid_constant__ ep_dev_group_t g,
                             const __grid_constant__ ep_ll_dispatch_kargs_t a) {
     dispatch_recv_block(g, a, blockIdx.x, g.ll_state[a.parity]); /* the send kernel before it set the epoch */
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(LL_RECV_THREADS)
 /* Send and receive in one kernel (the call without a hook): G = max(N, blocks of the receive) blocks each send
  * their token, and the last `recv_blocks` of them then receive. Receivers wait only after sending, and the
  * blocks that only send come first, so every send runs whatever number of blocks the GPU holds at once. */
-__global__ void __launch_bounds__(LL_SEND_THREADS)
+__global__ void __launch_bounds__(LL_SEND_THREADS, LL_RECV_MIN_BLOCKS)
     ll_dispatch_fused_kernel(const __grid_constant__ ep_dev_group_t g,
                              const __grid_constant__ ep_ll_dispatch_kargs_t a) {
     const uint32_t epoch = g.ll_state[a.parity] + 1; /* read before this block counts itself done */
