@@ -47,10 +47,11 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
     const char *mine = ll_half_c(g, me, p, a.half_bytes);
+    /* The expert's row count is loaded together with the ranges (one memory latency, not two). */
+    const int32_t count = vb < combine_send_blocks(a, R) ? ((const int32_t *)(mine + lay.count_off))[l] : 0;
     if (tid < R)
         ranges[tid] = ((const int64_t *)(mine + lay.range_off))[l * R + tid];
     __syncthreads();
-    const int32_t count = vb < combine_send_blocks(a, R) ? ((const int32_t *)(mine + lay.count_off))[l] : 0;
     const int64_t row_bytes = 2 * (int64_t)a.hidden, S = a.hidden / 128;
     /* a.send_warps warps per expert share its rows, a whole row each. Only when an expert has at most an eighth
      * as many rows as warps (small T: latency, not bytes) is a row cut into `parts` pieces (bf16 rows in 16-byte
@@ -62,12 +63,12 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
     for (int32_t item = blk * (LL_COMBINE_THREADS / 32) + warp; item < count * parts; item += warps) {
         const int32_t i = item / parts;
         const int64_t u0 = (item % parts) * per_part, u1 = min(units, u0 + per_part);
+        const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
         int s = 0;
         while (s + 1 < R && i >= (int32_t)(ranges[s + 1] >> 32))
             s++;
         int32_t packed = ((const int32_t *)(mine + lay.srck_off))[l * RT + i];
         int t = packed >> 5, k = packed & 31;
-        const uint4 *src = (const uint4 *)(a.x + l * a.x_stride0 + (int64_t)i * a.x_stride1);
         char *dst = ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * lay.comb_row_bytes;
         if constexpr (!LOGFMT) {
             if (u1 > u0)
@@ -123,13 +124,7 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     const int chunks = a.hidden / 8, per_slice = (chunks + a.recv_slices - 1) / a.recv_slices;
     const int c_end = min(chunks, (slice + 1) * per_slice);
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
-    if (tid < R) {
-        uint64_t t0 = ep_globaltimer_ns();
-        const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + tid;
-        ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_COMBINE_RECV, tid);
-        if (a.wait_cost_stats && b == 0)
-            atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
-    }
+    /* The token's routing and weights (inputs, there from the start) are read before the wait for the flags. */
     if (tid < K) {
         int64_t e = a.topk_idx[(int64_t)t * a.idx_stride + tid];
         int f = -1;
@@ -143,6 +138,13 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
         }
         first_k[tid] = f;
         weight[tid] = a.weights[(int64_t)t * a.w_stride + tid];
+    }
+    if (tid < R) {
+        uint64_t t0 = ep_globaltimer_ns();
+        const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + tid;
+        ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_COMBINE_RECV, tid);
+        if (a.wait_cost_stats && b == 0)
+            atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }
     __syncthreads();
     const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * lay.comb_row_bytes;

@@ -70,6 +70,25 @@ __device__ __forceinline__ uint32_t cast_group(uint2 raw, int round_scale, float
     return packed;
 }
 
+/* One batch of a bf16 row's 16-byte chunks (c0, c0 + LL_SEND_THREADS, ...) into registers. */
+__device__ __forceinline__ void load_bf16_batch(uint4 (&v)[LL_SEND_UNROLL], const uint16_t *row, int64_t c0,
+                                                int64_t chunks) {
+#pragma unroll
+    for (int u = 0; u < LL_SEND_UNROLL; u++)
+        if (c0 + u * LL_SEND_THREADS < chunks)
+            v[u] = ((const uint4 *)row)[c0 + u * LL_SEND_THREADS];
+}
+
+/* One batch of a warp's 128-channel groups (g0, g0 + W, ...): 4 channels per lane each. */
+__device__ __forceinline__ void load_fp8_batch(uint2 (&raw)[LL_SEND_UNROLL], const uint16_t *row, int g0, int lane,
+                                               int S) {
+    const int W = LL_SEND_THREADS / 32;
+#pragma unroll
+    for (int u = 0; u < LL_SEND_UNROLL; u++)
+        if (g0 + u * W < S)
+            raw[u] = *(const uint2 *)(row + (g0 + u * W) * 128 + lane * 4);
+}
+
 /* The send of token t (none if t >= N) by one block, then the block counts itself done; the last block of the
  * grid raises the flags. `epoch`: this call's, read by every block before it counts itself. */
 __device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, const ep_ll_dispatch_kargs_t &a, int t,
@@ -80,6 +99,17 @@ __device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, con
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     if (t < a.num_tokens) {
+        /* The row's first batch of loads goes out before the routing is read, so the two memory latencies
+         * overlap (at H <= 8192 the first batch is the whole row). */
+        const uint16_t *row = a.x + (int64_t)t * a.x_stride;
+        const int64_t chunks = (int64_t)a.hidden * 2 / 16;
+        const int S = a.hidden / 128, W = LL_SEND_THREADS / 32;
+        uint4 v[LL_SEND_UNROLL];
+        uint2 raw[LL_SEND_UNROLL];
+        if (!a.use_fp8)
+            load_bf16_batch(v, row, tid, chunks);
+        else
+            load_fp8_batch(raw, row, warp, lane, S);
         if (tid < EP_MAX_NVL_RANKS * EP_LL_MAX_TOPK)
             ids[tid / EP_LL_MAX_TOPK][tid % EP_LL_MAX_TOPK] = -1;
         if (tid == 0)
@@ -99,16 +129,11 @@ __device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, con
         }
         __syncthreads();
         const unsigned mask = dest_mask;
-        const uint16_t *row = a.x + (int64_t)t * a.x_stride;
         if (!a.use_fp8) {
             /* bf16 as is: every chunk of the row goes to each destination, several loads in flight. */
-            const int64_t chunks = (int64_t)a.hidden * 2 / 16;
             for (int64_t c0 = tid; c0 < chunks; c0 += LL_SEND_THREADS * LL_SEND_UNROLL) {
-                uint4 v[LL_SEND_UNROLL];
-#pragma unroll
-                for (int u = 0; u < LL_SEND_UNROLL; u++)
-                    if (c0 + u * LL_SEND_THREADS < chunks)
-                        v[u] = ((const uint4 *)row)[c0 + u * LL_SEND_THREADS];
+                if (c0 != tid)
+                    load_bf16_batch(v, row, c0, chunks);
                 for (int d = 0; d < R; d++) {
                     if (!(mask >> d & 1))
                         continue;
@@ -122,13 +147,9 @@ __device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, con
             }
         } else {
             /* FP8: warp w casts groups w, w + W, ...; the loads of LL_SEND_UNROLL groups are issued together. */
-            const int S = a.hidden / 128, W = LL_SEND_THREADS / 32;
             for (int g0 = warp; g0 < S; g0 += W * LL_SEND_UNROLL) {
-                uint2 raw[LL_SEND_UNROLL];
-#pragma unroll
-                for (int u = 0; u < LL_SEND_UNROLL; u++)
-                    if (g0 + u * W < S)
-                        raw[u] = *(const uint2 *)(row + (g0 + u * W) * 128 + lane * 4);
+                if (g0 != warp)
+                    load_fp8_batch(raw, row, g0, lane, S);
 #pragma unroll
                 for (int u = 0; u < LL_SEND_UNROLL; u++) {
                     const int grp = g0 + u * W;
