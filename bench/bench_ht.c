@@ -351,6 +351,25 @@ static int run_dispatch_tma(ctx_t *c, work_t *w, const char *dtype, double logic
     return t_full < 0 || t_cached < 0 || ok == 0;
 }
 
+/* The same combine with the reduction overlapped with the transfer (EPCOMM_HT_COMBINE_OVERLAP=W, experimental),
+ * for W = 4 and 8 reducing warps per block, checked. */
+static int run_combine_overlap(ctx_t *c, combine_arg_t *ca, const char *dtype, double logical, double link,
+                               int check) {
+    static const char *warps[] = {"4", "8"};
+    int failed = 0;
+    for (int i = 0; i < 2; i++) {
+        setenv("EPCOMM_HT_COMBINE_OVERLAP", warps[i], 1);
+        double t = time_op(c, op_combine, ca);
+        int ok = check ? check_combine(c, ca->w, ca->out) : -1;
+        unsetenv("EPCOMM_HT_COMBINE_OVERLAP");
+        char op[32];
+        snprintf(op, sizeof(op), "combine_overlap%s", warps[i]);
+        add_row(c, op, dtype, ca->w->N, ca->w->sms, t, logical, link, ok);
+        failed |= t < 0 || ok == 0;
+    }
+    return failed;
+}
+
 static void run_workload(ctx_t *c, int N, int fp8, const int *sms_list, int num_sms, int check) {
     work_t w;
     memset(&w, 0, sizeof(w));
@@ -383,6 +402,8 @@ static void run_workload(ctx_t *c, int N, int fp8, const int *sms_list, int num_
         double t_comb = time_op(c, op_combine, &ca);
         int cok = check ? check_combine(c, &w, ca.out) : -1;
         add_row(c, "combine", dtype, N, w.sms, t_comb, logical, link, cok);
+        if (run_combine_overlap(c, &ca, dtype, logical, link, check) != 0)
+            c->out->failed = 1;
         if (i == 0) { /* the copy-engine transfer does not depend on the SM budget: measure it once */
             setenv("EPCOMM_HT_COMBINE_CE", "1", 1);
             double t_ce = time_op(c, op_combine, &ca);

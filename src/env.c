@@ -50,6 +50,14 @@ int ep_env_ll_fused(void) {
     return cached;
 }
 
+int ep_env_ht_combine_overlap(void) {
+    /* Read at every call (hundreds of microseconds each), so that a benchmark can compare both in one process. */
+    const char *s = getenv("EPCOMM_HT_COMBINE_OVERLAP");
+    char *end = NULL;
+    long v = s != NULL && *s != '\0' ? strtol(s, &end, 10) : 0;
+    return end != NULL && *end == '\0' && v >= 1 && v <= 15 ? (int)v : 0;
+}
+
 int ep_env_ht_dispatch_tma(void) {
     /* Read at every call (a high-throughput dispatch takes hundreds of microseconds), so that a benchmark can
      * compare both transports in one process. */

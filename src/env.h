@@ -25,6 +25,10 @@ int ep_env_ll_combine_warps(void);
 #define EP_LL_FUSED_PLAIN       2
 int ep_env_ll_fused(void);
 
+/* EPCOMM_HT_COMBINE_OVERLAP=W (1..15): the high-throughput combine reduces while it transfers, W warps of each
+ * block reducing (experimental); 0, unset or invalid: transfer, barrier, then reduce. Read at every call. */
+int ep_env_ht_combine_overlap(void);
+
 /* EPCOMM_HT_DISPATCH_TMA: 1 moves the high-throughput dispatch's rows with bulk copies through shared memory
  * (experimental); anything else or unset: SM stores. */
 int ep_env_ht_dispatch_tma(void);

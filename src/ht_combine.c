@@ -1,6 +1,8 @@
-/* ep_combine (high-throughput mode): checks, send rows back, barrier, reduce in rank order. Never waits on
- * the host. */
+/* ep_combine (high-throughput mode): checks, send rows back, barrier, reduce in rank order (or, with
+ * EPCOMM_HT_COMBINE_OVERLAP, send and reduce overlapped in one kernel, then a barrier). Never waits on the
+ * host. */
 #include "check.h"
+#include "env.h"
 #include "error.h"
 #include "handle.h"
 #include "ht_combine_ce.h"
@@ -84,14 +86,23 @@ ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep
         /* The reduction is local and runs after the transfer has finished: it is memory-latency bound, so
          * it takes every SM for its few tens of microseconds rather than the transfer's small budget. */
         .num_reduce_blocks = group->num_device_sms,
+        .overlap_reduce_warps = ep_env_ht_combine_overlap(),
     };
     EP_CHECK(ep_launch_begin(group, &frame));
-    cudaError_t err = ep_ht_combine_ce_wanted(group, args) ? ep_ht_combine_send_ce(group, args)
-                                                           : ep_launch_ht_combine_send(&group->dev, &c, group->stream);
-    if (err == cudaSuccess)
-        err = ep_launch_barrier(&group->dev, EP_STAGE_COMBINE_SEND, group->stream);
-    if (err == cudaSuccess)
-        err = ep_launch_ht_combine_reduce(&group->dev, &c, group->stream);
+    cudaError_t err = cudaErrorCooperativeLaunchTooLarge; /* "not run yet" */
+    if (c.overlap_reduce_warps > 0 && !ep_ht_combine_ce_wanted(group, args)) {
+        err = ep_launch_ht_combine_overlap(&group->dev, &c, group->stream);
+        if (err == cudaSuccess)
+            err = ep_launch_barrier(&group->dev, EP_STAGE_COMBINE_SEND, group->stream);
+    }
+    if (err == cudaErrorCooperativeLaunchTooLarge) { /* the two-step combine (also when the overlap does not fit) */
+        err = ep_ht_combine_ce_wanted(group, args) ? ep_ht_combine_send_ce(group, args)
+                                                   : ep_launch_ht_combine_send(&group->dev, &c, group->stream);
+        if (err == cudaSuccess)
+            err = ep_launch_barrier(&group->dev, EP_STAGE_COMBINE_SEND, group->stream);
+        if (err == cudaSuccess)
+            err = ep_launch_ht_combine_reduce(&group->dev, &c, group->stream);
+    }
     ep_status_t st = err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "combine kernels", __FILE__, __LINE__);
     if (st == EP_SUCCESS)
         group->combine_seq++;

@@ -87,7 +87,9 @@ for R in $RANKS; do
   run_gpu_test test_layout_gpu "$R"
   run_gpu_test test_ht_gpu "$R" --rounds 2
   EPCOMM_HT_DISPATCH_TMA=1 TAG=tma run_gpu_test test_ht_gpu "$R" --rounds 2
+  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_gpu "$R" --rounds 2
   run_gpu_test test_ht_modes_gpu "$R"
+  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_modes_gpu "$R"
   run_gpu_test test_ll_gpu "$R"
   run_gpu_test test_ll_modes_gpu "$R"
 done

@@ -23,6 +23,11 @@
 #define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
 #define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by parity, epoch << 32, from each expert rank */
+/* uint32_t[2][R][EP_HT_COMBINE_MAX_CHUNKS]: by combine parity, for each source's run of rows in this rank's
+ * combine region, the rows of each chunk that have landed (overlapped combine; zeroed after each use). */
+#define EP_CTRL_HT_COMBINE_CHUNKS 73728
+#define EP_HT_COMBINE_MAX_CHUNKS  448 /* per source: 28 KB in all, below EP_CTRL_BYTES */
+#define EP_HT_COMBINE_CHUNK_ROWS  64  /* rows per chunk (a multiple of it when a run has more than 448 chunks) */
 
 /* Stages, so that a timeout names what was waited on. */
 typedef enum {
@@ -74,7 +79,8 @@ typedef struct {
     ep_dev_error_t *error;             /* host-mapped error record (device pointer) */
     ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
     uint32_t *ll_state;                /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
-                                          counters (dispatch p0, p1, combine p0, p1), by buffer parity */
+                                          counters (dispatch p0, p1, combine p0, p1), by buffer parity; [8] done
+                                          counter of the high-throughput overlapped combine */
 } ep_dev_group_t;
 
 #endif

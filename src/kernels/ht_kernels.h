@@ -91,10 +91,15 @@ typedef struct {
     int64_t out_w_stride;
     int num_blocks;        /* the transfer's blocks (the SM budget) */
     int num_reduce_blocks; /* the local reduction after the transfer */
+    int overlap_reduce_warps; /* overlapped combine: warps of each block that reduce (the others send) */
 } ep_ht_combine_args_t;
 
 cudaError_t ep_launch_ht_combine_send(const ep_dev_group_t *g, const ep_ht_combine_args_t *a, cudaStream_t s);
 cudaError_t ep_launch_ht_combine_reduce(const ep_dev_group_t *g, const ep_ht_combine_args_t *a, cudaStream_t s);
+/* The overlapped combine (ht_combine_overlap.cu, experimental): send and reduce in one kernel of num_blocks
+ * blocks, launched cooperatively (all resident at once); cudaErrorCooperativeLaunchTooLarge (nothing launched)
+ * when they cannot be, and the caller then runs the two-step combine. A barrier must follow either way. */
+cudaError_t ep_launch_ht_combine_overlap(const ep_dev_group_t *g, const ep_ht_combine_args_t *a, cudaStream_t s);
 
 #ifdef __cplusplus
 }

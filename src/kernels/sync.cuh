@@ -59,15 +59,31 @@ __device__ __forceinline__ void ep_record_input_error(ep_dev_input_error_t *err,
     }
 }
 
-/* Spins until *flag >= target. Returns false (and records EP_ERROR_TIMEOUT naming `peer` and `stage`) when the
- * group's timeout passes, or at once if the group already recorded an error, so one failure does not make
- * every later wait sit out its own timeout. */
-__device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const uint64_t *flag, uint64_t target,
-                                                 int stage, int peer) {
+__device__ __forceinline__ uint64_t ep_load_acquire_sys_any(const uint64_t *p) {
+    return ep_load_acquire_sys(p);
+}
+
+__device__ __forceinline__ uint32_t ep_load_acquire_sys_any(const uint32_t *p) {
+    uint32_t v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+/* Adds v to a 32-bit counter (another GPU's or this one's) with release semantics at system scope: whatever
+ * this thread wrote before, or saw written (e.g. its warp's stores before a __syncwarp), lands first. */
+__device__ __forceinline__ void ep_red_add_release_sys(uint32_t *p, uint32_t v) {
+    asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+/* Spins until *flag >= target (acquire, system scope). Returns false (and records EP_ERROR_TIMEOUT naming
+ * `peer` and `stage`) when the group's timeout passes, or at once if the group already recorded an error, so
+ * one failure does not make every later wait sit out its own timeout. */
+template <typename T>
+__device__ __forceinline__ bool ep_wait_geq(const ep_dev_group_t &g, const T *flag, T target, int stage, int peer) {
     const int32_t kTimeout = 6; /* EP_ERROR_TIMEOUT */
     uint64_t start = ep_globaltimer_ns();
     uint32_t spins = 0;
-    while (ep_load_acquire_sys(flag) < target) {
+    while (ep_load_acquire_sys_any(flag) < target) {
         if ((++spins & 1023u) == 0) {
             if (ep_load_volatile_i32(&g.error->status) != 0)
                 return false;
@@ -79,6 +95,11 @@ __device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const 
         }
     }
     return true;
+}
+
+__device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const uint64_t *flag, uint64_t target,
+                                                 int stage, int peer) {
+    return ep_wait_geq<uint64_t>(g, flag, target, stage, peer);
 }
 
 /* Called by thread 0 of every block of a send kernel when the block's stores are issued: the last block to
