@@ -231,79 +231,83 @@ static float time_busy(float *sink, int sms, cudaStream_t s) {
     return ms;
 }
 
+/* What the two cases with a compute kernel beside the low-latency calls share: a group, the SM count, the
+ * busy kernel's output and stream, one pair of calls loaded with inputs drawn from `seed`. */
+typedef struct {
+    ep_group_t g;
+    int sms;
+    float *sink;
+    cudaStream_t busy;
+    inputs_t in;
+    pair_t p;
+} busy_fixture_t;
+
+static int busy_fixture_init(busy_fixture_t *f, int rank, int R, const ep_unique_id_t *id, uint64_t seed) {
+    f->g = make_group(rank, R, id, 0);
+    if (!f->g)
+        return 1;
+    f->sms = 0;
+    cudaDeviceGetAttribute(&f->sms, cudaDevAttrMultiProcessorCount, rank);
+    cudaMalloc((void **)&f->sink, 4096);
+    cudaStreamCreateWithFlags(&f->busy, cudaStreamNonBlocking);
+    make_inputs(&f->in, R, seed);
+    pair_init(&f->p, R);
+    pair_load(&f->p, &f->in, rank, R);
+    return 0;
+}
+
+static int busy_fixture_free(busy_fixture_t *f, int rank, int R) {
+    int failures = 0;
+    free_inputs(&f->in, R);
+    pair_free(&f->p);
+    cudaStreamDestroy(f->busy);
+    cudaFree(f->sink);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(f->g), EP_SUCCESS);
+    return failures;
+}
+
 static int hook_frees_sms(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    ep_group_t g = make_group(rank, R, id, 0);
-    if (!g)
+    busy_fixture_t f;
+    if (busy_fixture_init(&f, rank, R, id, 30))
         return 1;
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, rank);
-    float *sink;
-    cudaMalloc((void **)&sink, 4096);
-    cudaStream_t s;
-    cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-    inputs_t in;
-    make_inputs(&in, R, 30);
-    pair_t p;
-    pair_init(&p, R);
-    pair_load(&p, &in, rank, R);
-    p.da.return_recv_hook = 1;
-    time_busy(sink, 2 * sms, s); /* warm-up */
-    float alone = time_busy(sink, 2 * sms, s);
+    f.p.da.return_recv_hook = 1;
+    time_busy(f.sink, 2 * f.sms, f.busy); /* warm-up */
+    float alone = time_busy(f.sink, 2 * f.sms, f.busy);
     ep_ll_handle_t h = NULL;
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
-    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS); /* the sends are done */
-    float between = time_busy(sink, 2 * sms, s);                       /* before the hook */
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h, NULL), EP_SUCCESS);
-    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS);
-    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
-    failures += check_pair(rank, R, &in, &p, "hooked dispatch");
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS); /* the sends are done */
+    float between = time_busy(f.sink, 2 * f.sms, f.busy);                /* before the hook */
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(f.g, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(f.g, &f.p.ca, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS);
+    failures += check_pair(rank, R, &f.in, &f.p, "hooked dispatch");
     if (between > alone * 1.10f + 0.05f)
         MP_FAIL(rank, "a busy kernel took %.3f ms between send and hook, %.3f ms alone", between, alone);
     if (rank == 0)
         printf("     busy kernel on all SMs: %.3f ms alone, %.3f ms between a send and its hook\n", alone, between);
     ep_ll_handle_destroy(h);
-    free_inputs(&in, R);
-    pair_free(&p);
-    cudaFree(sink);
-    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
-    return failures;
+    return failures + busy_fixture_free(&f, rank, R);
 }
 
 static int fused_beside_busy_stream(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    ep_group_t g = make_group(rank, R, id, 0);
-    if (!g)
+    busy_fixture_t f;
+    if (busy_fixture_init(&f, rank, R, id, 50))
         return 1;
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, rank);
-    float *sink;
-    cudaMalloc((void **)&sink, 4096);
-    cudaStream_t busy;
-    cudaStreamCreateWithFlags(&busy, cudaStreamNonBlocking);
-    inputs_t in;
-    make_inputs(&in, R, 50);
-    pair_t p;
-    pair_init(&p, R);
-    pair_load(&p, &in, rank, R);
     for (int round = 0; round < 3; round++) {
-        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
-        cudaMemset(p.out, 0, (size_t)T * H * 2);
-        test_busy_kernel(sink, sms, 400000, busy); /* half of every SM's threads, for milliseconds */
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS);
+        cudaMemset(f.p.out, 0, (size_t)T * H * 2);
+        test_busy_kernel(f.sink, f.sms, 400000, f.busy); /* half of every SM's threads, for milliseconds */
         ep_ll_handle_t h = NULL;
-        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
-        MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS);
-        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
-        cudaStreamSynchronize(busy);
-        failures += check_pair(rank, R, &in, &p, "fused call beside a busy stream");
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_low_latency_combine(f.g, &f.p.ca, h, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS);
+        cudaStreamSynchronize(f.busy);
+        failures += check_pair(rank, R, &f.in, &f.p, "fused call beside a busy stream");
         ep_ll_handle_destroy(h);
     }
-    free_inputs(&in, R);
-    pair_free(&p);
-    cudaStreamDestroy(busy);
-    cudaFree(sink);
-    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
-    return failures;
+    return failures + busy_fixture_free(&f, rank, R);
 }
 
 static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
