@@ -362,7 +362,7 @@ static int run_combine_overlap(ctx_t *c, combine_arg_t *ca, const char *dtype, d
         double t = time_op(c, op_combine, ca);
         int ok = check ? check_combine(c, ca->w, ca->out) : -1;
         unsetenv("EPCOMM_HT_COMBINE_OVERLAP");
-        char op[32];
+        char op[24];
         snprintf(op, sizeof(op), "combine_overlap%s", warps[i]);
         add_row(c, op, dtype, ca->w->N, ca->w->sms, t, logical, link, ok);
         failed |= t < 0 || ok == 0;

@@ -9,6 +9,12 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 if [[ -z "${NCCL_HOME:-}" ]]; then
   NCCL_HOME="$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)"
 fi
-cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME="$NCCL_HOME"} >/dev/null
-ninja -C "$BUILD" epcomm-bench >/dev/null
+LOG="$BUILD.build.log"
+mkdir -p "$(dirname "$BUILD")"
+if ! { cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release ${NCCL_HOME:+-DNCCL_HOME="$NCCL_HOME"} &&
+       ninja -C "$BUILD" epcomm-bench; } > "$LOG" 2>&1; then
+  tail -n 40 "$LOG"
+  echo "run.sh: the build failed (log: $LOG)" >&2
+  exit 1
+fi
 exec "$BUILD/bench/epcomm-bench" "$@"
