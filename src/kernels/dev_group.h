@@ -80,7 +80,8 @@ typedef struct {
     ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
     uint32_t *ll_state;                /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
                                           counters (dispatch p0, p1, combine p0, p1), by buffer parity; [8] done
-                                          counter of the high-throughput overlapped combine */
+                                          counter and [9] next token of the high-throughput overlapped
+                                          combine */
 } ep_dev_group_t;
 
 #endif

@@ -2,10 +2,11 @@
  * kernel on the SM budget, launched cooperatively (every block resident at once: reducing warps wait for rows
  * that other blocks send). In each block, warps [0, 16 - W) send rows as the two-step combine does, and after
  * each row add one, with release semantics, to the counter of its chunk (EP_HT_COMBINE_CHUNK_ROWS rows of the
- * sender's run) at the receiver; warps [16 - W, 16) reduce this rank's tokens in ascending order, each first
- * waiting (acquire) until the chunks holding its rows are complete. Senders walk their runs in ascending order
- * too, so the reduction trails the transfer instead of starting after it. The last block to finish zeroes
- * this rank's counters of this parity; the barrier after the kernel orders that before their next use. */
+ * sender's run) at the receiver; warps [16 - W, 16) reduce this rank's tokens, taken in ascending order from a
+ * shared counter, each first waiting (acquire) until the chunks holding its rows are complete; sending warps
+ * join the reduction when their rows are out. Senders walk their runs in ascending order too, so the
+ * reduction trails the transfer instead of starting after it. The last block to finish zeroes this rank's
+ * counters of this parity; the barrier after the kernel orders that before their next use. */
 #include "ht_combine_row.cuh"
 #include "wave.cuh"
 
@@ -41,14 +42,22 @@ __device__ __forceinline__ void overlap_send(const ep_dev_group_t &g, const ep_h
     }
 }
 
-/* `landed`: 0 when nothing was sent (an abandoned dispatch, or a region that would overflow: the same decision
- * on every rank): tokens then get their biases only and nothing is awaited. */
+/* Reduces tokens handed out in ascending order by a counter in device memory (ll_state[9]), until none are
+ * left: the W reducing warps from the start, the sending warps once their rows are out. `landed`: 0 when
+ * nothing was sent (an abandoned dispatch, or a region that would overflow: the same decision on every
+ * rank): tokens then get their biases only and nothing is awaited. */
 __device__ __forceinline__ void overlap_reduce(const ep_dev_group_t &g, const ep_ht_combine_args_t &a,
                                                const ep_ht_combine_region_t &reg, const combine_reduce_plan_t &plan,
-                                               int chunk_rows, int landed, int reduce_warp, int lane) {
-    const int R = g.num_ranks, me = g.rank, W = a.overlap_reduce_warps;
+                                               int chunk_rows, int landed, int lane) {
+    const int R = g.num_ranks, me = g.rank;
     const char *region = combine_region(g, me, a);
-    for (int64_t t = (int64_t)blockIdx.x * W + reduce_warp; t < a.num_tokens; t += (int64_t)gridDim.x * W) {
+    for (;;) {
+        uint32_t next = 0;
+        if (lane == 0)
+            next = atomicAdd(&g.ll_state[9], 1u);
+        const int64_t t = __shfl_sync(0xffffffffu, next, 0);
+        if (t >= a.num_tokens)
+            break;
         const int j = combine_run_index(a, plan, R, t, lane, landed);
         if (j >= 0) { /* lane d < R: token t's row from d is row j of d's run */
             const int c = j / chunk_rows, n = a.routing.counts[me * R + lane];
@@ -74,7 +83,7 @@ __device__ __forceinline__ void overlap_reset_counters(const ep_dev_group_t &g, 
     if (!last)
         return;
     if (threadIdx.x == 0)
-        g.ll_state[8] = 0;
+        g.ll_state[8] = g.ll_state[9] = 0;
     const int R = g.num_ranks, me = g.rank;
     for (int d = 0; d < R && landed; d++) {
         const int chunks = (a.routing.counts[me * R + d] + chunk_rows - 1) / chunk_rows;
@@ -97,12 +106,9 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32)
     const int chunk_rows = combine_chunk_rows(a, R);
     __syncthreads();
     const int landed = !send_plan.skip;
-    if (warp < send_warps) {
-        if (landed)
-            overlap_send(g, a, reg, send_plan, chunk_rows, send_warps, warp, lane);
-    } else {
-        overlap_reduce(g, a, reg, reduce_plan, chunk_rows, landed, warp - send_warps, lane);
-    }
+    if (warp < send_warps && landed)
+        overlap_send(g, a, reg, send_plan, chunk_rows, send_warps, warp, lane);
+    overlap_reduce(g, a, reg, reduce_plan, chunk_rows, landed, lane);
     overlap_reset_counters(g, a, chunk_rows, landed);
 }
 
