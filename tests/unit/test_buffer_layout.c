@@ -1,6 +1,8 @@
-/* The buffer layouts that host code and kernels share (ht_layout.h, ll_layout.h) and the public size hints:
- * a buffer of the hinted size holds what it promises, and no two arrays of a region overlap. */
+/* The buffer layouts that host code and kernels share (dev_group.h's control region, ht_layout.h, ll_layout.h)
+ * and the public size hints: a buffer of the hinted size holds what it promises, and no two arrays of a region
+ * overlap. */
 #include "epcomm.h"
+#include "kernels/dev_group.h"
 #include "kernels/ht_layout.h"
 #include "kernels/ll_layout.h"
 #include "tcheck.h"
@@ -94,6 +96,25 @@ static void low_latency_tags_are_distinct(void) {
     }
 }
 
+/* Every array of the control region at its largest (8 ranks, EP_MAX_EXPERTS experts, both parities) stays
+ * inside the region and apart from the others. */
+static void control_region_arrays_are_disjoint(void) {
+    const uint64_t R = EP_MAX_NVL_RANKS;
+    span_t s[] = {
+        {EP_CTRL_BARRIER_FLAGS, EP_CTRL_BARRIER_FLAGS + R * 8},
+        {EP_CTRL_DESTROY_FLAGS, EP_CTRL_DESTROY_FLAGS + R * 8},
+        {EP_CTRL_HT_COUNTS, EP_CTRL_HT_COUNTS + 2 * R * R * 4},
+        {EP_CTRL_HT_EXPERTS, EP_CTRL_HT_EXPERTS + 2 * EP_CTRL_HT_EXPERT_WORDS * 4},
+        {EP_CTRL_LL_DISPATCH_FLAGS, EP_CTRL_LL_DISPATCH_FLAGS + 2 * R * 8},
+        {EP_CTRL_LL_COMBINE_FLAGS, EP_CTRL_LL_COMBINE_FLAGS + 2 * R * 8},
+        {EP_CTRL_HT_COMBINE_CHUNKS, EP_CTRL_HT_COMBINE_CHUNKS + 2 * R * EP_HT_COMBINE_MAX_CHUNKS * 4},
+    };
+    TCHECK(EP_CTRL_HT_EXPERT_WORDS >= EP_MAX_EXPERTS, "expert counts: %d words per parity for %d experts",
+           EP_CTRL_HT_EXPERT_WORDS, EP_MAX_EXPERTS);
+    TCHECK(spans_disjoint_and_inside(s, (int)(sizeof(s) / sizeof(s[0])), EP_CTRL_BYTES),
+           "control region arrays overlap or leave the %d bytes", EP_CTRL_BYTES);
+}
+
 static void size_hints_reject_nonsense(void) {
     TCHECK_EQ_INT(ep_normal_buffer_bytes(0, 10, 128, 2, 0, 8), 0);
     TCHECK_EQ_INT(ep_normal_buffer_bytes(4, -1, 128, 2, 0, 8), 0);
@@ -105,6 +126,7 @@ int main(void) {
     TRUN(normal_hint_holds_every_row);
     TRUN(low_latency_hint_holds_every_slot);
     TRUN(low_latency_tags_are_distinct);
+    TRUN(control_region_arrays_are_disjoint);
     TRUN(size_hints_reject_nonsense);
     return TDONE();
 }
