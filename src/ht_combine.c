@@ -55,6 +55,21 @@ static ep_status_t check_combine_args(ep_group_t g, const ep_combine_args_t *a) 
     return EP_SUCCESS;
 }
 
+/* The kernels: the overlapped combine where asked for and its grid fits at once (then a barrier), else send
+ * (SM kernel or copy engines), barrier, reduce. */
+static cudaError_t launch_combine(ep_group_t g, const ep_combine_args_t *args, const ep_ht_combine_args_t *c) {
+    const int ce = ep_ht_combine_ce_wanted(g, args);
+    if (c->overlap_reduce_warps > 0 && !ce) {
+        cudaError_t err = ep_launch_ht_combine_overlap(&g->dev, c, g->stream);
+        if (err != cudaErrorCooperativeLaunchTooLarge)
+            return err == cudaSuccess ? ep_launch_barrier(&g->dev, EP_STAGE_COMBINE_SEND, g->stream) : err;
+    }
+    cudaError_t err = ce ? ep_ht_combine_send_ce(g, args) : ep_launch_ht_combine_send(&g->dev, c, g->stream);
+    if (err == cudaSuccess)
+        err = ep_launch_barrier(&g->dev, EP_STAGE_COMBINE_SEND, g->stream);
+    return err == cudaSuccess ? ep_launch_ht_combine_reduce(&g->dev, c, g->stream) : err;
+}
+
 ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep_launch_t *launch) {
     ep_clear_error();
     EP_CHECK(ep_check_not_null(group, "group"));
@@ -89,20 +104,7 @@ ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep
         .overlap_reduce_warps = ep_env_ht_combine_overlap(),
     };
     EP_CHECK(ep_launch_begin(group, &frame));
-    cudaError_t err = cudaErrorCooperativeLaunchTooLarge; /* "not run yet" */
-    if (c.overlap_reduce_warps > 0 && !ep_ht_combine_ce_wanted(group, args)) {
-        err = ep_launch_ht_combine_overlap(&group->dev, &c, group->stream);
-        if (err == cudaSuccess)
-            err = ep_launch_barrier(&group->dev, EP_STAGE_COMBINE_SEND, group->stream);
-    }
-    if (err == cudaErrorCooperativeLaunchTooLarge) { /* the two-step combine (also when the overlap does not fit) */
-        err = ep_ht_combine_ce_wanted(group, args) ? ep_ht_combine_send_ce(group, args)
-                                                   : ep_launch_ht_combine_send(&group->dev, &c, group->stream);
-        if (err == cudaSuccess)
-            err = ep_launch_barrier(&group->dev, EP_STAGE_COMBINE_SEND, group->stream);
-        if (err == cudaSuccess)
-            err = ep_launch_ht_combine_reduce(&group->dev, &c, group->stream);
-    }
+    cudaError_t err = launch_combine(group, args, &c);
     ep_status_t st = err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "combine kernels", __FILE__, __LINE__);
     if (st == EP_SUCCESS)
         group->combine_seq++;

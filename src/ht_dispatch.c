@@ -216,9 +216,15 @@ static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle
     return err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "dispatch send", __FILE__, __LINE__);
 }
 
+/* The cached handle (checked against this call), or a new one; a new handle's row count is num_worst_tokens,
+ * or in the default mode set later from the notify kernel's answer. */
 static ep_status_t prepare_handle(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t *out) {
     if (a->cached_handle != NULL) {
-        *out = a->cached_handle;
+        ep_handle_t h = a->cached_handle;
+        if (a->num_worst_tokens > 0 && h->num_worst_tokens != a->num_worst_tokens)
+            return ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the cached handle was made with %d, got %d",
+                           h->num_worst_tokens, a->num_worst_tokens);
+        *out = h;
         return EP_SUCCESS;
     }
     ep_handle_t h;
@@ -226,6 +232,7 @@ static ep_status_t prepare_handle(ep_group_t g, const ep_dispatch_args_t *a, ep_
     h->topk = a->topk_idx.data ? (int)a->topk_idx.shape[1] : 0;
     h->num_experts = a->num_experts;
     h->num_worst_tokens = a->num_worst_tokens;
+    h->num_rows = a->num_worst_tokens;
     *out = h;
     return EP_SUCCESS;
 }
@@ -263,14 +270,8 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     ep_handle_t h = NULL;
     uint32_t seq = 0;
     ep_status_t st = prepare_handle(group, args, &h);
-    if (st == EP_SUCCESS && args->cached_handle != NULL && args->num_worst_tokens > 0 &&
-        h->num_worst_tokens != args->num_worst_tokens)
-        st = ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the cached handle was made with %d, got %d",
-                     h->num_worst_tokens, args->num_worst_tokens);
-    if (st == EP_SUCCESS && args->cached_handle == NULL) {
-        h->num_rows = h->num_worst_tokens; /* the default mode learns it from the notify kernel's answer */
+    if (st == EP_SUCCESS && args->cached_handle == NULL)
         st = launch_notify(group, args, h, capacity, &seq);
-    }
     /* The send goes into the stream before the host waits for the count: it reads the routing the notify
      * kernel wrote (and does nothing if that kernel abandoned the op), so the wait overlaps the transfer. */
     if (st == EP_SUCCESS)

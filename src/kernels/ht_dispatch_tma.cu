@@ -9,6 +9,7 @@
  * the 450 GB/s target; the copy unit is asynchronous and needs no registers per byte. */
 #include "bulk.cuh"
 #include "ht_dispatch_token.cuh"
+#include "wave.cuh"
 
 #ifndef TMA_WARPS
 #define TMA_WARPS 8
@@ -109,8 +110,14 @@ extern "C" int ep_ht_dispatch_tma_applies(const ep_ht_dispatch_args_t *a) {
 
 extern "C" cudaError_t ep_launch_ht_dispatch_send_tma(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a,
                                                       cudaStream_t s) {
-    cudaError_t err =
-        cudaFuncSetAttribute(ht_dispatch_send_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TMA_SMEM);
+    static bool smem_set[EP_WAVE_MAX_DEVICES]; /* the attribute holds per device: set it once on each */
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess && (dev < 0 || dev >= EP_WAVE_MAX_DEVICES || !smem_set[dev])) {
+        err = cudaFuncSetAttribute(ht_dispatch_send_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TMA_SMEM);
+        if (err == cudaSuccess && dev >= 0 && dev < EP_WAVE_MAX_DEVICES)
+            smem_set[dev] = true;
+    }
     if (err != cudaSuccess)
         return err;
     ht_dispatch_send_tma_kernel<<<a->num_blocks, TMA_WARPS * 32, TMA_SMEM, s>>>(*g, *a);

@@ -247,14 +247,10 @@ extern "C" cudaError_t ep_launch_ll_combine_both(const ep_dev_group_t *g, const 
     static int per_sm[2];
     const int send = combine_send_blocks(*a, g->num_ranks), recv = a->num_tokens * a->recv_slices;
     const int blocks = recv > send ? recv : send;
-    const void *kernel = a->use_logfmt ? (const void *)ll_combine_fused_kernel<true>
-                                       : (const void *)ll_combine_fused_kernel<false>;
-    if (blocks <= ep_wave_capacity(kernel, LL_COMBINE_THREADS, &per_sm[a->use_logfmt ? 1 : 0])) {
-        cudaError_t err =
-            a->use_logfmt
-                ? ep_launch_resident(ll_combine_fused_kernel<true>, blocks, LL_COMBINE_THREADS, cooperative, s, *g, *a)
-                : ep_launch_resident(ll_combine_fused_kernel<false>, blocks, LL_COMBINE_THREADS, cooperative, s, *g,
-                                     *a);
+    void (*kernel)(ep_dev_group_t, ep_ll_combine_kargs_t) =
+        a->use_logfmt ? ll_combine_fused_kernel<true> : ll_combine_fused_kernel<false>;
+    if (blocks <= ep_wave_capacity((const void *)kernel, LL_COMBINE_THREADS, &per_sm[a->use_logfmt ? 1 : 0])) {
+        cudaError_t err = ep_launch_resident(kernel, blocks, LL_COMBINE_THREADS, cooperative, s, *g, *a);
         if (err != cudaErrorCooperativeLaunchTooLarge)
             return err;
     }

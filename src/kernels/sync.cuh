@@ -59,11 +59,7 @@ __device__ __forceinline__ void ep_record_input_error(ep_dev_input_error_t *err,
     }
 }
 
-__device__ __forceinline__ uint64_t ep_load_acquire_sys_any(const uint64_t *p) {
-    return ep_load_acquire_sys(p);
-}
-
-__device__ __forceinline__ uint32_t ep_load_acquire_sys_any(const uint32_t *p) {
+__device__ __forceinline__ uint32_t ep_load_acquire_sys(const uint32_t *p) {
     uint32_t v;
     asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
@@ -83,7 +79,7 @@ __device__ __forceinline__ bool ep_wait_geq(const ep_dev_group_t &g, const T *fl
     const int32_t kTimeout = 6; /* EP_ERROR_TIMEOUT */
     uint64_t start = ep_globaltimer_ns();
     uint32_t spins = 0;
-    while (ep_load_acquire_sys_any(flag) < target) {
+    while (ep_load_acquire_sys(flag) < target) {
         if ((++spins & 1023u) == 0) {
             if (ep_load_volatile_i32(&g.error->status) != 0)
                 return false;
