@@ -114,6 +114,12 @@ typedef struct {
  * process may call it before forking workers. */
 EP_API ep_status_t ep_get_unique_id(ep_unique_id_t *id);
 
+/* Writes a fresh id for an in-process group: every rank is a thread of this process and calls ep_group_create
+ * with this id. Ranks may drive different GPUs (peer access is enabled between them) or share one (each rank
+ * best in its own green context, an SM partition, so that one rank's waiting kernels cannot hold every SM its
+ * peers need; tests use this to run many ranks on one GPU). No NCCL communicator is made. */
+EP_API ep_status_t ep_get_local_unique_id(ep_unique_id_t *id);
+
 /* Collective over the `num_ranks` ranks: each calls it with its own `rank` and the CUDA device it drives.
  * Creates an NCCL communicator, the symmetric buffers, a communication stream and host-mapped counters. */
 EP_API ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int rank, int cuda_device,

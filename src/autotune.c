@@ -1,6 +1,6 @@
 /* ep_autotune_normal: measure the SM budget on the live group instead of guessing it. Each candidate is
  * timed with CUDA events around a cached dispatch plus a combine; ranks agree on the slowest rank's time with
- * an NCCL max-reduction, so every rank picks the same answer. */
+ * all-gather and a max, so every rank picks the same answer. */
 #include "check.h"
 #include "error.h"
 #include "handle.h"
@@ -44,19 +44,13 @@ static ep_status_t time_candidate(ep_group_t g, const ep_dispatch_args_t *args, 
 }
 
 /* The slowest rank's time for each candidate, on every rank. */
-static ep_status_t max_over_ranks(ep_group_t g, float *times, int n, cudaStream_t s) {
-    float *dev = NULL;
-    EP_CUDA_CHECK(cudaMalloc((void **)&dev, sizeof(float) * (size_t)n));
-    ep_status_t st = ep_fail(EP_ERROR_CUDA, "autotune: copying times failed");
-    if (cudaMemcpy(dev, times, sizeof(float) * (size_t)n, cudaMemcpyHostToDevice) == cudaSuccess)
-        st = ep_nccl_complete(g->comm, ncclAllReduce(dev, dev, (size_t)n, ncclFloat32, ncclMax, g->comm, s),
-                              g->timeout_ms, "ncclAllReduce (autotune)");
-    if (st == EP_SUCCESS)
-        st = ep_group_wait_stream(g, s, "autotune (agreeing on times)");
-    if (st == EP_SUCCESS && cudaMemcpy(times, dev, sizeof(float) * (size_t)n, cudaMemcpyDeviceToHost) != cudaSuccess)
-        st = ep_fail(EP_ERROR_CUDA, "autotune: copying times back failed");
-    cudaFree(dev);
-    return st;
+static ep_status_t max_over_ranks(ep_group_t g, float *times, int n) {
+    float all[EP_MAX_NVL_RANKS * 64]; /* n <= 64 candidates */
+    EP_CHECK(ep_group_allgather(g, times, sizeof(float) * (size_t)n, all, "autotune (agreeing on times)"));
+    for (int r = 0; r < g->num_ranks; r++)
+        for (int i = 0; i < n; i++)
+            times[i] = all[r * n + i] > times[i] ? all[r * n + i] : times[i];
+    return EP_SUCCESS;
 }
 
 ep_status_t ep_autotune_normal(ep_group_t group, const ep_dispatch_args_t *args, const int *candidates,
@@ -82,13 +76,14 @@ ep_status_t ep_autotune_normal(ep_group_t group, const ep_dispatch_args_t *args,
     void *out = NULL;
     cudaEvent_t ev[2] = {NULL, NULL};
     ep_status_t st = EP_SUCCESS;
-    if (cudaMalloc(&out, (size_t)h->num_tokens * (size_t)args->x.shape[1] * 2 + 16) != cudaSuccess ||
+    /* Stream-ordered scratch: a plain cudaFree would wait for the whole device, peers' kernels included. */
+    if (cudaMallocAsync(&out, (size_t)h->num_tokens * (size_t)args->x.shape[1] * 2 + 16, s) != cudaSuccess ||
         cudaEventCreate(&ev[0]) != cudaSuccess || cudaEventCreate(&ev[1]) != cudaSuccess)
         st = ep_fail(EP_ERROR_OUT_OF_MEMORY, "autotune: could not allocate its scratch output or events");
     for (int i = 0; st == EP_SUCCESS && i < num_candidates; i++)
         st = time_candidate(group, args, h, candidates[i], s, out, ev, &times[i]);
     if (st == EP_SUCCESS)
-        st = max_over_ranks(group, times, num_candidates, s);
+        st = max_over_ranks(group, times, num_candidates);
     if (st == EP_SUCCESS) {
         int best = 0;
         for (int i = 1; i < num_candidates; i++)
@@ -97,7 +92,8 @@ ep_status_t ep_autotune_normal(ep_group_t group, const ep_dispatch_args_t *args,
         if (best_time_us)
             *best_time_us = times[best];
     }
-    cudaFree(out);
+    if (out)
+        cudaFreeAsync(out, s);
     if (ev[0])
         cudaEventDestroy(ev[0]);
     if (ev[1])

@@ -24,14 +24,15 @@ struct ep_group {
     int rank;
     int num_ranks;
     int device;
-    int num_device_sms;       /* multiprocessors of the device */
+    int num_device_sms;       /* multiprocessors this group's context may use (a green context's share) */
     ep_group_config_t config; /* with defaults filled in */
     int64_t timeout_ms;
 
-    ncclComm_t comm;
+    ncclComm_t comm; /* NULL for an in-process group */
     int owns_comm;
+    struct ep_local_world *local; /* the in-process group's registry entry, else NULL */
 
-    void *window_mem; /* ncclMemAlloc'd: control region + data buffer */
+    void *window_mem; /* control region + data buffer: ncclMemAlloc'd, or cudaMalloc'd in-process */
     size_t window_bytes;
     ncclWindow_t window;
     char **window_bases_dev; /* device copy of every rank's window base */
@@ -92,6 +93,10 @@ const char *ep_stage_name(int stage);
 
 /* Blocks for high-throughput kernels: the call's request, else the group's num_sms, else the default. */
 int ep_group_ht_blocks(ep_group_t g, int requested);
+
+/* Every rank contributes `bytes` host bytes and receives all of them in rank order in `all` (NCCL, or the
+ * in-process registry); `what` names the exchange in messages. */
+ep_status_t ep_group_allgather(ep_group_t g, const void *mine, size_t bytes, void *all, const char *what);
 
 /* Waits for an NCCL call that may have returned ncclInProgress (non-blocking communicators), with a
  * deadline; `what` names the call in messages. */

@@ -1,14 +1,19 @@
 /* Group creation: the NCCL communicator, the symmetric window, peer pointers, a stream and mapped memory.
  *
  * The communicator is non-blocking so that every collective step can time out: a rank that never arrives
- * makes creation fail with EP_ERROR_TIMEOUT instead of hanging. */
+ * makes creation fail with EP_ERROR_TIMEOUT instead of hanging. An in-process group (ranks are threads of this
+ * process, see ep_get_local_unique_id) has no communicator: its ranks meet in local_world.c and map each other's
+ * plain device allocations. */
 #define _POSIX_C_SOURCE 200809L
 #include "check.h"
 #include "error.h"
 #include "group.h"
 #include "kernels/group_kernels.h"
 #include "kernels/nccl_glue.h"
+#include "local_world.h"
 #include "log.h"
+
+#include <cuda.h>
 
 #include <stddef.h>
 #include <stdio.h>
@@ -83,8 +88,11 @@ static void group_release_local(ep_group_t g) {
         ncclCommAbort(g->comm);
     else if (g->comm && g->window)
         ncclCommWindowDeregister(g->comm, g->window);
-    if (g->window_mem)
+    if (g->window_mem && g->local)
+        cudaFree(g->window_mem);
+    else if (g->window_mem)
         ncclMemFree(g->window_mem);
+    ep_local_leave(g->local, g->rank);
     if (g->window_bases_dev)
         cudaFree(g->window_bases_dev);
     if (g->barrier_epoch_dev)
@@ -101,7 +109,7 @@ static void group_release_local(ep_group_t g) {
 }
 
 /* Every rank must reach every other by load/store (NVLink or P2P); NCCL's LSA team says who we reach. */
-static ep_status_t check_peers_reachable(ep_group_t g) {
+static ep_status_t check_peers_reachable_nccl(ep_group_t g) {
     int reach[256];
     int n = ep_nccl_lsa_world_ranks(g->comm, reach, 256);
     if (n == g->num_ranks)
@@ -122,6 +130,33 @@ static ep_status_t check_peers_reachable(ep_group_t g) {
                    g->rank, g->device, missing, n, g->num_ranks);
 }
 
+/* In-process: ranks on the same device share memory; others need peer access, enabled here. */
+static ep_status_t check_peers_reachable_local(ep_group_t g) {
+    int32_t devices[EP_MAX_NVL_RANKS];
+    int32_t mine = g->device;
+    EP_CHECK(ep_group_allgather(g, &mine, sizeof(mine), devices, "device exchange"));
+    for (int r = 0; r < g->num_ranks; r++) {
+        if (devices[r] == g->device)
+            continue;
+        int can = 0;
+        EP_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, g->device, devices[r]));
+        if (!can)
+            return ep_fail(EP_ERROR_PEER_UNREACHABLE,
+                           "rank %d (CUDA device %d) cannot reach rank %d (CUDA device %d) by peer load-store", g->rank,
+                           g->device, r, (int)devices[r]);
+        cudaError_t err = cudaDeviceEnablePeerAccess(devices[r], 0);
+        if (err == cudaErrorPeerAccessAlreadyEnabled)
+            (void)cudaGetLastError();
+        else if (err != cudaSuccess)
+            return ep_cuda_fail(err, "cudaDeviceEnablePeerAccess", __FILE__, __LINE__);
+    }
+    return EP_SUCCESS;
+}
+
+static ep_status_t check_peers_reachable(ep_group_t g) {
+    return g->local ? check_peers_reachable_local(g) : check_peers_reachable_nccl(g);
+}
+
 /* The settings every rank must agree on; exchanged at creation so a mismatch is an error, not a hang. */
 typedef struct {
     uint64_t num_nvl_bytes;
@@ -131,29 +166,12 @@ typedef struct {
 } config_fingerprint_t;
 
 static ep_status_t check_same_config(ep_group_t g) {
-    size_t bytes = sizeof(config_fingerprint_t) * (size_t)(g->num_ranks + 1);
-    config_fingerprint_t *dev = NULL;
     config_fingerprint_t mine = {g->config.num_nvl_bytes, g->config.num_rdma_bytes, g->config.low_latency_mode,
                                  EP_VERSION_CODE};
     config_fingerprint_t *all = calloc((size_t)g->num_ranks, sizeof(*all));
     if (all == NULL)
         return ep_fail(EP_ERROR_OUT_OF_MEMORY, "config exchange: out of host memory");
-    ep_status_t st = EP_SUCCESS;
-    if (cudaMalloc((void **)&dev, bytes) != cudaSuccess) {
-        free(all);
-        return ep_fail(EP_ERROR_OUT_OF_MEMORY, "config exchange: cudaMalloc of %zu bytes failed", bytes);
-    }
-    size_t words = sizeof(config_fingerprint_t) / sizeof(uint64_t);
-    if (cudaMemcpy(dev + g->num_ranks, &mine, sizeof(mine), cudaMemcpyHostToDevice) != cudaSuccess)
-        st = ep_fail(EP_ERROR_CUDA, "config exchange: cudaMemcpy failed");
-    if (st == EP_SUCCESS)
-        st = ep_nccl_complete(g->comm, ncclAllGather(dev + g->num_ranks, dev, words, ncclUint64, g->comm, g->stream),
-                              g->timeout_ms, "ncclAllGather (config exchange)");
-    if (st == EP_SUCCESS)
-        st = ep_group_wait_stream(g, g->stream, "config exchange");
-    if (st == EP_SUCCESS &&
-        cudaMemcpy(all, dev, sizeof(*all) * (size_t)g->num_ranks, cudaMemcpyDeviceToHost) != cudaSuccess)
-        st = ep_fail(EP_ERROR_CUDA, "config exchange: cudaMemcpy failed");
+    ep_status_t st = ep_group_allgather(g, &mine, sizeof(mine), all, "config exchange");
     for (int r = 0; st == EP_SUCCESS && r < g->num_ranks; r++) {
         const config_fingerprint_t *o = &all[r];
         if (o->version != mine.version)
@@ -170,13 +188,26 @@ static ep_status_t check_same_config(ep_group_t g) {
                          "passed %d",
                          r, (int)o->low_latency_mode, g->rank, (int)mine.low_latency_mode);
     }
-    cudaFree(dev);
     free(all);
     return st;
 }
 
+/* In-process: a plain allocation on this rank's device; ranks trade its address. */
+static ep_status_t create_window_local(ep_group_t g) {
+    EP_CUDA_CHECK(cudaMalloc(&g->window_mem, g->window_bytes));
+    EP_CUDA_CHECK(cudaMemsetAsync(g->window_mem, 0, g->window_bytes, g->stream));
+    EP_CHECK(ep_group_wait_stream(g, g->stream, "window setup"));
+    uint64_t mine = (uint64_t)(uintptr_t)g->window_mem, all[EP_MAX_NVL_RANKS];
+    EP_CHECK(ep_group_allgather(g, &mine, sizeof(mine), all, "window exchange"));
+    for (int r = 0; r < g->num_ranks; r++)
+        g->dev.window[r] = (char *)(uintptr_t)all[r];
+    return EP_SUCCESS;
+}
+
 static ep_status_t create_window(ep_group_t g) {
     g->window_bytes = ep_group_window_bytes(&g->config);
+    if (g->local)
+        return create_window_local(g);
     EP_NCCL_CHECK(ncclMemAlloc(&g->window_mem, g->window_bytes));
     EP_CHECK(ep_nccl_complete(
         g->comm, ncclCommWindowRegister(g->comm, g->window_mem, g->window_bytes, &g->window, NCCL_WIN_COLL_SYMMETRIC),
@@ -188,6 +219,30 @@ static ep_status_t create_window(ep_group_t g) {
     EP_CUDA_CHECK(cudaMemcpyAsync(g->dev.window, g->window_bases_dev, sizeof(char *) * (size_t)g->num_ranks,
                                   cudaMemcpyDeviceToHost, g->stream));
     return ep_group_wait_stream(g, g->stream, "window setup");
+}
+
+/* SMs the current context may use: a green context's share of the device, else the whole device. The driver
+ * call is looked up at run time (no link to libcuda); drivers without it count the whole device. */
+static ep_status_t context_sm_count(int device, int *sms) {
+    typedef CUresult (*get_current_fn)(CUcontext *);
+    typedef CUresult (*get_resource_fn)(CUcontext, CUdevResource *, CUdevResourceType);
+    void *get_current = NULL, *get_resource = NULL;
+    enum cudaDriverEntryPointQueryResult q1, q2;
+    CUcontext ctx = NULL;
+    CUdevResource res;
+    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &get_current, 12040, cudaEnableDefault, &q1) ==
+            cudaSuccess &&
+        cudaGetDriverEntryPointByVersion("cuCtxGetDevResource", &get_resource, 12040, cudaEnableDefault, &q2) ==
+            cudaSuccess &&
+        q1 == cudaDriverEntryPointSuccess && q2 == cudaDriverEntryPointSuccess &&
+        ((get_current_fn)get_current)(&ctx) == CUDA_SUCCESS && ctx != NULL &&
+        ((get_resource_fn)get_resource)(ctx, &res, CU_DEV_RESOURCE_TYPE_SM) == CUDA_SUCCESS && res.sm.smCount > 0) {
+        *sms = (int)res.sm.smCount;
+        return EP_SUCCESS;
+    }
+    (void)cudaGetLastError();
+    EP_CUDA_CHECK(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
+    return EP_SUCCESS;
 }
 
 static ep_status_t create_local_state(ep_group_t g) {
@@ -203,7 +258,8 @@ static ep_status_t create_local_state(ep_group_t g) {
         cudaHostAlloc((void **)&g->mapped_host, sizeof(ep_mapped_t), cudaHostAllocMapped | cudaHostAllocPortable));
     memset(g->mapped_host, 0, sizeof(ep_mapped_t));
     EP_CUDA_CHECK(cudaHostGetDevicePointer((void **)&g->mapped_dev, g->mapped_host, 0));
-    EP_CUDA_CHECK(cudaDeviceGetAttribute(&g->num_device_sms, cudaDevAttrMultiProcessorCount, g->device));
+    EP_CHECK(context_sm_count(g->device, &g->num_device_sms));
+    g->dev.num_sms = g->num_device_sms;
     EP_CUDA_CHECK(cudaMalloc((void **)&g->barrier_epoch_dev, sizeof(uint64_t)));
     EP_CUDA_CHECK(cudaMemset(g->barrier_epoch_dev, 0, sizeof(uint64_t)));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->ll_state_dev, 16 * sizeof(uint32_t)));
@@ -226,8 +282,8 @@ static ep_status_t group_setup(ep_group_t g) {
                        "num_ranks: at most %d ranks in one NVLink domain are supported, "
                        "got %d (scale-out is not supported yet)",
                        EP_MAX_NVL_RANKS, g->num_ranks);
-    EP_CHECK(check_peers_reachable(g));
     EP_CHECK(create_local_state(g));
+    EP_CHECK(check_peers_reachable(g));
     EP_CHECK(check_same_config(g));
     EP_CHECK(create_window(g));
     return check_same_config(g); /* doubles as the "everyone zeroed their flags" barrier */
@@ -252,6 +308,25 @@ ep_status_t ep_get_unique_id(ep_unique_id_t *id) {
     ncclUniqueId nid;
     EP_NCCL_CHECK(ncclGetUniqueId(&nid));
     memcpy(id->internal, nid.internal, sizeof(id->internal));
+    return EP_SUCCESS;
+}
+
+/* An in-process group: join the registry instead of creating a communicator. */
+static ep_status_t create_local(ep_group_t g, const ep_unique_id_t *id, ep_group_t *out) {
+    g->owns_comm = 0;
+    ep_status_t st = ep_local_join(id, g->num_ranks, g->rank, &g->local);
+    if (st != EP_SUCCESS) {
+        ep_fail_context(st, "rank %d: group creation", g->rank);
+        free(g);
+        return st;
+    }
+    return finish_create(g, out);
+}
+
+ep_status_t ep_get_local_unique_id(ep_unique_id_t *id) {
+    ep_clear_error();
+    EP_CHECK(ep_check_not_null(id, "id"));
+    ep_local_id_make(id);
     return EP_SUCCESS;
 }
 
@@ -290,6 +365,11 @@ ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int rank, i
     if (g == NULL) {
         ep_device_restore(previous);
         return ep_fail(EP_ERROR_OUT_OF_MEMORY, "group: out of host memory");
+    }
+    if (ep_local_id_is_local(id)) {
+        ep_status_t st = create_local(g, id, group);
+        ep_device_restore(previous);
+        return st;
     }
     ncclUniqueId nid;
     memcpy(nid.internal, id->internal, sizeof(nid.internal));

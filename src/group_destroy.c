@@ -6,6 +6,7 @@
 #include "error.h"
 #include "group.h"
 #include "kernels/group_kernels.h"
+#include "local_world.h"
 #include "log.h"
 
 #include <stdlib.h>
@@ -37,6 +38,10 @@ static void announce_abort(ep_group_t g) {
 
 static ep_status_t teardown_collective(ep_group_t g) {
     ep_status_t st = EP_SUCCESS;
+    if (g->local) { /* every rank has stopped touching the others' windows before any frees its own */
+        int32_t none = 0, all[EP_MAX_NVL_RANKS];
+        return ep_group_allgather(g, &none, sizeof(none), all, "destroy (in-process)");
+    }
     ncclResult_t res = ncclCommWindowDeregister(g->comm, g->window);
     if (res != ncclSuccess && res != ncclInProgress)
         st = ep_nccl_fail(res, "ncclCommWindowDeregister", __FILE__, __LINE__);
@@ -54,6 +59,8 @@ static ep_status_t teardown_collective(ep_group_t g) {
 }
 
 static void teardown_local(ep_group_t g) {
+    if (g->local)
+        return;
     if (g->owns_comm)
         ncclCommAbort(g->comm);
     else
@@ -61,7 +68,11 @@ static void teardown_local(ep_group_t g) {
 }
 
 static void free_local_resources(ep_group_t g) {
-    ncclMemFree(g->window_mem);
+    if (g->local)
+        cudaFree(g->window_mem);
+    else
+        ncclMemFree(g->window_mem);
+    ep_local_leave(g->local, g->rank);
     cudaFree(g->window_bases_dev);
     cudaFree(g->barrier_epoch_dev);
     cudaFree(g->ll_state_dev);

@@ -5,6 +5,8 @@
 #   tools/gpu-check.sh [--quick]
 # Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine, 1 on a 1-GPU one), EPCOMM_PY_WORLDS ("2,4"),
 # EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
+# EPCOMM_LOCAL_RANKS (e.g. "2 4 8": also run every C GPU test with the ranks as threads of one process, several
+# per GPU in green contexts: the multi-rank logic on any machine, one GPU included; not NVLink),
 # EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_BENCH_ARGS (e.g. "--only ll"), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_PY_K (a pytest -k expression), EPCOMM_DEADLINE_S (seconds in all).
 # Order: build, host tests, GPU tests, benchmarks, Python binding.
 set -uo pipefail
@@ -70,9 +72,9 @@ row "host tests (ctest)" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(grep -E
 status=0
 run_gpu_test() { # name ranks args... (TAG, when set, names a variant: its label and log)
   local name=$1 ranks=$2; shift 2
-  local label="$name${TAG:+ $TAG}"
-  if (( NGPU < ranks )); then row "$label R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
-  local log="$BUILD.$name${TAG:+-$TAG}-r$ranks.log"
+  local label="$name${TAG:+ $TAG}${EPCOMM_TEST_LOCAL:+ in-process}"
+  if [[ -z "${EPCOMM_TEST_LOCAL:-}" ]] && (( NGPU < ranks )); then row "$label R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
+  local log="$BUILD.$name${TAG:+-$TAG}${EPCOMM_TEST_LOCAL:+-local}-r$ranks.log"
   timeout "$(left "$TEST_TIMEOUT")" "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
   local rc=$?
   { echo "==== $label R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
@@ -81,17 +83,24 @@ run_gpu_test() { # name ranks args... (TAG, when set, names a variant: its label
   grep -E '^(PASS|FAIL)|^     ' "$log" | sed 's/^/    /'
 }
 
+run_gpu_suite() { # ranks
+  run_gpu_test test_group_gpu "$1"
+  run_gpu_test test_layout_gpu "$1"
+  run_gpu_test test_ht_gpu "$1" --rounds 2
+  EPCOMM_HT_DISPATCH_TMA=1 TAG=tma run_gpu_test test_ht_gpu "$1" --rounds 2
+  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_gpu "$1" --rounds 2
+  run_gpu_test test_ht_modes_gpu "$1"
+  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_modes_gpu "$1"
+  run_gpu_test test_ll_gpu "$1"
+  run_gpu_test test_ll_modes_gpu "$1"
+}
 for R in $RANKS; do
   skipped tests && break
-  run_gpu_test test_group_gpu "$R"
-  run_gpu_test test_layout_gpu "$R"
-  run_gpu_test test_ht_gpu "$R" --rounds 2
-  EPCOMM_HT_DISPATCH_TMA=1 TAG=tma run_gpu_test test_ht_gpu "$R" --rounds 2
-  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_gpu "$R" --rounds 2
-  run_gpu_test test_ht_modes_gpu "$R"
-  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_modes_gpu "$R"
-  run_gpu_test test_ll_gpu "$R"
-  run_gpu_test test_ll_modes_gpu "$R"
+  run_gpu_suite "$R"
+done
+for R in ${EPCOMM_LOCAL_RANKS:-}; do
+  skipped tests && break
+  EPCOMM_TEST_LOCAL=1 run_gpu_suite "$R"
 done
 
 COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"

@@ -78,6 +78,7 @@ typedef struct {
     uint64_t *barrier_epoch;           /* local device counter: epochs this rank has completed */
     ep_dev_error_t *error;             /* host-mapped error record (device pointer) */
     ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
+    int num_sms;                       /* SMs the group's context may use (host-side launch sizing only) */
     uint32_t *ll_state;                /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
                                           counters (dispatch p0, p1, combine p0, p1), by buffer parity; [8] done
                                           counter and [9] next token of the high-throughput overlapped

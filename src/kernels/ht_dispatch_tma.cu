@@ -9,7 +9,6 @@
  * the 450 GB/s target; the copy unit is asynchronous and needs no registers per byte. */
 #include "bulk.cuh"
 #include "ht_dispatch_token.cuh"
-#include "wave.cuh"
 
 #ifndef TMA_WARPS
 #define TMA_WARPS 8
@@ -25,6 +24,7 @@
 #endif
 #define TMA_AHEAD (TMA_STAGES - TMA_STORES)
 #define TMA_SMEM  (TMA_WARPS * TMA_STAGES * (TMA_CHUNK + 8))
+#define TMA_MAX_DEVICES 64
 
 /* The chunks a warp moves, numbered in order: chunk i is piece i % per_token of the warp's token i / per_token
  * (tokens warp_id, warp_id + num_warps, ...). */
@@ -110,12 +110,14 @@ extern "C" int ep_ht_dispatch_tma_applies(const ep_ht_dispatch_args_t *a) {
 
 extern "C" cudaError_t ep_launch_ht_dispatch_send_tma(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a,
                                                       cudaStream_t s) {
-    static bool smem_set[EP_WAVE_MAX_DEVICES]; /* the attribute holds per device: set it once on each */
+    /* The attribute holds per context: set it once per device and thread (a thread of an in-process group may
+     * run in its own green context, a context of its own on a shared device). */
+    static thread_local bool smem_set[TMA_MAX_DEVICES];
     int dev = 0;
     cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess && (dev < 0 || dev >= EP_WAVE_MAX_DEVICES || !smem_set[dev])) {
+    if (err == cudaSuccess && (dev < 0 || dev >= TMA_MAX_DEVICES || !smem_set[dev])) {
         err = cudaFuncSetAttribute(ht_dispatch_send_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TMA_SMEM);
-        if (err == cudaSuccess && dev >= 0 && dev < EP_WAVE_MAX_DEVICES)
+        if (err == cudaSuccess && dev >= 0 && dev < TMA_MAX_DEVICES)
             smem_set[dev] = true;
     }
     if (err != cudaSuccess)

@@ -381,7 +381,7 @@ extern "C" cudaError_t ep_launch_ll_dispatch_recv(const ep_dev_group_t *g, const
 extern "C" cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const ep_ll_dispatch_kargs_t *a,
                                                   int cooperative, cudaStream_t s) {
     static int per_sm;
-    const int capacity = ep_wave_capacity((const void *)ll_dispatch_fused_kernel, LL_SEND_THREADS, &per_sm);
+    const int capacity = ep_wave_capacity((const void *)ll_dispatch_fused_kernel, LL_SEND_THREADS, g->num_sms, &per_sm);
     const int L = a->num_experts / g->num_ranks;
     for (int split = LL_RECV_SPLIT; split >= 1; split--) {
         const int blocks = a->num_tokens > L * split ? a->num_tokens : L * split;

@@ -6,21 +6,13 @@
 
 #include <cuda_runtime.h>
 
-#define EP_WAVE_MAX_DEVICES 64
-
-/* Blocks of `kernel` (launched with `threads` threads, no dynamic shared memory) the current device holds at
- * once; `per_sm_cache` is the caller's static cache of the occupancy (0 = not asked yet). */
-static inline int ep_wave_capacity(const void *kernel, int threads, int *per_sm_cache) {
-    static int sms[EP_WAVE_MAX_DEVICES];
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= EP_WAVE_MAX_DEVICES)
-        return 0;
-    if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-        return 0;
+/* Blocks of `kernel` (launched with `threads` threads, no dynamic shared memory) that `sms` multiprocessors
+ * hold at once; `per_sm_cache` is the caller's static cache of the occupancy (0 = not asked yet). */
+static inline int ep_wave_capacity(const void *kernel, int threads, int sms, int *per_sm_cache) {
     if (*per_sm_cache == 0 && cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm_cache, kernel, threads, 0) !=
                                   cudaSuccess)
         return 0;
-    return sms[dev] * *per_sm_cache;
+    return sms * *per_sm_cache;
 }
 
 /* Launches `kernel` with its blocks all resident at once: by a cooperative launch when `cooperative` (the

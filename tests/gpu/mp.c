@@ -1,7 +1,11 @@
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE
 #include "mp.h"
 
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,10 +13,17 @@
 #include <time.h>
 #include <unistd.h>
 
+#define MP_MAX_RANKS 64
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void nap_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
 }
 
 /* EPCOMM_TEST_ONLY="a,b": run only the cases whose names contain one of these (for short reruns). */
@@ -28,11 +39,180 @@ static int selected(const char *case_name) {
     return 0;
 }
 
-int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s) {
-    if (!selected(case_name)) {
-        printf("SKIP %s R=%d (EPCOMM_TEST_ONLY)\n", case_name, num_ranks);
-        return 0;
+int mp_local(void) {
+    const char *v = getenv("EPCOMM_TEST_LOCAL");
+    return v != NULL && *v != '\0' && strcmp(v, "0") != 0;
+}
+
+/* ---- ranks as threads: devices and green contexts ---- */
+
+static int num_devices = 1;
+static CUcontext rank_ctx[MP_MAX_RANKS]; /* green context of each rank, NULL when its device is its own */
+static int rank_ctx_for = 0;           /* the rank count rank_ctx was made for */
+
+/* Once: eager module loading (lazy loading can stall one rank's launch behind another rank's running kernel),
+ * the device count, and memory pools that keep their memory (a release could wait for the whole GPU). */
+static int local_init(void) {
+    static int state = 0; /* 1 ready, -1 failed */
+    if (state != 0)
+        return state > 0 ? 0 : -1;
+    state = -1;
+    setenv("CUDA_MODULE_LOADING", "EAGER", 1);
+    if (cuInit(0) != CUDA_SUCCESS || cudaGetDeviceCount(&num_devices) != cudaSuccess || num_devices < 1)
+        return -1;
+    for (int d = 0; d < num_devices; d++) {
+        cudaMemPool_t pool;
+        uint64_t keep = UINT64_MAX;
+        cudaSetDevice(d);
+        cudaFree(0);
+        if (cudaDeviceGetDefaultMemPool(&pool, d) == cudaSuccess)
+            cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
     }
+    state = 1;
+    return 0;
+}
+
+int mp_device(int rank) {
+    if (!mp_local())
+        return rank;
+    local_init();
+    return rank % num_devices;
+}
+
+void mp_enter_device(int rank) {
+    if (mp_local() && rank_ctx[rank] != NULL)
+        cuCtxSetCurrent(rank_ctx[rank]);
+    else
+        cudaSetDevice(mp_device(rank));
+}
+
+int mp_malloc(void **ptr, size_t bytes) {
+    if (!mp_local())
+        return cudaMalloc(ptr, bytes) == cudaSuccess ? 0 : -1;
+    if (cudaMallocAsync(ptr, bytes, cudaStreamPerThread) != cudaSuccess)
+        return -1;
+    return cudaStreamSynchronize(cudaStreamPerThread) == cudaSuccess ? 0 : -1;
+}
+
+void mp_free(void *ptr) {
+    if (ptr == NULL)
+        return;
+    if (!mp_local()) {
+        cudaFree(ptr);
+        return;
+    }
+    cudaFreeAsync(ptr, cudaStreamPerThread);
+    cudaStreamSynchronize(cudaStreamPerThread);
+}
+
+/* Splits `device` into `parts` equal green contexts (as many SMs each as the alignment allows). */
+static int make_green_contexts(int device, int parts, CUcontext *out) {
+    CUdevice dev;
+    CUdevResource all, split[MP_MAX_RANKS], rest;
+    if (cuDeviceGet(&dev, device) != CUDA_SUCCESS ||
+        cuDeviceGetDevResource(dev, &all, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS)
+        return -1;
+    unsigned align = all.sm.smCoscheduledAlignment ? all.sm.smCoscheduledAlignment : 1;
+    unsigned each = all.sm.smCount / (unsigned)parts / align * align;
+    if (each < all.sm.minSmPartitionSize)
+        return -1;
+    unsigned n = (unsigned)parts;
+    if (cuDevSmResourceSplitByCount(split, &n, &all, &rest, 0, each) != CUDA_SUCCESS || n < (unsigned)parts)
+        return -1;
+    for (int i = 0; i < parts; i++) {
+        CUdevResourceDesc desc;
+        CUgreenCtx green;
+        if (cuDevResourceGenerateDesc(&desc, &split[i], 1) != CUDA_SUCCESS ||
+            cuGreenCtxCreate(&green, desc, dev, CU_GREEN_CTX_DEFAULT_STREAM) != CUDA_SUCCESS ||
+            cuCtxFromGreenCtx(&out[i], green) != CUDA_SUCCESS)
+            return -1;
+    }
+    printf("     (ranks share device %d: %d green contexts of %u SMs each)\n", device, parts, each);
+    return 0;
+}
+
+/* Once per rank count: the green contexts of ranks that share a device. */
+static int local_setup(int num_ranks) {
+    if (local_init() != 0)
+        return -1;
+    if (rank_ctx_for == num_ranks)
+        return 0;
+    memset(rank_ctx, 0, sizeof(rank_ctx));
+    int per_device = (num_ranks + num_devices - 1) / num_devices;
+    for (int d = 0; per_device > 1 && d < num_devices; d++) {
+        CUcontext ctx[MP_MAX_RANKS];
+        if (make_green_contexts(d, per_device, ctx) != 0) {
+            fprintf(stderr, "could not split device %d into %d green contexts\n", d, per_device);
+            return -1;
+        }
+        for (int r = d, i = 0; r < num_ranks; r += num_devices, i++)
+            rank_ctx[r] = ctx[i];
+    }
+    rank_ctx_for = num_ranks;
+    return 0;
+}
+
+typedef struct {
+    mp_rank_fn fn;
+    int rank, num_ranks;
+    const ep_unique_id_t *id;
+    void *arg;
+    int rc;
+    volatile int done;
+} rank_thread_t;
+
+static void *rank_thread(void *p) {
+    rank_thread_t *t = p;
+    mp_enter_device(t->rank);
+    t->rc = t->fn(t->rank, t->num_ranks, t->id, t->arg) == 0 ? 0 : 1;
+    __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static int run_threads(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s) {
+    ep_unique_id_t id;
+    if (local_setup(num_ranks) != 0 || ep_get_local_unique_id(&id) != EP_SUCCESS) {
+        fprintf(stderr, "FAIL %s: in-process setup: %s\n", case_name, ep_last_error());
+        return 1;
+    }
+    rank_thread_t t[MP_MAX_RANKS];
+    pthread_t tid[MP_MAX_RANKS];
+    for (int r = 0; r < num_ranks; r++) {
+        t[r] = (rank_thread_t){fn, r, num_ranks, &id, arg, 0, 0};
+        pthread_create(&tid[r], NULL, rank_thread, &t[r]);
+    }
+    double start = now_s();
+    for (;;) {
+        int remaining = 0;
+        for (int r = 0; r < num_ranks; r++)
+            remaining += !__atomic_load_n(&t[r].done, __ATOMIC_ACQUIRE);
+        if (remaining == 0)
+            break;
+        if (now_s() - start > timeout_s) { /* threads cannot be killed: report and end the program */
+            for (int r = 0; r < num_ranks; r++)
+                if (!t[r].done)
+                    fprintf(stderr, "%s: rank %d did not finish within %d s (hang)\n", case_name, r, timeout_s);
+            printf("FAIL %s R=%d (hang; the program ends here)\n", case_name, num_ranks);
+            fflush(stdout);
+            fflush(stderr);
+            _exit(2);
+        }
+        nap_ms(5);
+    }
+    int failed = 0;
+    for (int r = 0; r < num_ranks; r++) {
+        pthread_join(tid[r], NULL);
+        if (t[r].rc != 0) {
+            failed++;
+            fprintf(stderr, "%s: rank %d failed\n", case_name, r);
+        }
+    }
+    return failed;
+}
+
+/* ---- ranks as processes ---- */
+
+static int run_processes(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s) {
     ep_unique_id_t id;
     if (ep_get_unique_id(&id) != EP_SUCCESS) {
         fprintf(stderr, "FAIL %s: ep_get_unique_id: %s\n", case_name, ep_last_error());
@@ -40,7 +220,7 @@ int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int t
     }
     fflush(stdout);
     fflush(stderr);
-    pid_t pids[64];
+    pid_t pids[MP_MAX_RANKS];
     for (int r = 0; r < num_ranks; r++) {
         pids[r] = fork();
         if (pids[r] == 0) {
@@ -51,7 +231,7 @@ int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int t
         }
     }
     int failed = 0, remaining = num_ranks;
-    int done[64] = {0};
+    int done[MP_MAX_RANKS] = {0};
     double start = now_s();
     while (remaining > 0) {
         for (int r = 0; r < num_ranks; r++) {
@@ -78,10 +258,25 @@ int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int t
             }
             break;
         }
-        struct timespec ts = {0, 5000000};
-        nanosleep(&ts, NULL);
+        nap_ms(5);
     }
-    printf("%s %s R=%d (%.2f s)\n", failed ? "FAIL" : "PASS", case_name, num_ranks, now_s() - start);
+    return failed;
+}
+
+int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s) {
+    if (!selected(case_name)) {
+        printf("SKIP %s R=%d (EPCOMM_TEST_ONLY)\n", case_name, num_ranks);
+        return 0;
+    }
+    if (num_ranks < 1 || num_ranks > MP_MAX_RANKS) {
+        fprintf(stderr, "FAIL %s: %d ranks (1 to %d)\n", case_name, num_ranks, MP_MAX_RANKS);
+        return 1;
+    }
+    double start = now_s();
+    int failed = mp_local() ? run_threads(case_name, num_ranks, fn, arg, timeout_s)
+                            : run_processes(case_name, num_ranks, fn, arg, timeout_s);
+    printf("%s %s R=%d%s (%.2f s)\n", failed ? "FAIL" : "PASS", case_name, num_ranks, mp_local() ? " in-process" : "",
+           now_s() - start);
     fflush(stdout);
     return failed;
 }

@@ -115,7 +115,7 @@ typedef struct {
 
 static void *dalloc_copy(const void *host, size_t bytes) {
     void *p = NULL;
-    cudaMalloc(&p, bytes ? bytes : 16);
+    mp_malloc(&p, bytes ? bytes : 16);
     if (host && bytes)
         cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice);
     return p;
@@ -331,15 +331,15 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
             CHECK_BYTES("combine out_topk_weights", gw, want_w, (size_t)N * K * 4);
             free(gw);
         }
-        cudaFree(dy), cudaFree(dout), cudaFree(dout_w), cudaFree(db0), cudaFree(db1);
+        mp_free(dy), mp_free(dout), mp_free(dout_w), mp_free(db0), mp_free(db1);
         for (int d = 0; d < R; d++)
             free(ys[d]);
         free(ys), free(ystride), free(yw), free(want_out), free(want_w), free(bias[0]), free(bias[1]);
     }
     MP_EXPECT_STATUS(rank, ep_handle_destroy(handle), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
-    cudaFree(b.x), cudaFree(b.scales), cudaFree(b.idx), cudaFree(b.w), cudaFree(b.per_rank), cudaFree(b.in_rank),
-        cudaFree(b.per_expert);
+    mp_free(b.x), mp_free(b.scales), mp_free(b.idx), mp_free(b.w), mp_free(b.per_rank), mp_free(b.in_rank),
+        mp_free(b.per_expert);
     free(scales_cm), free(per_expert);
     for (int r = 0; r < R; r++) {
         free_inputs(&all[r]);
@@ -354,11 +354,11 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
 
 static int ht_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    cudaSetDevice(rank);
+    mp_enter_device(rank);
     ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
     cfg.num_nvl_bytes = ep_normal_buffer_bytes(num_ranks, 4096 + 37 * num_ranks, 16384, 2, 0, 32);
     ep_group_t g = NULL;
-    if (ep_group_create(id, num_ranks, rank, rank, &cfg, &g) != EP_SUCCESS) {
+    if (ep_group_create(id, num_ranks, rank, mp_device(rank), &cfg, &g) != EP_SUCCESS) {
         MP_FAIL(rank, "create: %s", ep_last_error());
         return 1;
     }

@@ -69,18 +69,18 @@ typedef struct {
 } devbufs_t;
 
 static void dev_alloc(devbufs_t *d, int R) {
-    cudaMalloc(&d->x, (size_t)NMAX * H * 2);
-    cudaMalloc(&d->idx, (size_t)NMAX * K * 8);
-    cudaMalloc(&d->w, (size_t)NMAX * K * 4);
-    cudaMalloc(&d->per_rank, (size_t)R * 4);
-    cudaMalloc(&d->in_rank, (size_t)NMAX * R);
-    cudaMalloc(&d->per_expert, (size_t)E * 4);
-    cudaMalloc(&d->out, (size_t)NMAX * H * 2);
+    mp_malloc(&d->x, (size_t)NMAX * H * 2);
+    mp_malloc(&d->idx, (size_t)NMAX * K * 8);
+    mp_malloc(&d->w, (size_t)NMAX * K * 4);
+    mp_malloc(&d->per_rank, (size_t)R * 4);
+    mp_malloc(&d->in_rank, (size_t)NMAX * R);
+    mp_malloc(&d->per_expert, (size_t)E * 4);
+    mp_malloc(&d->out, (size_t)NMAX * H * 2);
 }
 
 static void dev_free(devbufs_t *d) {
-    cudaFree(d->x), cudaFree(d->idx), cudaFree(d->w), cudaFree(d->per_rank), cudaFree(d->in_rank);
-    cudaFree(d->per_expert), cudaFree(d->out);
+    mp_free(d->x), mp_free(d->idx), mp_free(d->w), mp_free(d->per_rank), mp_free(d->in_rank);
+    mp_free(d->per_expert), mp_free(d->out);
 }
 
 static void upload(devbufs_t *d, const inputs_t *in, int rank) {
@@ -160,12 +160,12 @@ static int check_combine(int rank, int R, const inputs_t *in, const void *dout, 
 }
 
 static ep_group_t make_group(int rank, int R, const ep_unique_id_t *id, int64_t timeout_ms) {
-    cudaSetDevice(rank);
+    mp_enter_device(rank);
     ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
     cfg.num_nvl_bytes = ep_normal_buffer_bytes(R, NMAX, H, 2, 0, K);
     cfg.timeout_ms = timeout_ms;
     ep_group_t g = NULL;
-    if (ep_group_create(id, R, rank, rank, &cfg, &g) != EP_SUCCESS)
+    if (ep_group_create(id, R, rank, mp_device(rank), &cfg, &g) != EP_SUCCESS)
         fprintf(stderr, "[rank %d] create: %s\n", rank, ep_last_error());
     return g;
 }
@@ -268,7 +268,7 @@ static int events_and_async(int rank, int R, const ep_unique_id_t *id, void *arg
         for (size_t i = 0; i < (size_t)in.n[r] * H; i++)
             in.x[r][i] ^= 0x0101;
     void *staging;
-    cudaMalloc(&staging, (size_t)n * H * 2);
+    mp_malloc(&staging, (size_t)n * H * 2);
     cudaMemcpy(staging, in.x[rank], (size_t)n * H * 2, cudaMemcpyHostToDevice);
     test_delay_copy(d.x, staging, (size_t)n * H * 2, 200, producer);
     cudaEventRecord(produced, producer);
@@ -292,7 +292,7 @@ static int events_and_async(int rank, int R, const ep_unique_id_t *id, void *arg
     MP_EXPECT_STATUS(rank, ep_handle_destroy(res.handle), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
     free_inputs(&in, R);
-    cudaFree(staging);
+    mp_free(staging);
     dev_free(&d);
     MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
     return failures;

@@ -60,10 +60,10 @@ static int run_case(int rank, ep_group_t g, int R, const layout_case_t *c, uint6
     int64_t *d_idx;
     int32_t *d_rank, *d_expert;
     uint8_t *d_in;
-    cudaMalloc((void **)&d_idx, n_idx * 8);
-    cudaMalloc((void **)&d_rank, (size_t)R * 4);
-    cudaMalloc((void **)&d_expert, (size_t)E * 4);
-    cudaMalloc((void **)&d_in, (size_t)(N ? N : 1) * (size_t)R);
+    mp_malloc((void **)&d_idx, n_idx * 8);
+    mp_malloc((void **)&d_rank, (size_t)R * 4);
+    mp_malloc((void **)&d_expert, (size_t)E * 4);
+    mp_malloc((void **)&d_in, (size_t)(N ? N : 1) * (size_t)R);
     cudaMemcpy(d_idx, idx, n_idx * 8, cudaMemcpyHostToDevice);
     cudaMemset(d_rank, 0x5A, (size_t)R * 4); /* poison */
     cudaMemset(d_expert, 0x5A, (size_t)E * 4);
@@ -97,7 +97,7 @@ static int run_case(int rank, ep_group_t g, int R, const layout_case_t *c, uint6
             MP_FAIL(rank, "is_token_in_rank[%d, %d]: got %d, want %d", i / R, i % R, got_in[i], want_in[i]);
     if (failures)
         fprintf(stderr, "[rank %d] case N=%d K=%d E=%d failed\n", rank, N, K, E);
-    cudaFree(d_idx), cudaFree(d_rank), cudaFree(d_expert), cudaFree(d_in);
+    mp_free(d_idx), mp_free(d_rank), mp_free(d_expert), mp_free(d_in);
     free(idx), free(clean), free(want_rank), free(want_expert), free(want_in), free(got_rank), free(got_expert),
         free(got_in);
     return failures;
@@ -105,10 +105,10 @@ static int run_case(int rank, ep_group_t g, int R, const layout_case_t *c, uint6
 
 static int layout_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    cudaSetDevice(rank);
+    mp_enter_device(rank);
     ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
     ep_group_t g = NULL;
-    if (ep_group_create(id, num_ranks, rank, rank, &cfg, &g) != EP_SUCCESS) {
+    if (ep_group_create(id, num_ranks, rank, mp_device(rank), &cfg, &g) != EP_SUCCESS) {
         MP_FAIL(rank, "create: %s", ep_last_error());
         return 1;
     }

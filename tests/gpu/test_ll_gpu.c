@@ -90,14 +90,14 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
             MP_FAIL(rank, "%s: reference: %s", c->name, epref_last_error());
     size_t eb = c->fp8 ? 1 : 2, sw = c->ue8m0 ? (size_t)S / 4 : (size_t)S;
     void *dx, *didx, *dw, *rx, *rs, *rc, *si, *lr, *dy, *dout;
-    cudaMalloc(&dx, (size_t)N * H * 2 + 16);
-    cudaMalloc(&didx, (size_t)N * K * 8 + 16);
-    cudaMalloc(&dw, (size_t)N * K * 4 + 16);
-    cudaMalloc(&rx, (size_t)L * RT * H * eb);
-    cudaMalloc(&rs, (size_t)L * sw * RT * 4 + 16);
-    cudaMalloc(&rc, (size_t)L * 4);
-    cudaMalloc(&si, (size_t)L * RT * 4);
-    cudaMalloc(&lr, (size_t)L * R * 8);
+    mp_malloc(&dx, (size_t)N * H * 2 + 16);
+    mp_malloc(&didx, (size_t)N * K * 8 + 16);
+    mp_malloc(&dw, (size_t)N * K * 4 + 16);
+    mp_malloc(&rx, (size_t)L * RT * H * eb);
+    mp_malloc(&rs, (size_t)L * sw * RT * 4 + 16);
+    mp_malloc(&rc, (size_t)L * 4);
+    mp_malloc(&si, (size_t)L * RT * 4);
+    mp_malloc(&lr, (size_t)L * R * 8);
     cudaMemcpy(dx, xs[rank], (size_t)N * H * 2, cudaMemcpyHostToDevice);
     cudaMemcpy(didx, idx[rank], (size_t)N * K * 8, cudaMemcpyHostToDevice);
     cudaMemcpy(dw, w[rank], (size_t)N * K * 4, cudaMemcpyHostToDevice);
@@ -173,8 +173,8 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
         if (epref_ll_combine((const uint16_t *const *)ys, ref, R, E, rank, N, K, idx[rank], w[rank], c->logfmt,
                              want_out) != EPREF_OK)
             MP_FAIL(rank, "%s: reference combine: %s", c->name, epref_last_error());
-        cudaMalloc(&dy, (size_t)L * RT * H * 2);
-        cudaMalloc(&dout, (size_t)N * H * 2 + 16);
+        mp_malloc(&dy, (size_t)L * RT * H * 2);
+        mp_malloc(&dout, (size_t)N * H * 2 + 16);
         cudaMemcpy(dy, ys[rank], (size_t)L * RT * H * 2, cudaMemcpyHostToDevice);
         cudaMemset(dout, 0xFF, (size_t)N * H * 2);
         ep_low_latency_combine_args_t ca = EP_LOW_LATENCY_COMBINE_ARGS_INIT;
@@ -197,7 +197,7 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
         for (int d = 0; d < R; d++)
             free(ys[d]);
         free(want_out), free(got);
-        cudaFree(dy), cudaFree(dout);
+        mp_free(dy), mp_free(dout);
     }
     MP_EXPECT_STATUS(rank, ep_ll_handle_destroy(h), EP_SUCCESS);
     for (int d = 0; d < R; d++)
@@ -205,7 +205,7 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
     for (int r = 0; r < R; r++)
         free(xs[r]), free(idx[r]), free(w[r]);
     free(gc), free(glr), free(gsi), free(gx), free(gs);
-    cudaFree(dx), cudaFree(didx), cudaFree(dw), cudaFree(rx), cudaFree(rs), cudaFree(rc), cudaFree(si), cudaFree(lr);
+    mp_free(dx), mp_free(didx), mp_free(dw), mp_free(rx), mp_free(rs), mp_free(rc), mp_free(si), mp_free(lr);
     if (rank == 0)
         printf("     %-18s R=%d T=%d H=%d K=%d E=%d%s: %s\n", c->name, R, T, H, K, E, hook ? " (hook)" : "",
                failures ? "FAIL" : "ok");
@@ -214,11 +214,11 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
 
 static int ll_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    cudaSetDevice(rank);
+    mp_enter_device(rank);
     ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
     cfg.num_nvl_bytes = ep_low_latency_buffer_bytes(num_ranks, 128, 7168, 16, 288);
     ep_group_t g = NULL;
-    if (ep_group_create(id, num_ranks, rank, rank, &cfg, &g) != EP_SUCCESS) {
+    if (ep_group_create(id, num_ranks, rank, mp_device(rank), &cfg, &g) != EP_SUCCESS) {
         MP_FAIL(rank, "create: %s", ep_last_error());
         return 1;
     }

@@ -67,14 +67,14 @@ typedef struct {
 
 static void pair_init(pair_t *p, int R) {
     const int64_t L = E / R, RT = (int64_t)R * T;
-    cudaMalloc(&p->x, (size_t)T * H * 2);
-    cudaMalloc(&p->idx, (size_t)T * K * 8);
-    cudaMalloc(&p->w, (size_t)T * K * 4);
-    cudaMalloc(&p->rx, (size_t)L * RT * H * 2);
-    cudaMalloc(&p->rc, (size_t)L * 4);
-    cudaMalloc(&p->si, (size_t)L * RT * 4);
-    cudaMalloc(&p->lr, (size_t)L * R * 8);
-    cudaMalloc(&p->out, (size_t)T * H * 2);
+    mp_malloc(&p->x, (size_t)T * H * 2);
+    mp_malloc(&p->idx, (size_t)T * K * 8);
+    mp_malloc(&p->w, (size_t)T * K * 4);
+    mp_malloc(&p->rx, (size_t)L * RT * H * 2);
+    mp_malloc(&p->rc, (size_t)L * 4);
+    mp_malloc(&p->si, (size_t)L * RT * 4);
+    mp_malloc(&p->lr, (size_t)L * R * 8);
+    mp_malloc(&p->out, (size_t)T * H * 2);
     cudaMemset(p->rx, 0, (size_t)L * RT * H * 2);
 }
 
@@ -101,8 +101,8 @@ static void pair_load(pair_t *p, const inputs_t *in, int rank, int R) {
 }
 
 static void pair_free(pair_t *p) {
-    cudaFree(p->x), cudaFree(p->idx), cudaFree(p->w), cudaFree(p->rx), cudaFree(p->rc), cudaFree(p->si);
-    cudaFree(p->lr), cudaFree(p->out);
+    mp_free(p->x), mp_free(p->idx), mp_free(p->w), mp_free(p->rx), mp_free(p->rc), mp_free(p->si);
+    mp_free(p->lr), mp_free(p->out);
 }
 
 /* Receive counts and the combined output against the reference (identity experts). */
@@ -131,12 +131,12 @@ static int check_pair(int rank, int R, const inputs_t *in, const pair_t *p, cons
 }
 
 static ep_group_t make_group(int rank, int R, const ep_unique_id_t *id, int64_t timeout_ms) {
-    cudaSetDevice(rank);
+    mp_enter_device(rank);
     ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
     cfg.num_nvl_bytes = ep_low_latency_buffer_bytes(R, T, H, K, E);
     cfg.timeout_ms = timeout_ms;
     ep_group_t g = NULL;
-    if (ep_group_create(id, R, rank, rank, &cfg, &g) != EP_SUCCESS)
+    if (ep_group_create(id, R, rank, mp_device(rank), &cfg, &g) != EP_SUCCESS)
         fprintf(stderr, "[rank %d] create: %s\n", rank, ep_last_error());
     return g;
 }
@@ -248,7 +248,7 @@ static int busy_fixture_init(busy_fixture_t *f, int rank, int R, const ep_unique
         return 1;
     f->sms = 0;
     cudaDeviceGetAttribute(&f->sms, cudaDevAttrMultiProcessorCount, rank);
-    cudaMalloc((void **)&f->sink, 4096);
+    mp_malloc((void **)&f->sink, 4096);
     cudaStreamCreateWithFlags(&f->busy, cudaStreamNonBlocking);
     make_inputs(&f->in, R, seed);
     pair_init(&f->p, R);
@@ -261,7 +261,7 @@ static int busy_fixture_free(busy_fixture_t *f, int rank, int R) {
     free_inputs(&f->in, R);
     pair_free(&f->p);
     cudaStreamDestroy(f->busy);
-    cudaFree(f->sink);
+    mp_free(f->sink);
     MP_EXPECT_STATUS(rank, ep_group_destroy(f->g), EP_SUCCESS);
     return failures;
 }
