@@ -57,6 +57,9 @@ struct ep_group {
     uint64_t combine_seq;
     uint32_t notify_seq;
     int live_handles; /* the group may not be destroyed while handles refer to it */
+    /* In-process groups: memory of handles made during graph capture, freed with the group. A cudaFree waits
+     * for every kernel on the device, including a peer rank's kernel that waits for this rank. */
+    struct ep_deferred_free *deferred;
 
     ep_status_t failed; /* sticky: set by a timeout or a device error */
     char failed_message[512];
@@ -65,7 +68,8 @@ struct ep_group {
 /* Bytes of the control region and of the whole window for a config. */
 size_t ep_group_window_bytes(const ep_group_config_t *config);
 
-/* Makes `device` current and remembers the previous one; ep_device_restore puts it back. */
+/* Makes `device` current and remembers the previous one (-1 when it was current already, and the current context,
+ * green or primary, is kept); ep_device_restore puts it back. */
 ep_status_t ep_device_enter(int device, int *previous);
 void ep_device_restore(int previous);
 

@@ -53,15 +53,22 @@ static ep_status_t check_nccl_version(void) {
     return EP_SUCCESS;
 }
 
+/* When `device` is already current nothing is switched: cudaSetDevice would replace the current context with the
+ * device's primary one, and the caller's may be a green context (e.g. one of several ranks on one GPU). */
 ep_status_t ep_device_enter(int device, int *previous) {
-    EP_CUDA_CHECK(cudaGetDevice(previous));
-    if (*previous != device)
+    int current;
+    EP_CUDA_CHECK(cudaGetDevice(&current));
+    *previous = -1;
+    if (current != device) {
         EP_CUDA_CHECK(cudaSetDevice(device));
+        *previous = current;
+    }
     return EP_SUCCESS;
 }
 
 void ep_device_restore(int previous) {
-    cudaSetDevice(previous);
+    if (previous >= 0)
+        cudaSetDevice(previous);
 }
 
 static ep_group_t group_alloc(const ep_group_config_t *config, int rank, int num_ranks, int device, ncclComm_t comm) {

@@ -5,6 +5,7 @@
 #include "check.h"
 #include "error.h"
 #include "group.h"
+#include "handle.h"
 #include "kernels/group_kernels.h"
 #include "local_world.h"
 #include "log.h"
@@ -72,6 +73,7 @@ static void free_local_resources(ep_group_t g) {
         cudaFree(g->window_mem);
     else
         ncclMemFree(g->window_mem);
+    ep_group_free_deferred(g);
     ep_local_leave(g->local, g->rank);
     cudaFree(g->window_bases_dev);
     cudaFree(g->barrier_epoch_dev);

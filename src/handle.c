@@ -57,13 +57,39 @@ ep_status_t ep_handle_destroy(ep_handle_t handle) {
     return ep_handle_release(handle);
 }
 
+struct ep_deferred_free {
+    void *ptr;
+    struct ep_deferred_free *next;
+};
+
+static cudaError_t ep_defer_free(ep_group_t g, void *ptr) {
+    struct ep_deferred_free *node = malloc(sizeof(*node));
+    if (node == NULL)
+        return cudaFree(ptr);
+    node->ptr = ptr;
+    node->next = g->deferred;
+    g->deferred = node;
+    return cudaSuccess;
+}
+
+void ep_group_free_deferred(ep_group_t g) {
+    while (g->deferred != NULL) {
+        struct ep_deferred_free *node = g->deferred;
+        g->deferred = node->next;
+        cudaFree(node->ptr);
+        free(node);
+    }
+}
+
 ep_status_t ep_handle_release(ep_handle_t handle) {
     ep_group_t g = handle->group;
     int previous;
     ep_status_t st = ep_device_enter(g->device, &previous);
     if (st == EP_SUCCESS) {
         cudaError_t err;
-        if (handle->captured) {
+        if (handle->captured && g->local) {
+            err = ep_defer_free(g, handle->device_mem);
+        } else if (handle->captured) {
             enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
             cudaThreadExchangeStreamCaptureMode(&mode);
             err = cudaFree(handle->device_mem);

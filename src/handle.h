@@ -23,5 +23,7 @@ struct ep_handle {
 ep_status_t ep_handle_create(ep_group_t g, int num_tokens, ep_handle_t *out);
 /* Frees a handle without touching the thread's error message (for failure paths). */
 ep_status_t ep_handle_release(ep_handle_t h);
+/* Frees what released handles of an in-process group left for the group's end (see group.h). */
+void ep_group_free_deferred(ep_group_t g);
 
 #endif
