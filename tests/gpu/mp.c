@@ -79,19 +79,41 @@ int mp_device(int rank) {
     return rank % num_devices;
 }
 
+/* In thread mode, each rank thread's own stream for its buffers (created in the rank's context). */
+static __thread cudaStream_t rank_stream;
+
 void mp_enter_device(int rank) {
     if (mp_local() && rank_ctx[rank] != NULL)
         cuCtxSetCurrent(rank_ctx[rank]);
     else
         cudaSetDevice(mp_device(rank));
+    if (mp_local() && rank_stream == NULL && cudaStreamCreateWithFlags(&rank_stream, cudaStreamNonBlocking) != cudaSuccess)
+        fprintf(stderr, "[rank %d] cudaStreamCreateWithFlags: %s\n", rank, cudaGetErrorString(cudaGetLastError()));
 }
 
+static void leave_device(void) {
+    if (rank_stream != NULL)
+        cudaStreamDestroy(rank_stream);
+    rank_stream = NULL;
+}
+
+/* Thread mode allocates stream-ordered: a cudaFree waits for every kernel on the device, and a peer rank's
+ * kernel may be waiting for this rank. */
 int mp_malloc(void **ptr, size_t bytes) {
-    if (!mp_local())
-        return cudaMalloc(ptr, bytes) == cudaSuccess ? 0 : -1;
-    if (cudaMallocAsync(ptr, bytes, cudaStreamPerThread) != cudaSuccess)
+    cudaError_t err;
+    if (!mp_local()) {
+        err = cudaMalloc(ptr, bytes);
+    } else {
+        err = cudaMallocAsync(ptr, bytes ? bytes : 16, rank_stream);
+        if (err == cudaSuccess)
+            err = cudaStreamSynchronize(rank_stream);
+    }
+    if (err != cudaSuccess) {
+        fprintf(stderr, "mp_malloc(%zu bytes): %s\n", bytes, cudaGetErrorString(err));
+        *ptr = NULL;
         return -1;
-    return cudaStreamSynchronize(cudaStreamPerThread) == cudaSuccess ? 0 : -1;
+    }
+    return 0;
 }
 
 void mp_free(void *ptr) {
@@ -101,8 +123,8 @@ void mp_free(void *ptr) {
         cudaFree(ptr);
         return;
     }
-    cudaFreeAsync(ptr, cudaStreamPerThread);
-    cudaStreamSynchronize(cudaStreamPerThread);
+    cudaFreeAsync(ptr, rank_stream);
+    cudaStreamSynchronize(rank_stream);
 }
 
 /* Splits `device` into `parts` equal green contexts (as many SMs each as the alignment allows). */
@@ -165,6 +187,7 @@ static void *rank_thread(void *p) {
     rank_thread_t *t = p;
     mp_enter_device(t->rank);
     t->rc = t->fn(t->rank, t->num_ranks, t->id, t->arg) == 0 ? 0 : 1;
+    leave_device();
     __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
     return NULL;
 }

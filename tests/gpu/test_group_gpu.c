@@ -64,9 +64,10 @@ static int pattern_exchange(int rank, int num_ranks, const ep_unique_id_t *id, v
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
         pattern_report_t host;
         cudaMemcpy(&host, rep, sizeof(host), cudaMemcpyDeviceToHost);
-        if (cudaGetLastError() != cudaSuccess)
-            MP_FAIL(rank, "CUDA error in round %d", round);
-        if (host.mismatches)
+        cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess)
+            MP_FAIL(rank, "CUDA error in round %d: %s", round, cudaGetErrorString(err));
+        else if (host.mismatches)
             MP_FAIL(rank, "round %d: %llu mismatched words; first from rank %d word %llu: got 0x%08x want 0x%08x",
                     round, host.mismatches, host.first_src, host.first_index, host.first_got, host.first_want);
     }
