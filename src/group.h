@@ -101,6 +101,9 @@ int ep_group_ht_blocks(ep_group_t g, int requested);
 /* Every rank contributes `bytes` host bytes and receives all of them in rank order in `all` (NCCL, or the
  * in-process registry); `what` names the exchange in messages. */
 ep_status_t ep_group_allgather(ep_group_t g, const void *mine, size_t bytes, void *all, const char *what);
+/* In-process groups: leaves the registry. This rank's window stays mapped until the last rank leaves (a peer that
+ * timed out may still write into it while tearing down), and that rank frees every window. */
+void ep_group_leave_local(ep_group_t g);
 
 /* Waits for an NCCL call that may have returned ncclInProgress (non-blocking communicators), with a
  * deadline; `what` names the call in messages. */

@@ -95,11 +95,10 @@ static void group_release_local(ep_group_t g) {
         ncclCommAbort(g->comm);
     else if (g->comm && g->window)
         ncclCommWindowDeregister(g->comm, g->window);
-    if (g->window_mem && g->local)
-        cudaFree(g->window_mem);
+    if (g->local)
+        ep_group_leave_local(g);
     else if (g->window_mem)
         ncclMemFree(g->window_mem);
-    ep_local_leave(g->local, g->rank);
     if (g->window_bases_dev)
         cudaFree(g->window_bases_dev);
     if (g->barrier_epoch_dev)

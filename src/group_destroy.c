@@ -69,12 +69,11 @@ static void teardown_local(ep_group_t g) {
 }
 
 static void free_local_resources(ep_group_t g) {
+    ep_group_free_deferred(g);
     if (g->local)
-        cudaFree(g->window_mem);
+        ep_group_leave_local(g);
     else
         ncclMemFree(g->window_mem);
-    ep_group_free_deferred(g);
-    ep_local_leave(g->local, g->rank);
     cudaFree(g->window_bases_dev);
     cudaFree(g->barrier_epoch_dev);
     cudaFree(g->ll_state_dev);

@@ -1,5 +1,5 @@
 /* Small host-value all-gathers among a group's ranks (settings checked at creation, autotune's times): over the
- * NCCL communicator, or through the process-wide registry for an in-process group. */
+ * NCCL communicator, or through the process-wide registry for an in-process group; and leaving that registry. */
 #include "error.h"
 #include "group.h"
 #include "local_world.h"
@@ -29,4 +29,13 @@ ep_status_t ep_group_allgather(ep_group_t g, const void *mine, size_t bytes, voi
     if (g->local != NULL)
         return ep_local_allgather(g->local, g->rank, mine, bytes, all, g->timeout_ms, what);
     return allgather_nccl(g, mine, bytes, all, what);
+}
+
+void ep_group_leave_local(ep_group_t g) {
+    void *release[EP_MAX_NVL_RANKS];
+    int n = ep_local_leave(g->local, g->rank, g->window_mem, release);
+    for (int i = 0; i < n; i++)
+        cudaFree(release[i]); /* every rank has left: no kernel of the group can touch a window any more */
+    g->window_mem = NULL;
+    g->local = NULL;
 }

@@ -220,11 +220,23 @@ ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream) {
     return st;
 }
 
+/* A failed group's stream still drains (bounded: its kernels stop waiting once the device has recorded an error,
+ * and every wait has a timeout), so that the group can be destroyed afterwards. */
+static void drain_failed(ep_group_t g) {
+    int previous;
+    if (ep_device_enter(g->device, &previous) != EP_SUCCESS)
+        return;
+    ep_group_wait_stream(g, g->stream, "synchronize (draining a failed group)");
+    ep_device_restore(previous);
+}
+
 ep_status_t ep_group_synchronize(ep_group_t group, void *cuda_stream) {
     ep_clear_error();
     EP_CHECK(ep_check_not_null(group, "group"));
-    if (group->failed != EP_SUCCESS)
+    if (group->failed != EP_SUCCESS) {
+        drain_failed(group);
         return ep_group_check_usable(group);
+    }
     EP_CHECK(ep_group_check_stream(group, (cudaStream_t)cuda_stream, "cuda_stream"));
     int previous;
     EP_CHECK(ep_device_enter(group->device, &previous));

@@ -21,6 +21,7 @@ struct ep_local_world {
     ep_unique_id_t id;
     int num_ranks;
     int joined[EP_MAX_NVL_RANKS]; /* 1 while the rank is in */
+    void *kept[EP_MAX_NVL_RANKS]; /* what ranks that left asked to keep until the last one leaves */
     int members;
     int broken;                   /* a round timed out: every later call fails */
     uint64_t generation;          /* rounds completed */
@@ -101,12 +102,17 @@ ep_status_t ep_local_join(const ep_unique_id_t *id, int num_ranks, int rank, ep_
     return st;
 }
 
-void ep_local_leave(ep_local_world_t *w, int rank) {
+int ep_local_leave(ep_local_world_t *w, int rank, void *keep, void **release) {
     if (w == NULL)
-        return;
+        return 0;
+    int n = 0;
     pthread_mutex_lock(&registry_lock);
     w->joined[rank] = 0;
+    w->kept[rank] = keep;
     if (--w->members == 0) {
+        for (int r = 0; r < w->num_ranks; r++)
+            if (w->kept[r] != NULL)
+                release[n++] = w->kept[r];
         for (ep_local_world_t **p = &registry; *p != NULL; p = &(*p)->next) {
             if (*p == w) {
                 *p = w->next;
@@ -117,6 +123,7 @@ void ep_local_leave(ep_local_world_t *w, int rank) {
         free(w);
     }
     pthread_mutex_unlock(&registry_lock);
+    return n;
 }
 
 static struct timespec deadline_after(int64_t timeout_ms) {

@@ -20,7 +20,10 @@ void ep_local_id_make(ep_unique_id_t *id);
 
 /* Joins (creating on first arrival) the world of `id` as `rank`; the world lives until every joined rank left. */
 ep_status_t ep_local_join(const ep_unique_id_t *id, int num_ranks, int rank, ep_local_world_t **world);
-void ep_local_leave(ep_local_world_t *world, int rank);
+/* Leaves the world. `keep` (may be NULL) stays alive until every rank has left: the last rank to leave gets every
+ * kept pointer in `release` (room for EP_MAX_NVL_RANKS) and frees them; the return value is their count (0 for
+ * the others). For memory that peers may still write, e.g. a window, while they time out and tear down. */
+int ep_local_leave(ep_local_world_t *world, int rank, void *keep, void **release);
 
 /* Every rank contributes `bytes` (the same on every rank, at most EP_LOCAL_SLOT_BYTES) and receives all of them
  * in rank order in `all`. A rank that does not arrive within timeout_ms fails the call (EP_ERROR_TIMEOUT, naming

@@ -191,7 +191,7 @@ static int graph_replay(int rank, int R, const ep_unique_id_t *id, void *arg) {
     ep_dispatch_result_t res = EP_DISPATCH_RESULT_INIT;
     cudaGraph_t graph;
     cudaGraphExec_t exec = NULL;
-    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal); /* ranks may be threads */
     MP_EXPECT_STATUS(rank, layout(g, &a, s), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, &l), EP_SUCCESS);
     ep_combine_args_t ca = EP_COMBINE_ARGS_INIT;
@@ -362,7 +362,7 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
 
     /* A host-waiting dispatch cannot be captured. */
     ep_dispatch_result_t res = EP_DISPATCH_RESULT_INIT;
-    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal); /* ranks may be threads */
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, &l), EP_ERROR_INVALID_ARGUMENT);
     if (!strstr(ep_last_error(), "num_worst_tokens"))
         MP_FAIL(rank, "capture message: %s", ep_last_error());

@@ -193,7 +193,7 @@ static int graph_replay(int rank, int R, const ep_unique_id_t *id, void *arg) {
     ep_ll_handle_t h = NULL;
     cudaGraph_t graph;
     cudaGraphExec_t exec = NULL;
-    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+    cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal); /* ranks may be threads */
     MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, &l), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, &l), EP_SUCCESS);
     if (cudaStreamEndCapture(s, &graph) != cudaSuccess || cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) {

@@ -3,6 +3,7 @@
  * instead of hanging. */
 #define _POSIX_C_SOURCE 200809L
 #include "error.h"
+#include "kernels/dev_group.h"
 #include "local_world.h"
 #include "tcheck.h"
 
@@ -19,6 +20,7 @@ typedef struct {
     int bad_rounds;      /* rounds whose gathered values were wrong */
     ep_status_t status;  /* of the first failing call */
     char message[256];
+    int released;        /* times the last rank to leave handed this worker's kept pointer back */
 } worker_t;
 
 static void *worker(void *p) {
@@ -41,7 +43,10 @@ static void *worker(void *p) {
     }
     if (w->status != EP_SUCCESS)
         snprintf(w->message, sizeof(w->message), "%s", ep_last_error());
-    ep_local_leave(world, w->rank);
+    void *release[EP_MAX_NVL_RANKS];
+    int n = ep_local_leave(world, w->rank, w, release);
+    for (int i = 0; i < n; i++)
+        ((worker_t *)release[i])->released++;
     return NULL;
 }
 
@@ -49,7 +54,7 @@ static void *worker(void *p) {
 static void run(const ep_unique_id_t *id, int num_ranks, int present, int rounds, int64_t timeout_ms, worker_t *w) {
     pthread_t t[RANKS];
     for (int r = 0; r < present; r++) {
-        w[r] = (worker_t){id, r, num_ranks, rounds, timeout_ms, 0, EP_SUCCESS, ""};
+        w[r] = (worker_t){id, r, num_ranks, rounds, timeout_ms, 0, EP_SUCCESS, "", 0};
         pthread_create(&t[r], NULL, worker, &w[r]);
     }
     for (int r = 0; r < present; r++)
@@ -65,6 +70,7 @@ static void values_arrive_in_rank_order_every_round(void) {
     for (int r = 0; r < RANKS; r++) {
         TCHECK(w[r].status == EP_SUCCESS, "rank %d: %s", r, w[r].message);
         TCHECK_EQ_INT(w[r].bad_rounds, 0);
+        TCHECK_EQ_INT(w[r].released, 1); /* kept until the last rank left, then handed back once */
     }
 }
 
@@ -91,7 +97,8 @@ static void bad_joins_are_refused(void) {
     TCHECK_STR_CONTAINS(ep_last_error(), "already joined");
     TCHECK_EQ_INT(ep_local_join(&id, 3, 1, &b), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "num_ranks");
-    ep_local_leave(a, 0);
+    void *release[EP_MAX_NVL_RANKS];
+    TCHECK_EQ_INT(ep_local_leave(a, 0, NULL, release), 0);
     ep_unique_id_t nccl_like;
     memset(&nccl_like, 7, sizeof(nccl_like));
     TCHECK(!ep_local_id_is_local(&nccl_like), "an NCCL id is not local");
