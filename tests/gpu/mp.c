@@ -51,13 +51,17 @@ static CUcontext rank_ctx[MP_MAX_RANKS]; /* green context of each rank, NULL whe
 static int rank_ctx_for = 0;           /* the rank count rank_ctx was made for */
 
 /* Once: eager module loading (lazy loading can stall one rank's launch behind another rank's running kernel),
- * the device count, and memory pools that keep their memory (a release could wait for the whole GPU). */
+ * the most hardware work queues, the device count, and memory pools that keep their memory (a release could
+ * wait for the whole GPU). */
 static int local_init(void) {
     static int state = 0; /* 1 ready, -1 failed */
     if (state != 0)
         return state > 0 ? 0 : -1;
     state = -1;
     setenv("CUDA_MODULE_LOADING", "EAGER", 1);
+    /* Streams of every context share the device's work queues (CUDA 13.0 has no per-green-context ones): with
+     * few, a rank's launch can queue behind another rank's kernel that waits for it. Take the most there are. */
+    setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
     if (cuInit(0) != CUDA_SUCCESS || cudaGetDeviceCount(&num_devices) != cudaSuccess || num_devices < 1)
         return -1;
     for (int d = 0; d < num_devices; d++) {
