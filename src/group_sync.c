@@ -84,6 +84,13 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
     int32_t status = e->status;
     if (status == 0)
         return EP_SUCCESS;
+    /* The device is writing the details (a few stores): wait for it to publish the status, briefly. */
+    for (int64_t until = ep_now_ms() + 100; status == EP_DEV_ERROR_WRITING && ep_now_ms() < until;)
+        status = e->status;
+    if (status == EP_DEV_ERROR_WRITING) {
+        ep_fail(EP_ERROR_INTERNAL, "rank %d: the device began recording an error but did not finish", g->rank);
+        return ep_group_mark_failed(g, EP_ERROR_INTERNAL);
+    }
     if (e->peer >= 0)
         ep_fail((ep_status_t)status,
                 "rank %d: timed out after %.1f ms in stage '%s' waiting for rank %d "

@@ -44,8 +44,9 @@ typedef enum {
 } ep_stage_t;
 
 /* Written by the device (first error wins), read by the host; lives in host-mapped memory. */
+#define EP_DEV_ERROR_WRITING (-1) /* status while the first error's details are being written */
 typedef struct {
-    int32_t status;  /* an ep_status_t; 0 while healthy */
+    int32_t status;  /* an ep_status_t; 0 while healthy; EP_DEV_ERROR_WRITING until the details are complete */
     int32_t stage;   /* ep_stage_t */
     int32_t rank;    /* the rank that recorded it */
     int32_t peer;    /* the peer waited on, -1 if none */

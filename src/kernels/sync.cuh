@@ -33,16 +33,18 @@ __device__ __forceinline__ int32_t ep_load_volatile_i32(const int32_t *p) {
     return *(const volatile int32_t *)p;
 }
 
-/* Records the first error of the group; later ones are dropped (the first is the cause). */
+/* Records the first error of the group; later ones are dropped (the first is the cause). The status is claimed
+ * first and published last, so a host that sees it also sees the details. */
 __device__ __forceinline__ void ep_record_error(const ep_dev_group_t &g, int32_t status, int stage, int peer,
                                                 uint64_t detail, uint64_t waited_ns) {
-    if (atomicCAS_system(&g.error->status, 0, status) == 0) {
+    if (atomicCAS_system(&g.error->status, 0, EP_DEV_ERROR_WRITING) == 0) {
         g.error->stage = stage;
         g.error->rank = g.rank;
         g.error->peer = peer;
         g.error->detail = detail;
         g.error->waited_ns = waited_ns;
         __threadfence_system();
+        atomicExch_system(&g.error->status, status);
     }
 }
 
