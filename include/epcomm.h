@@ -151,7 +151,9 @@ EP_API ep_status_t ep_group_local_buffer(ep_group_t group, void **ptr, size_t *n
 EP_API ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream);
 
 /* Waits (host side, with the group's timeout) for the work enqueued on `cuda_stream` and on the group's
- * stream, then returns any error the device recorded (e.g. a timeout naming the rank and stage). */
+ * stream, then returns any error the device recorded (e.g. a timeout naming the rank and stage). On a group
+ * that failed earlier it still waits for the group's stream to drain (bounded) and returns the failure, so
+ * ep_group_destroy can follow. */
 EP_API ep_status_t ep_group_synchronize(ep_group_t group, void *cuda_stream);
 
 /* The error the device recorded for this group, if any (does not wait). */

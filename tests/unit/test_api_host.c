@@ -121,6 +121,11 @@ static void unique_id_needs_no_gpu(void) {
     TCHECK_EQ_INT(ep_get_unique_id(&a), EP_SUCCESS);
     TCHECK_EQ_INT(ep_get_unique_id(&b), EP_SUCCESS);
     TCHECK(memcmp(&a, &b, sizeof(a)) != 0, "two unique ids are equal");
+    TCHECK_EQ_INT(ep_get_local_unique_id(NULL), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "id: expected a non-NULL pointer");
+    TCHECK_EQ_INT(ep_get_local_unique_id(&a), EP_SUCCESS);
+    TCHECK_EQ_INT(ep_get_local_unique_id(&b), EP_SUCCESS);
+    TCHECK(memcmp(&a, &b, sizeof(a)) != 0, "two in-process ids are equal");
 }
 
 /* Without a GPU (CI), creation must fail cleanly with a message, not crash. With one it would block
@@ -140,6 +145,14 @@ static void group_create_without_gpu_fails_cleanly(void) {
     TCHECK(g == NULL, "group set on failure");
     TCHECK(strlen(ep_last_error()) > 0, "no message");
     printf("     message: %s\n", ep_last_error());
+    /* An in-process group fails the same way, and a retry is not refused as a second join of the rank. */
+    TCHECK_EQ_INT(ep_get_local_unique_id(&id), EP_SUCCESS);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        st = ep_group_create(&id, 2, 0, 0, &cfg, &g);
+        TCHECK(st != EP_SUCCESS && g == NULL, "in-process creation without a GPU: status %d", (int)st);
+        TCHECK(strstr(ep_last_error(), "already joined") == NULL, "the failed rank stayed joined: %s", ep_last_error());
+    }
+    printf("     in-process message: %s\n", ep_last_error());
 }
 
 int main(void) {
