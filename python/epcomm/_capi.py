@@ -143,6 +143,7 @@ FUNCTIONS = {
     "ep_tensor_2d": (ep_tensor_t, [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
     "ep_tensor_3d": (ep_tensor_t, [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
     "ep_get_unique_id": (_st, [_P(ep_unique_id_t)]),
+    "ep_get_local_unique_id": (_st, [_P(ep_unique_id_t)]),  # in-process groups (C callers; not used by Buffer)
     "ep_group_create": (_st, [_P(ep_unique_id_t), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               _P(ep_group_config_t), _P(_vp)]),
     "ep_group_create_from_comm": (_st, [_vp, ctypes.c_int, _P(ep_group_config_t), _P(_vp)]),
