@@ -24,7 +24,6 @@ struct ep_group {
     int rank;
     int num_ranks;
     int device;
-    int num_device_sms;       /* multiprocessors this group's context may use (a green context's share) */
     ep_group_config_t config; /* with defaults filled in */
     int64_t timeout_ms;
 

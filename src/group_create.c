@@ -264,8 +264,7 @@ static ep_status_t create_local_state(ep_group_t g) {
         cudaHostAlloc((void **)&g->mapped_host, sizeof(ep_mapped_t), cudaHostAllocMapped | cudaHostAllocPortable));
     memset(g->mapped_host, 0, sizeof(ep_mapped_t));
     EP_CUDA_CHECK(cudaHostGetDevicePointer((void **)&g->mapped_dev, g->mapped_host, 0));
-    EP_CHECK(context_sm_count(g->device, &g->num_device_sms));
-    g->dev.num_sms = g->num_device_sms;
+    EP_CHECK(context_sm_count(g->device, &g->dev.num_sms));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->barrier_epoch_dev, sizeof(uint64_t)));
     EP_CUDA_CHECK(cudaMemset(g->barrier_epoch_dev, 0, sizeof(uint64_t)));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->ll_state_dev, 16 * sizeof(uint32_t)));

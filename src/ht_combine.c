@@ -100,7 +100,7 @@ ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep
         .num_blocks = ep_group_ht_blocks(group, args->num_sms),
         /* The reduction is local and runs after the transfer has finished: it is memory-latency bound, so
          * it takes every SM for its few tens of microseconds rather than the transfer's small budget. */
-        .num_reduce_blocks = group->num_device_sms,
+        .num_reduce_blocks = group->dev.num_sms,
         .overlap_reduce_warps = ep_env_ht_combine_overlap(),
     };
     EP_CHECK(ep_launch_begin(group, &frame));

@@ -19,7 +19,7 @@
 #define EP_CTRL_HT_COUNTS         8192  /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
 #define EP_CTRL_HT_EXPERTS        16384 /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
 #define EP_CTRL_HT_EXPERT_WORDS   (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
-#define EP_MAX_TOPK 32 /* normal mode; the low-latency limit is EP_LL_MAX_TOPK */
+#define EP_MAX_TOPK               32              /* normal mode; the low-latency limit is EP_LL_MAX_TOPK */
 #define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
 #define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by parity, epoch << 32, from each expert rank */
@@ -79,11 +79,11 @@ typedef struct {
     uint64_t *barrier_epoch;           /* local device counter: epochs this rank has completed */
     ep_dev_error_t *error;             /* host-mapped error record (device pointer) */
     ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
-    int num_sms;                       /* SMs the group's context may use (host-side launch sizing only) */
-    uint32_t *ll_state;                /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
-                                          counters (dispatch p0, p1, combine p0, p1), by buffer parity; [8] done
-                                          counter and [9] next token of the high-throughput overlapped
-                                          combine */
+    int num_sms;        /* SMs the group's context may use, a green context's share (host-side launch sizing) */
+    uint32_t *ll_state; /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
+                           counters (dispatch p0, p1, combine p0, p1), by buffer parity; [8] done
+                           counter and [9] next token of the high-throughput overlapped
+                           combine */
 } ep_dev_group_t;
 
 #endif

@@ -11,7 +11,7 @@
 #include "sync.cuh"
 #include "wave.cuh"
 
-#define LL_COMBINE_THREADS   512
+#define LL_COMBINE_THREADS 512
 #ifndef LL_LOGFMT_BATCH
 #define LL_LOGFMT_BATCH 8 /* groups whose loads are in flight together when encoding LogFMT */
 #endif
@@ -249,7 +249,8 @@ extern "C" cudaError_t ep_launch_ll_combine_both(const ep_dev_group_t *g, const 
     const int blocks = recv > send ? recv : send;
     void (*kernel)(ep_dev_group_t, ep_ll_combine_kargs_t) =
         a->use_logfmt ? ll_combine_fused_kernel<true> : ll_combine_fused_kernel<false>;
-    if (blocks <= ep_wave_capacity((const void *)kernel, LL_COMBINE_THREADS, g->num_sms, &per_sm[a->use_logfmt ? 1 : 0])) {
+    if (blocks <=
+        ep_wave_capacity((const void *)kernel, LL_COMBINE_THREADS, g->num_sms, &per_sm[a->use_logfmt ? 1 : 0])) {
         cudaError_t err = ep_launch_resident(kernel, blocks, LL_COMBINE_THREADS, cooperative, s, *g, *a);
         if (err != cudaErrorCooperativeLaunchTooLarge)
             return err;

@@ -48,7 +48,7 @@ int mp_local(void) {
 
 static int num_devices = 1;
 static CUcontext rank_ctx[MP_MAX_RANKS]; /* green context of each rank, NULL when its device is its own */
-static int rank_ctx_for = 0;           /* the rank count rank_ctx was made for */
+static int rank_ctx_for = 0;             /* the rank count rank_ctx was made for */
 
 /* Once: eager module loading (lazy loading can stall one rank's launch behind another rank's running kernel),
  * the most hardware work queues, the device count, and memory pools that keep their memory (a release could
@@ -91,7 +91,8 @@ void mp_enter_device(int rank) {
         cuCtxSetCurrent(rank_ctx[rank]);
     else
         cudaSetDevice(mp_device(rank));
-    if (mp_local() && rank_stream == NULL && cudaStreamCreateWithFlags(&rank_stream, cudaStreamNonBlocking) != cudaSuccess)
+    if (mp_local() && rank_stream == NULL &&
+        cudaStreamCreateWithFlags(&rank_stream, cudaStreamNonBlocking) != cudaSuccess)
         fprintf(stderr, "[rank %d] cudaStreamCreateWithFlags: %s\n", rank, cudaGetErrorString(cudaGetLastError()));
 }
 
