@@ -7,6 +7,7 @@
 # EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
 # EPCOMM_LOCAL_RANKS (e.g. "2 4 8": also run every C GPU test with the ranks as threads of one process, several
 # per GPU in green contexts: the multi-rank logic on any machine, one GPU included; not NVLink),
+# EPCOMM_PY_LOCAL_WORLDS (e.g. "2,4": the Python GPU tests with the ranks as threads, several per GPU),
 # EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_BENCH_ARGS (e.g. "--only ll"), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_PY_K (a pytest -k expression), EPCOMM_DEADLINE_S (seconds in all).
 # Order: build, host tests, GPU tests, benchmarks, Python binding.
 set -uo pipefail
@@ -120,19 +121,37 @@ if [[ -s "$LOGS/ht.jsonl" ]] && python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 
 # The Python binding (needs torch): its host tests and its multi-process GPU tests (python/tests/gpu), on
-# 2 and 4 GPUs, including the per-call host overhead table of the low-latency calls.
+# 2 and 4 GPUs, including the per-call host overhead table of the low-latency calls (EPCOMM_PY_WORLDS=none
+# leaves this run out). EPCOMM_PY_LOCAL_WORLDS (e.g. "2,4"): the GPU tests again with the ranks as threads of
+# one process, several per GPU in green contexts (like EPCOMM_LOCAL_RANKS for the C tests).
+run_pytest() { # label log extra-env... -- pytest args
+  local label=$1 log=$2; shift 2
+  local envs=()
+  while [[ $1 != -- ]]; do envs+=("$1"); shift; done
+  shift
+  env EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" "${envs[@]}" timeout "$(left 900)" \
+    python3 -m pytest -q -s -p no:cacheprovider ${EPCOMM_PY_K:+-k "$EPCOMM_PY_K"} "$@" > "$log" 2>&1
+  local rc=$?
+  { echo "==== $label (exit $rc)"; head -c 300000 "$log"; } >> "$TESTS"
+  [[ $rc -ne 0 ]] && status=1
+  row "$label" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
+}
 if skipped python; then
   row "python binding (pytest)" "skip" "EPCOMM_SKIP"
 elif python3 -c 'import torch' 2>/dev/null; then
   worlds="${EPCOMM_PY_WORLDS:-$( (( NGPU == 1 )) && echo 1 || echo 2)$( (( NGPU >= 4 )) && echo ,4)}"
-  log="$BUILD.python.log"
-  EPCOMM_LIBRARY="$BUILD/src/libepcomm.so" EPCOMM_TEST_WORLD="$worlds" timeout "$(left 900)" \
-    python3 -m pytest -q -s -p no:cacheprovider ${EPCOMM_PY_K:+-k "$EPCOMM_PY_K"} "$ROOT/python/tests" > "$log" 2>&1
-  rc=$?
-  { echo "==== python binding (pytest, worlds $worlds, exit $rc)"; head -c 300000 "$log"; } >> "$TESTS"
-  [[ $rc -ne 0 ]] && status=1
-  row "python binding (pytest)" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
-  grep -A12 '^host us per call' "$log" | sed 's/^/    /'
+  if [[ "$worlds" != none ]]; then
+    run_pytest "python binding (pytest, worlds $worlds)" "$BUILD.python.log" EPCOMM_TEST_WORLD="$worlds" -- \
+      "$ROOT/python/tests"
+    grep -A12 '^host us per call' "$BUILD.python.log" | sed 's/^/    /'
+  fi
+  if [[ -n "${EPCOMM_PY_LOCAL_WORLDS:-}" ]]; then
+    # As the C harness does for thread mode: eager module loading (a lazy load can wait behind a peer's
+    # running kernel) and the most hardware work queues.
+    run_pytest "python in-process (worlds $EPCOMM_PY_LOCAL_WORLDS)" "$BUILD.python-local.log" EPCOMM_TEST_LOCAL=1 \
+      EPCOMM_TEST_WORLD="$EPCOMM_PY_LOCAL_WORLDS" CUDA_DEVICE_MAX_CONNECTIONS=32 \
+      CUDA_MODULE_LOADING="${EPCOMM_PY_MODULE_LOADING:-EAGER}" -- "$ROOT/python/tests/gpu"
+  fi
 else
   row "python binding (pytest)" "skip" "torch is not installed"
 fi

@@ -8,9 +8,10 @@ on first use, so `import epcomm` works on machines without it.
 """
 from ._capi import EpcommError, Status
 from .config import Config
+from .local_group import LocalGroup
 
 __version__ = "0.1.0"
-__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "EpcommError", "Status", "topk_idx_t"]
+__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "EpcommError", "LocalGroup", "Status", "topk_idx_t"]
 
 _TORCH_NAMES = {"Buffer": ("buffer", "Buffer"), "EventOverlap": ("event", "EventOverlap"),
                 "EventHandle": ("event", "EventHandle")}

@@ -143,7 +143,7 @@ FUNCTIONS = {
     "ep_tensor_2d": (ep_tensor_t, [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
     "ep_tensor_3d": (ep_tensor_t, [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
     "ep_get_unique_id": (_st, [_P(ep_unique_id_t)]),
-    "ep_get_local_unique_id": (_st, [_P(ep_unique_id_t)]),  # in-process groups (C callers; not used by Buffer)
+    "ep_get_local_unique_id": (_st, [_P(ep_unique_id_t)]),  # in-process groups (LocalGroup)
     "ep_group_create": (_st, [_P(ep_unique_id_t), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               _P(ep_group_config_t), _P(_vp)]),
     "ep_group_create_from_comm": (_st, [_vp, ctypes.c_int, _P(ep_group_config_t), _P(_vp)]),
@@ -336,12 +336,18 @@ def low_latency_buffer_bytes(num_ranks, max_tokens_per_rank, hidden, topk, num_e
     return lib().ep_low_latency_buffer_bytes(num_ranks, max_tokens_per_rank, hidden, topk, num_experts)
 
 
-def new_unique_id():
-    """128 bytes to send to every rank (ep_get_unique_id makes no CUDA call)."""
+def new_unique_id(local=False):
+    """128 bytes to send to every rank (ep_get_unique_id makes no CUDA call); with `local`, the id of an
+    in-process group (ep_get_local_unique_id: ranks as threads of this process)."""
     uid = ep_unique_id_t()
-    check(lib().ep_get_unique_id(ctypes.byref(uid)))
+    make = lib().ep_get_local_unique_id if local else lib().ep_get_unique_id
+    check(make(ctypes.byref(uid)))
     # Not uid.internal: ctypes cuts char arrays at the first NUL byte.
     return ctypes.string_at(ctypes.addressof(uid), EP_UNIQUE_ID_BYTES)
+
+
+def new_local_unique_id():
+    return new_unique_id(local=True)
 
 
 def unique_id_from_bytes(data):

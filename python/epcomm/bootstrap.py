@@ -1,6 +1,8 @@
-"""Handing the NCCL unique id from rank 0 to every rank of a torch ProcessGroup or an mpi4py communicator.
-torch is imported only when a ProcessGroup is given, so the mpi4py path (and its tests) need no torch."""
+"""Handing the group's unique id from rank 0 to every rank of a torch ProcessGroup, an mpi4py communicator or
+an epcomm LocalGroup member (ranks as threads). torch is imported only when a ProcessGroup is given, so the
+other paths (and their tests) need no torch."""
 from . import _capi
+from .local_group import LocalGroupMember
 
 
 def group_rank_and_size(group=None, comm=None):
@@ -8,15 +10,24 @@ def group_rank_and_size(group=None, comm=None):
         return group.rank(), group.size()
     if comm is not None:
         return comm.Get_rank(), comm.Get_size()
-    raise ValueError("Either 'group' (a torch.distributed ProcessGroup) or 'comm' (an mpi4py communicator) "
-                     "must be provided")
+    raise ValueError("Either 'group' (a torch.distributed ProcessGroup or an epcomm.LocalGroup member) or 'comm' "
+                     "(an mpi4py communicator) must be provided")
 
 
-def exchange_unique_id(group=None, comm=None, make_id=_capi.new_unique_id):
+def is_local(group):
+    """Whether `group` is an in-process group (its ranks threads of this process)."""
+    return isinstance(group, LocalGroupMember)
+
+
+def exchange_unique_id(group=None, comm=None, make_id=None):
     """Collective over the group: returns (rank, num_ranks, the 128-byte id made by rank 0)."""
     rank, size = group_rank_and_size(group, comm)
+    if make_id is None:
+        make_id = _capi.new_local_unique_id if is_local(group) else _capi.new_unique_id
     mine = make_id() if rank == 0 else None
-    if group is not None:
+    if is_local(group):
+        uid = group.all_gather_object(mine)[0]
+    elif group is not None:
         import torch.distributed as dist
 
         # all_gather_object, not broadcast_object_list: its source is a group rank, not a global one.

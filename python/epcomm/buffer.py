@@ -60,7 +60,13 @@ class Buffer(NormalModeMixin, LowLatencyMixin):
 
         # The comm stream comes from PyTorch's stream pool, which never destroys its streams: tensors that
         # recorded it (record_stream) stay safe to free after the group is destroyed. The group borrows it.
-        self._comm_stream = torch.cuda.Stream(device=torch.device("cuda", self._device))
+        # A rank thread of an in-process group may run in its own green context (SM partition), which the
+        # pool's streams (made in whichever context was current first) are not part of: it gets a stream of
+        # its current context, also never destroyed.
+        if bootstrap.is_local(group):
+            self._comm_stream = _torch.new_context_stream(self._device)
+        else:
+            self._comm_stream = torch.cuda.Stream(device=torch.device("cuda", self._device))
         self._comm_ptr = self._comm_stream.cuda_stream
         cfg = _capi.ep_group_config_t(num_nvl_bytes=buffer_bytes, low_latency_mode=int(bool(low_latency_mode)),
                                       comm_stream=self._comm_ptr)

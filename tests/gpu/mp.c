@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "mp.h"
 
+#include "green_split.h"
+
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 #include <pthread.h>
@@ -132,32 +134,6 @@ void mp_free(void *ptr) {
     cudaStreamSynchronize(rank_stream);
 }
 
-/* Splits `device` into `parts` equal green contexts (as many SMs each as the alignment allows). */
-static int make_green_contexts(int device, int parts, CUcontext *out) {
-    CUdevice dev;
-    CUdevResource all, split[MP_MAX_RANKS], rest;
-    if (cuDeviceGet(&dev, device) != CUDA_SUCCESS ||
-        cuDeviceGetDevResource(dev, &all, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS)
-        return -1;
-    unsigned align = all.sm.smCoscheduledAlignment ? all.sm.smCoscheduledAlignment : 1;
-    unsigned each = all.sm.smCount / (unsigned)parts / align * align;
-    if (each < all.sm.minSmPartitionSize)
-        return -1;
-    unsigned n = (unsigned)parts;
-    if (cuDevSmResourceSplitByCount(split, &n, &all, &rest, 0, each) != CUDA_SUCCESS || n < (unsigned)parts)
-        return -1;
-    for (int i = 0; i < parts; i++) {
-        CUdevResourceDesc desc;
-        CUgreenCtx green;
-        if (cuDevResourceGenerateDesc(&desc, &split[i], 1) != CUDA_SUCCESS ||
-            cuGreenCtxCreate(&green, desc, dev, CU_GREEN_CTX_DEFAULT_STREAM) != CUDA_SUCCESS ||
-            cuCtxFromGreenCtx(&out[i], green) != CUDA_SUCCESS)
-            return -1;
-    }
-    printf("     (ranks share device %d: %d green contexts of %u SMs each)\n", device, parts, each);
-    return 0;
-}
-
 /* Once per rank count: the green contexts of ranks that share a device. */
 static int local_setup(int num_ranks) {
     if (local_init() != 0)
@@ -168,10 +144,12 @@ static int local_setup(int num_ranks) {
     int per_device = (num_ranks + num_devices - 1) / num_devices;
     for (int d = 0; per_device > 1 && d < num_devices; d++) {
         CUcontext ctx[MP_MAX_RANKS];
-        if (make_green_contexts(d, per_device, ctx) != 0) {
+        unsigned each = 0;
+        if (ep_test_green_split(d, per_device, ctx, &each) != 0) {
             fprintf(stderr, "could not split device %d into %d green contexts\n", d, per_device);
             return -1;
         }
+        printf("     (ranks share device %d: %d green contexts of %u SMs each)\n", d, per_device, each);
         for (int r = d, i = 0; r < num_ranks; r += num_devices, i++)
             rank_ctx[r] = ctx[i];
     }

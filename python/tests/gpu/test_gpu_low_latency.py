@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from dist_helpers import generator, needs_gpus, routing, run_ranks, tokens, torch, world_sizes
+from dist_helpers import (generator, graph_capture_kwargs, needs_gpus, new_stream, routing, run_ranks, tokens, torch,
+                          world_sizes)
 import ref_torch
 
 pytestmark = needs_gpus
@@ -196,19 +197,19 @@ def _graph_worker(rank, world, group, seed):
         y = (recv_x.float() * scale).to(torch.bfloat16)
         return buffer.low_latency_combine(y, mine["idx"], mine["w"], handle)[0]
 
-    side = torch.cuda.Stream()
+    side = new_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()  # warm up outside the graph (plans, allocator)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, **graph_capture_kwargs()):
         out = step()
     for i in range(3):
         fresh = ll_inputs(seed + 100 + i, rank, world)["x"]
         x.copy_(fresh)
         graph.replay()
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
         same(f"combined_x (graph replay {i})", rank, out, ref_torch.low_latency_combine(fresh, mine["idx"],
                                                                                           mine["w"]))
     del graph

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from dist_helpers import generator, needs_gpus, routing, run_ranks, tokens, torch, world_sizes
+from dist_helpers import generator, needs_gpus, new_stream, routing, run_ranks, tokens, torch, world_sizes
 import ref_torch
 
 pytestmark = needs_gpus
@@ -154,7 +154,7 @@ def _events_worker(rank, world, group, seed):
     everyone = [inputs_of(seed, s, world) for s in range(world)]
     mine = everyone[rank]
     buffer = make_buffer(group, world)
-    side = torch.cuda.Stream()
+    side = new_stream()
     with torch.cuda.stream(side):  # the caller's stream is not the default one
         previous = deep_ep.Buffer.capture()
         per_rank, _, per_expert, in_rank, event = buffer.get_dispatch_layout(
