@@ -155,8 +155,16 @@ static ep_status_t take_notify_answer(ep_group_t g, ep_handle_t h, uint32_t seq)
     EP_CHECK(wait_notify(g, seq));
     const ep_ht_notify_host_t *res = &g->mapped_host->notify;
     if (!res->ok) {
-        ep_status_t st = ep_group_take_input_error(g);
-        return st != EP_SUCCESS ? st : ep_fail(EP_ERROR_DEVICE_INPUT, "rank %d: dispatch abandoned", g->rank);
+        /* Abandoned: a peer never arrived (the timeout was recorded before the answer, which may reach the
+         * host before its poll of the error record), or some rank's input was bad. */
+        ep_status_t st = ep_group_take_device_error(g);
+        if (st == EP_SUCCESS)
+            st = ep_group_take_input_error(g);
+        return st != EP_SUCCESS ? st
+                                : ep_fail(EP_ERROR_DEVICE_INPUT,
+                                          "rank %d: dispatch abandoned: another rank's input was bad (that rank's "
+                                          "error names it)",
+                                          g->rank);
     }
     h->num_recv = res->num_recv;
     h->num_rows = h->num_recv;

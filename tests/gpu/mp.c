@@ -5,6 +5,7 @@
 
 #include <cuda.h>
 #include <cuda_runtime_api.h>
+#include <execinfo.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -269,7 +270,36 @@ static int run_processes(const char *case_name, int num_ranks, mp_rank_fn fn, vo
     return failed;
 }
 
+/* A crash (in thread mode it ends every rank at once) prints where it happened before the process dies:
+ * the signal, the thread and its stack (addresses: `addr2line -f -e <program> <offset>` names them). */
+static void on_crash(int sig) {
+    char head[96];
+    int n = snprintf(head, sizeof(head), "\n*** signal %d in thread %ld; stack:\n", sig, (long)gettid());
+    if (write(STDERR_FILENO, head, (size_t)n) < 0) { /* nothing else to do */
+    }
+    void *frames[48];
+    backtrace_symbols_fd(frames, backtrace(frames, 48), STDERR_FILENO);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+/* Once: stdout line by line (a crash must not lose what the cases printed) and the crash report. */
+static void harness_init(void) {
+    static int done = 0;
+    if (done)
+        return;
+    done = 1;
+    void *warm[1];
+    backtrace(warm, 1); /* loads what backtrace needs now, not inside the signal handler */
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    signal(SIGSEGV, on_crash);
+    signal(SIGBUS, on_crash);
+    signal(SIGABRT, on_crash);
+    signal(SIGFPE, on_crash);
+}
+
 int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s) {
+    harness_init();
     if (!selected(case_name)) {
         printf("SKIP %s R=%d (EPCOMM_TEST_ONLY)\n", case_name, num_ranks);
         return 0;
