@@ -42,6 +42,13 @@ static int selected(const char *case_name) {
     return 0;
 }
 
+int mp_arg_int(int argc, char **argv, const char *flag, int fallback) {
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], flag) == 0)
+            return atoi(argv[i + 1]);
+    return fallback;
+}
+
 int mp_local(void) {
     const char *v = getenv("EPCOMM_TEST_LOCAL");
     return v != NULL && *v != '\0' && strcmp(v, "0") != 0;

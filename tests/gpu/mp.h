@@ -19,6 +19,9 @@ typedef int (*mp_rank_fn)(int rank, int num_ranks, const ep_unique_id_t *id, voi
  * EPCOMM_TEST_ONLY leaves the case out. */
 int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int timeout_s);
 
+/* The value after `flag` on the command line (e.g. "--ranks 4"), or `fallback`. */
+int mp_arg_int(int argc, char **argv, const char *flag, int fallback);
+
 /* Whether ranks are threads (EPCOMM_TEST_LOCAL=1). */
 int mp_local(void);
 /* The CUDA device rank `rank` drives, and making it (and the rank's green context) current on this thread:

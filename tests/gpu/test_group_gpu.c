@@ -213,13 +213,8 @@ static int from_existing_comm(int rank, int num_ranks, const ep_unique_id_t *id,
 }
 
 int main(int argc, char **argv) {
-    int ranks = 2;
-    for (int i = 1; i + 1 < argc; i++) {
-        if (strcmp(argv[i], "--ranks") == 0)
-            ranks = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--rounds") == 0)
-            g_rounds = atoi(argv[++i]);
-    }
+    int ranks = mp_arg_int(argc, argv, "--ranks", 2);
+    g_rounds = mp_arg_int(argc, argv, "--rounds", g_rounds);
     int failed = 0;
     failed += mp_run("group.pattern_exchange", ranks, pattern_exchange, NULL, 120) != 0;
     failed += mp_run("group.barrier_loop", ranks, barrier_loop, NULL, 60) != 0;

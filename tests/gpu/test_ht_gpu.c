@@ -372,13 +372,7 @@ static int ht_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, vo
 }
 
 int main(int argc, char **argv) {
-    int ranks = 2, rounds = 1;
-    for (int i = 1; i + 1 < argc; i++) {
-        if (strcmp(argv[i], "--ranks") == 0)
-            ranks = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--rounds") == 0)
-            rounds = atoi(argv[++i]);
-    }
+    int ranks = mp_arg_int(argc, argv, "--ranks", 2), rounds = mp_arg_int(argc, argv, "--rounds", 1);
     int failed = 0;
     for (int round = 0; round < rounds; round++) {
         /* Odd rounds move combine's rows with copy engines (ht_combine_ce.c), even rounds with SM kernels. */

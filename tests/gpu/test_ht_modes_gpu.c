@@ -403,10 +403,7 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
 }
 
 int main(int argc, char **argv) {
-    int ranks = 2;
-    for (int i = 1; i + 1 < argc; i++)
-        if (strcmp(argv[i], "--ranks") == 0)
-            ranks = atoi(argv[++i]);
+    int ranks = mp_arg_int(argc, argv, "--ranks", 2);
     int failed = 0;
     failed += mp_run("ht.graph_replay", ranks, graph_replay, NULL, 120) != 0;
     failed += mp_run("ht.events_and_async", ranks, events_and_async, NULL, 120) != 0;

@@ -230,10 +230,7 @@ static int ll_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, vo
 }
 
 int main(int argc, char **argv) {
-    int ranks = 2;
-    for (int i = 1; i + 1 < argc; i++)
-        if (strcmp(argv[i], "--ranks") == 0)
-            ranks = atoi(argv[++i]);
+    int ranks = mp_arg_int(argc, argv, "--ranks", 2);
     int failed = mp_run("ll.matches_reference", ranks, ll_vs_reference, NULL, 300) != 0;
     printf("%d passed, %d failed\n", 1 - failed, failed);
     return failed;

@@ -389,10 +389,7 @@ static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg)
 }
 
 int main(int argc, char **argv) {
-    int ranks = 2;
-    for (int i = 1; i + 1 < argc; i++)
-        if (strcmp(argv[i], "--ranks") == 0)
-            ranks = atoi(argv[++i]);
+    int ranks = mp_arg_int(argc, argv, "--ranks", 2);
     int failed = 0;
     failed += mp_run("ll.double_buffering", ranks, double_buffering, NULL, 120) != 0;
     failed += mp_run("ll.graph_replay", ranks, graph_replay, NULL, 120) != 0;
