@@ -5,7 +5,8 @@
 int ep_test_green_split(int device, int parts, CUcontext *out, unsigned *sms_each) {
     CUdevice dev;
     CUdevResource all, split[GREEN_MAX_PARTS], rest;
-    if (parts < 1 || parts > GREEN_MAX_PARTS || cuInit(0) != CUDA_SUCCESS || cuDeviceGet(&dev, device) != CUDA_SUCCESS ||
+    if (parts < 1 || parts > GREEN_MAX_PARTS || cuInit(0) != CUDA_SUCCESS ||
+        cuDeviceGet(&dev, device) != CUDA_SUCCESS ||
         cuDeviceGetDevResource(dev, &all, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS)
         return -1;
     unsigned align = all.sm.smCoscheduledAlignment ? all.sm.smCoscheduledAlignment : 1;
