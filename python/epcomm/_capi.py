@@ -346,10 +346,6 @@ def new_unique_id(local=False):
     return ctypes.string_at(ctypes.addressof(uid), EP_UNIQUE_ID_BYTES)
 
 
-def new_local_unique_id():
-    return new_unique_id(local=True)
-
-
 def unique_id_from_bytes(data):
     if not isinstance(data, (bytes, bytearray)) or len(data) != EP_UNIQUE_ID_BYTES:
         raise ValueError(f"unique id: expected {EP_UNIQUE_ID_BYTES} bytes, got {type(data).__name__} "

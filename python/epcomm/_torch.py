@@ -55,19 +55,25 @@ def current_stream_ptr(device):
 _libcuda = None
 
 
+def libcuda():
+    """The CUDA driver library (loaded once), for the few driver calls torch does not expose."""
+    global _libcuda
+    if _libcuda is None:
+        _libcuda = ctypes.CDLL("libcuda.so.1")
+    return _libcuda
+
+
 def new_context_stream(device):
     """A new non-blocking stream of the calling thread's current CUDA context, as a torch stream. torch's own
     streams come from a pool made once per device in the context current at the time; a thread that runs in a
     green context (an SM partition) needs streams of that context for its work to stay on its SMs. Never
     destroyed, like the pool's. Without a current context (a thread that has made no CUDA call yet), the
     device's primary context will be used, which the pool's streams belong to: one of those is returned."""
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
+    driver = libcuda()
     ctx, handle = ctypes.c_void_p(), ctypes.c_void_p()
-    if _libcuda.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
+    if driver.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
         return torch.cuda.Stream(device=torch.device("cuda", device))
-    rc = _libcuda.cuStreamCreate(ctypes.byref(handle), ctypes.c_uint(1))  # CU_STREAM_NON_BLOCKING
+    rc = driver.cuStreamCreate(ctypes.byref(handle), ctypes.c_uint(1))  # CU_STREAM_NON_BLOCKING
     if rc != 0:
         raise RuntimeError(f"epcomm: cuStreamCreate in the current CUDA context failed (CUresult {rc})")
     return torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", device))

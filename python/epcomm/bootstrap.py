@@ -19,12 +19,10 @@ def is_local(group):
     return isinstance(group, LocalGroupMember)
 
 
-def exchange_unique_id(group=None, comm=None, make_id=None):
+def exchange_unique_id(group=None, comm=None):
     """Collective over the group: returns (rank, num_ranks, the 128-byte id made by rank 0)."""
     rank, size = group_rank_and_size(group, comm)
-    if make_id is None:
-        make_id = _capi.new_local_unique_id if is_local(group) else _capi.new_unique_id
-    mine = make_id() if rank == 0 else None
+    mine = _capi.new_unique_id(local=is_local(group)) if rank == 0 else None
     if is_local(group):
         uid = group.all_gather_object(mine)[0]
     elif group is not None:

@@ -79,4 +79,4 @@ def test_every_rank_gets_rank_zeros_local_id(capi):
 
 
 def test_local_ids_differ_from_each_other(capi):
-    assert capi.new_local_unique_id() != capi.new_local_unique_id()
+    assert capi.new_unique_id(local=True) != capi.new_unique_id(local=True)

@@ -105,15 +105,13 @@ def run_ranks(worker, world, *args):
 
 # ---- ranks as threads (EPCOMM_TEST_LOCAL=1) ----
 
-_libcuda = None
 _rank_contexts = {}  # world -> each rank's CUcontext (None: the rank has its GPU to itself)
 
 
 def _driver():
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
-    return _libcuda
+    from epcomm import _torch
+
+    return _torch.libcuda()
 
 
 def _green_library():
