@@ -6,8 +6,9 @@
  *  - missing_peer_times_out: a rank that never dispatches makes the others fail with EP_ERROR_TIMEOUT naming
  *    it and the stage; every rank can then destroy the group;
  *  - autotune: every rank gets the same best SM count, one of the candidates;
- *  - argument errors: capture of a host-waiting dispatch, weights without ids, a too-small buffer, a cached
- *    dispatch with another worst-token count than its handle's, destroying a group a handle still uses.
+ *  - argument errors: capture of a host-waiting dispatch, weights without ids, a too-small buffer, a layout
+ *    that contradicts is_token_in_rank on rank 0 (found on the device: every rank's dispatch is abandoned), a
+ *    cached dispatch with another worst-token count than its handle's, destroying a group a handle still uses.
  * Dispatch outputs are compared with the CPU reference; combine of the received rows must give x times the
  * number of ranks each token reached (exact in float32). */
 #define _DEFAULT_SOURCE
@@ -378,7 +379,25 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res, &l), EP_ERROR_BUFFER_TOO_SMALL);
     if (rank == 0)
         printf("     rank 0 saw: %s\n", ep_last_error());
-    /* Nothing was launched: a normal dispatch still works. */
+    /* Rank 0's num_tokens_per_rank disagrees with its is_token_in_rank (found on the device): the count exchange
+     * abandons the dispatch on every rank; rank 0 is told what is wrong, the others that another rank's input
+     * was bad, and nothing is sent. */
+    int32_t per_rank[8];
+    cudaStreamSynchronize(s);
+    cudaMemcpy(per_rank, d.per_rank, (size_t)R * 4, cudaMemcpyDeviceToHost);
+    per_rank[0] += rank == 0;
+    void *bad_per_rank = NULL;
+    mp_malloc(&bad_per_rank, (size_t)R * 4);
+    cudaMemcpy(bad_per_rank, per_rank, (size_t)R * 4, cudaMemcpyHostToDevice);
+    b = a;
+    b.num_tokens_per_rank = ep_tensor_1d(bad_per_rank, EP_DTYPE_INT32, R);
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res, &l), EP_ERROR_DEVICE_INPUT);
+    if (!strstr(ep_last_error(), rank == 0 ? "num_tokens_per_rank says" : "another rank's input was bad"))
+        MP_FAIL(rank, "layout mismatch message: %s", ep_last_error());
+    if (rank == 1)
+        printf("     rank 1 saw: %s\n", ep_last_error());
+    mp_free(bad_per_rank);
+    /* Nothing was sent: a normal dispatch still works. */
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, &l), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
     failures += check_dispatch(rank, R, &in, &res, 0, "dispatch after errors");
