@@ -17,10 +17,10 @@ typedef struct {
     const ep_unique_id_t *id;
     int rank, num_ranks, rounds;
     int64_t timeout_ms;
-    int bad_rounds;      /* rounds whose gathered values were wrong */
-    ep_status_t status;  /* of the first failing call */
+    int bad_rounds;     /* rounds whose gathered values were wrong */
+    ep_status_t status; /* of the first failing call */
     char message[256];
-    int released;        /* times the last rank to leave handed this worker's kept pointer back */
+    int released; /* times the last rank to leave handed this worker's kept pointer back */
 } worker_t;
 
 static void *worker(void *p) {
@@ -111,9 +111,27 @@ static void bad_joins_are_refused(void) {
     TCHECK(!ep_local_id_is_local(&nccl_like), "an NCCL id is not local");
 }
 
+static void oversized_and_broken_exchanges_fail(void) {
+    ep_unique_id_t id;
+    ep_local_id_make(&id);
+    ep_local_world_t *w = NULL;
+    TCHECK_EQ_INT(ep_local_join(&id, 2, 0, &w), EP_SUCCESS);
+    unsigned char big[EP_LOCAL_SLOT_BYTES + 1] = {0}, all[2 * (EP_LOCAL_SLOT_BYTES + 1)];
+    TCHECK_EQ_INT(ep_local_allgather(w, 0, big, sizeof(big), all, 1000, "big exchange"), EP_ERROR_INTERNAL);
+    TCHECK_STR_CONTAINS(ep_last_error(), "big exchange: 513 bytes exceed the in-process exchange slot (512)");
+    /* Rank 1 never joins: the first exchange times out naming it, and every later one fails at once. */
+    TCHECK_EQ_INT(ep_local_allgather(w, 0, big, 4, all, 50, "first"), EP_ERROR_TIMEOUT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "first: rank 0 waited 50 ms for rank(s) 1");
+    TCHECK_EQ_INT(ep_local_allgather(w, 0, big, 4, all, 10000, "second"), EP_ERROR_GROUP_FAILED);
+    TCHECK_STR_CONTAINS(ep_last_error(), "second: an earlier exchange of this in-process group timed out");
+    void *release[EP_MAX_NVL_RANKS];
+    TCHECK_EQ_INT(ep_local_leave(w, 0, NULL, release), 0);
+}
+
 int main(void) {
     TRUN(values_arrive_in_rank_order_every_round);
     TRUN(missing_rank_is_named);
     TRUN(bad_joins_are_refused);
+    TRUN(oversized_and_broken_exchanges_fail);
     return TDONE();
 }
