@@ -134,3 +134,23 @@ def test_a_pointer_written_into_its_slot_lands_in_its_tensor_field():
 def test_a_half_built_buffer_is_deleted_quietly():
     b = Buffer.__new__(Buffer)
     b.__del__()
+
+
+class _FakeDriver:
+    """Stands in for libcuda: a current context, and a stream creation that fails with `status`."""
+
+    def __init__(self, status):
+        self.status = status
+
+    def cuCtxGetCurrent(self, ref):
+        ctypes.cast(ref, ctypes.POINTER(ctypes.c_void_p))[0] = 0x1234
+        return 0
+
+    def cuStreamCreate(self, ref, flags):
+        return self.status
+
+
+def test_a_context_stream_that_cannot_be_made_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_torch, "_libcuda", _FakeDriver(201))
+    with pytest.raises(RuntimeError, match=r"cuStreamCreate in the current CUDA context failed \(CUresult 201\)"):
+        _torch.new_context_stream(0)
