@@ -104,6 +104,10 @@ ep_status_t ep_group_allgather(ep_group_t g, const void *mine, size_t bytes, voi
  * timed out may still write into it while tearing down), and that rank frees every window. */
 void ep_group_leave_local(ep_group_t g);
 
+/* Tears the group down on this rank alone (aborting the communicator if the group owns it) and frees it,
+ * whatever point creation reached. For a creation that failed. */
+void ep_group_release_local(ep_group_t g);
+
 /* Waits for an NCCL call that may have returned ncclInProgress (non-blocking communicators), with a
  * deadline; `what` names the call in messages. */
 ep_status_t ep_nccl_complete(ncclComm_t comm, ncclResult_t res, int64_t timeout_ms, const char *what);

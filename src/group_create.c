@@ -87,33 +87,6 @@ static ep_group_t group_alloc(const ep_group_config_t *config, int rank, int num
     return g;
 }
 
-/* Frees what creation set up, locally (aborting the communicator if we own it). Used on failure. */
-static void group_release_local(ep_group_t g) {
-    if (g->stream)
-        cudaStreamSynchronize(g->stream);
-    if (g->owns_comm && g->comm)
-        ncclCommAbort(g->comm);
-    else if (g->comm && g->window)
-        ncclCommWindowDeregister(g->comm, g->window);
-    if (g->local)
-        ep_group_leave_local(g);
-    else if (g->window_mem)
-        ncclMemFree(g->window_mem);
-    if (g->window_bases_dev)
-        cudaFree(g->window_bases_dev);
-    if (g->barrier_epoch_dev)
-        cudaFree(g->barrier_epoch_dev);
-    if (g->ll_state_dev)
-        cudaFree(g->ll_state_dev);
-    if (g->mapped_host)
-        cudaFreeHost(g->mapped_host);
-    if (g->order_event)
-        cudaEventDestroy(g->order_event);
-    if (g->stream && !g->borrowed_stream)
-        cudaStreamDestroy(g->stream);
-    free(g);
-}
-
 /* Every rank must reach every other by load/store (NVLink or P2P); NCCL's LSA team says who we reach. */
 static ep_status_t check_peers_reachable_nccl(ep_group_t g) {
     int reach[256];
@@ -298,7 +271,7 @@ static ep_status_t finish_create(ep_group_t g, ep_group_t *out) {
     ep_status_t st = group_setup(g);
     if (st != EP_SUCCESS) {
         ep_fail_context(st, "rank %d: group creation", g->rank);
-        group_release_local(g);
+        ep_group_release_local(g);
         return st;
     }
     ep_log(EP_LOG_INFO, g->rank, g->device, "group of %d ranks ready: window %zu bytes, timeout %lld ms", g->num_ranks,
@@ -386,7 +359,7 @@ ep_status_t ep_group_create(const ep_unique_id_t *id, int num_ranks, int rank, i
         st = ep_nccl_complete(g->comm, ncclInProgress, g->timeout_ms, "ncclCommInitRankConfig (waiting for peers)");
     if (st != EP_SUCCESS) {
         ep_fail_context(st, "rank %d: group creation", rank);
-        group_release_local(g);
+        ep_group_release_local(g);
         ep_device_restore(previous);
         return st;
     }

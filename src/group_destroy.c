@@ -59,33 +59,46 @@ static ep_status_t teardown_collective(ep_group_t g) {
     return st;
 }
 
+/* Drops this rank's share of the communicator without talking to peers. */
 static void teardown_local(ep_group_t g) {
-    if (g->local)
+    if (g->local || g->comm == NULL)
         return;
     if (g->owns_comm)
         ncclCommAbort(g->comm);
-    else
+    else if (g->window)
         ncclCommWindowDeregister(g->comm, g->window); /* the caller's communicator stays theirs */
 }
 
-static void free_local_resources(ep_group_t g) {
+/* Frees what the group holds on this rank. Fields creation did not reach are zero and skipped, so this
+ * serves a failed creation as well as destroy. */
+static void free_resources(ep_group_t g) {
     ep_group_free_deferred(g);
     if (g->local)
         ep_group_leave_local(g);
-    else
+    else if (g->window_mem)
         ncclMemFree(g->window_mem);
     cudaFree(g->window_bases_dev);
     cudaFree(g->barrier_epoch_dev);
     cudaFree(g->ll_state_dev);
     cudaFreeHost(g->mapped_host);
-    cudaEventDestroy(g->order_event);
-    for (int i = 0; g->ce_ready && i < EP_MAX_NVL_RANKS; i++)
-        cudaStreamDestroy(g->ce_streams[i]);
-    for (int i = 0; g->ce_ready && i <= EP_MAX_NVL_RANKS; i++)
-        cudaEventDestroy(g->ce_events[i]);
-    if (!g->borrowed_stream)
+    if (g->order_event)
+        cudaEventDestroy(g->order_event);
+    for (int i = 0; i < EP_MAX_NVL_RANKS; i++)
+        if (g->ce_streams[i])
+            cudaStreamDestroy(g->ce_streams[i]);
+    for (int i = 0; i <= EP_MAX_NVL_RANKS; i++)
+        if (g->ce_events[i])
+            cudaEventDestroy(g->ce_events[i]);
+    if (g->stream && !g->borrowed_stream)
         cudaStreamDestroy(g->stream);
     free(g);
+}
+
+void ep_group_release_local(ep_group_t g) {
+    if (g->stream)
+        cudaStreamSynchronize(g->stream);
+    teardown_local(g);
+    free_resources(g);
 }
 
 ep_status_t ep_group_destroy(ep_group_t group) {
@@ -118,7 +131,7 @@ ep_status_t ep_group_destroy(ep_group_t group) {
         announce_abort(group);
         teardown_local(group);
     }
-    free_local_resources(group);
+    free_resources(group);
     ep_device_restore(previous);
     return st;
 }

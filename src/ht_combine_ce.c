@@ -27,10 +27,12 @@ static cudaError_t ensure_streams(ep_group_t g) {
     if (g->ce_ready)
         return cudaSuccess;
     cudaError_t err = cudaSuccess;
-    for (int i = 0; i < EP_MAX_NVL_RANKS && err == cudaSuccess; i++)
-        err = cudaStreamCreateWithFlags(&g->ce_streams[i], cudaStreamNonBlocking);
+    for (int i = 0; i < EP_MAX_NVL_RANKS && err == cudaSuccess; i++) /* after a failure, only what is missing */
+        if (g->ce_streams[i] == NULL)
+            err = cudaStreamCreateWithFlags(&g->ce_streams[i], cudaStreamNonBlocking);
     for (int i = 0; i <= EP_MAX_NVL_RANKS && err == cudaSuccess; i++)
-        err = cudaEventCreateWithFlags(&g->ce_events[i], cudaEventDisableTiming);
+        if (g->ce_events[i] == NULL)
+            err = cudaEventCreateWithFlags(&g->ce_events[i], cudaEventDisableTiming);
     g->ce_ready = err == cudaSuccess;
     return err;
 }
