@@ -49,6 +49,10 @@ int mp_arg_int(int argc, char **argv, const char *flag, int fallback) {
     return fallback;
 }
 
+int mp_experts(int experts, int num_ranks) {
+    return num_ranks > 0 ? (experts + num_ranks - 1) / num_ranks * num_ranks : experts;
+}
+
 int mp_local(void) {
     const char *v = getenv("EPCOMM_TEST_LOCAL");
     return v != NULL && *v != '\0' && strcmp(v, "0") != 0;

@@ -22,6 +22,10 @@ int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int t
 /* The value after `flag` on the command line (e.g. "--ranks 4"), or `fallback`. */
 int mp_arg_int(int argc, char **argv, const char *flag, int fallback);
 
+/* A case's expert count rounded up to a multiple of the rank count (unchanged at R = 2, 4, 8 for the counts
+ * the tests use), so that every case also runs at R = 3, 5, 6, 7. */
+int mp_experts(int experts, int num_ranks);
+
 /* Whether ranks are threads (EPCOMM_TEST_LOCAL=1). */
 int mp_local(void);
 /* The CUDA device rank `rank` drives, and making it (and the rank's green context) current on this thread:

@@ -50,7 +50,7 @@ static int tokens_of(const ht_case_t *c, int rank) {
 }
 
 static void make_inputs(const ht_case_t *c, int R, int r, uint64_t seed, rank_inputs_t *ri) {
-    int n = tokens_of(c, r), H = c->hidden, K = c->topk, E = c->experts;
+    int n = tokens_of(c, r), H = c->hidden, K = c->topk, E = mp_experts(c->experts, R);
     size_t row = (size_t)H * (c->fp8 ? 1 : 2), S = (size_t)H / 128;
     epref_rng_t rng;
     epref_rng_seed(&rng, seed, (uint64_t)r);
@@ -148,9 +148,9 @@ static void poison_next_dispatch_region(ep_group_t g) {
 
 static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t seed, int *failures_out) {
     int failures = 0;
-    if (c->experts % R || c->topk > c->experts)
+    int H = c->hidden, K = c->topk, E = mp_experts(c->experts, R), L = E / R;
+    if (K > E)
         return 0;
-    int H = c->hidden, K = c->topk, E = c->experts, L = E / R;
     size_t S = (size_t)H / 128, row = (size_t)H * (c->fp8 ? 1 : 2);
     rank_inputs_t *all = calloc((size_t)R, sizeof(*all));
     epref_rank_input_t *ins = calloc((size_t)R, sizeof(*ins));

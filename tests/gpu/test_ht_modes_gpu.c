@@ -26,8 +26,9 @@
 
 #define H    2048
 #define K    8
-#define E    64
 #define NMAX 600
+
+static int E = 64; /* experts: 64 rounded up to a multiple of the rank count (main) */
 
 typedef struct {
     uint16_t *x[8];
@@ -423,6 +424,7 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
 
 int main(int argc, char **argv) {
     int ranks = mp_arg_int(argc, argv, "--ranks", 2);
+    E = mp_experts(E, ranks);
     int failed = 0;
     failed += mp_run("ht.graph_replay", ranks, graph_replay, NULL, 120) != 0;
     failed += mp_run("ht.events_and_async", ranks, events_and_async, NULL, 120) != 0;

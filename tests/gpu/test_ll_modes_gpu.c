@@ -22,7 +22,7 @@
 #define T 64
 #define H 2048
 #define K 8
-#define E 64
+static int E = 64; /* experts: 64 rounded up to a multiple of the rank count (main) */
 
 typedef struct {
     epref_rank_input_t in[8];
@@ -390,6 +390,7 @@ static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg)
 
 int main(int argc, char **argv) {
     int ranks = mp_arg_int(argc, argv, "--ranks", 2);
+    E = mp_experts(E, ranks);
     int failed = 0;
     failed += mp_run("ll.double_buffering", ranks, double_buffering, NULL, 120) != 0;
     failed += mp_run("ll.graph_replay", ranks, graph_replay, NULL, 120) != 0;
