@@ -88,10 +88,12 @@ run_gpu_suite() { # ranks
   run_gpu_test test_group_gpu "$1"
   run_gpu_test test_layout_gpu "$1"
   run_gpu_test test_ht_gpu "$1" --rounds 2
-  EPCOMM_HT_DISPATCH_TMA=1 TAG=tma run_gpu_test test_ht_gpu "$1" --rounds 2
-  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_gpu "$1" --rounds 2
+  if ! skipped variants; then # the experimental opt-in kernels
+    EPCOMM_HT_DISPATCH_TMA=1 TAG=tma run_gpu_test test_ht_gpu "$1" --rounds 2
+    EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_gpu "$1" --rounds 2
+  fi
   run_gpu_test test_ht_modes_gpu "$1"
-  EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_modes_gpu "$1"
+  skipped variants || EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_modes_gpu "$1"
   run_gpu_test test_ll_gpu "$1"
   run_gpu_test test_ll_modes_gpu "$1"
 }
