@@ -40,7 +40,8 @@ struct ep_group {
     ep_mapped_t *mapped_dev;
     uint64_t *barrier_epoch_dev;
     uint32_t *ll_state_dev;
-    uint64_t ll_seq; /* low-latency dispatches so far: the parity picks the buffer half */
+    uint64_t ll_seq;         /* low-latency dispatches so far: the parity picks the buffer half */
+    uint64_t ll_combine_seq; /* low-latency combines so far: the parity picks the combine staging half */
 
     cudaStream_t stream;
     int borrowed_stream; /* config.comm_stream: the caller's, not destroyed here */

@@ -189,6 +189,10 @@ static ep_status_t check_combine(ep_group_t g, const ep_low_latency_combine_args
     EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_low_latency_combine_args_t"));
     if (h->dispatch_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "handle: the dispatch's receive hook has not run yet");
+    if (h->combine_recv_pending)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "handle: its previous combine's receive hook has not run yet (a handle holds one pending "
+                       "combine receive; run that hook first)");
     const ep_ll_dispatch_kargs_t *d = &h->dispatch;
     const int R = g->num_ranks;
     const int64_t L = d->num_experts / R, RT = (int64_t)R * d->max_tokens, N = d->num_tokens, K = d->topk;
@@ -242,6 +246,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         .topk = d->topk,
         .num_experts = d->num_experts,
         .parity = h->parity,
+        .combine_parity = (int)(g->ll_combine_seq & 1),
         .half_bytes = d->half_bytes,
         .x = (const uint16_t *)a->x.data,
         .x_stride0 = a->x.strides[0],
@@ -259,6 +264,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
     };
     EP_CHECK(
         run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k, "low-latency combine"));
+    g->ll_combine_seq++;
     h->combine = k;
     h->combined = 1;
     h->combine_recv_pending = a->return_recv_hook;

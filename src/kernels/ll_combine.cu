@@ -42,7 +42,7 @@ template <bool LOGFMT>
 __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a, int vb,
                                                    uint32_t epoch) {
     __shared__ int64_t ranges[EP_MAX_NVL_RANKS];
-    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, q = a.combine_parity;
     const int l = vb % L, blk = vb / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t RT = (int64_t)R * a.max_tokens;
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
@@ -69,7 +69,7 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
             s++;
         int32_t packed = ((const int32_t *)(mine + lay.srck_off))[l * RT + i];
         int t = packed >> 5, k = packed & 31;
-        char *dst = ll_half_c(g, s, p, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * lay.comb_row_bytes;
+        char *dst = ll_half_c(g, s, q, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * lay.comb_row_bytes;
         if constexpr (!LOGFMT) {
             if (u1 > u0)
                 ep_warp_copy16((uint4 *)dst + u0, src + u0, u1 - u0, lane);
@@ -102,14 +102,14 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
     }
     __syncthreads();
     if (tid == 0)
-        ep_last_block_signal(g, &g.ll_state[6 + p], &g.ll_state[2 + p], epoch, EP_CTRL_LL_COMBINE_FLAGS, p,
+        ep_last_block_signal(g, &g.ll_state[6 + q], &g.ll_state[2 + q], epoch, EP_CTRL_LL_COMBINE_FLAGS, q,
                              (uint64_t)epoch << 32);
 }
 
 template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
-    combine_send_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity] + 1);
+    combine_send_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.combine_parity] + 1);
 }
 
 /* Receive block b (of num_tokens * recv_slices): token b / recv_slices, slice b % recv_slices of its 16-byte
@@ -119,7 +119,7 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
                                                    uint32_t epoch) {
     __shared__ int first_k[EP_LL_MAX_TOPK];
     __shared__ float weight[EP_LL_MAX_TOPK];
-    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity;
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, q = a.combine_parity;
     const int tid = threadIdx.x, t = b / a.recv_slices, slice = b % a.recv_slices;
     const int chunks = a.hidden / 8, per_slice = (chunks + a.recv_slices - 1) / a.recv_slices;
     const int c_end = min(chunks, (slice + 1) * per_slice);
@@ -141,13 +141,13 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     }
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
-        const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + p * R + tid;
+        const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + q * R + tid;
         ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_COMBINE_RECV, tid);
         if (a.wait_cost_stats && b == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }
     __syncthreads();
-    const char *slots = ll_half_c(g, me, p, a.half_bytes) + lay.combine_off + (uint64_t)t * K * lay.comb_row_bytes;
+    const char *slots = ll_half_c(g, me, q, a.half_bytes) + lay.combine_off + (uint64_t)t * K * lay.comb_row_bytes;
     for (int c = slice * per_slice + tid; c < c_end; c += LL_COMBINE_THREADS) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if constexpr (LOGFMT) {
@@ -205,7 +205,7 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
 template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_recv_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
-    combine_recv_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.parity]); /* the send kernel set the epoch */
+    combine_recv_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.combine_parity]); /* the send kernel set it */
 }
 
 /* Send and receive in one kernel (the call without a hook): G = max(send blocks, receive blocks) blocks each
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
 template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_fused_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
-    const uint32_t epoch = g.ll_state[2 + a.parity] + 1; /* read before this block counts itself done */
+    const uint32_t epoch = g.ll_state[2 + a.combine_parity] + 1; /* read before this block counts itself done */
     combine_send_block<LOGFMT>(g, a, blockIdx.x, epoch);
     const int b = (int)blockIdx.x - ((int)gridDim.x - a.num_tokens * a.recv_slices);
     if (b >= 0)

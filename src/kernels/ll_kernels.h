@@ -43,7 +43,9 @@ cudaError_t ep_launch_ll_dispatch_both(const ep_dev_group_t *g, const ep_ll_disp
 
 typedef struct {
     int num_tokens, max_tokens, hidden, topk, num_experts;
-    int parity;
+    int parity;         /* the dispatch's half: its receive bookkeeping (counts, ranges, (token, k) of each row) */
+    int combine_parity; /* this combine's: the half whose staging rows, flags and epoch it uses. Combines take
+                         * turns on their own, so two of one handle can be alive at once */
     uint64_t half_bytes;
     const uint16_t *x;            /* [L, R*T, H] bf16 expert outputs */
     int64_t x_stride0, x_stride1; /* elements */

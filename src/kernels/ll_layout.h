@@ -3,7 +3,9 @@
  *  - the dispatch staging: [R sources][T slots], one slot per source token that has an expert here: a 64-byte
  *    header (tag, token, the token's local expert ids by k) then the row (bf16, or e4m3 + float scales);
  *  - the combine staging: [T tokens][K] rows, one per (token, k), written by the expert's rank: 2H bytes of
- *    payload (bf16, or per 128-channel group the LogFMT bytes), then one 32-bit LogFMT word per group;
+ *    payload (bf16, or per 128-channel group the LogFMT bytes), then one 32-bit LogFMT word per group.
+ *    Combines take turns between the halves on their own count, not their dispatch's half, so that two
+ *    combines of one handle can be alive at once;
  *  - local bookkeeping of the receive (never read by peers): per local expert the count, the (source token,
  *    k) of each row and the per-source ranges, which the combine reuses. */
 #ifndef EP_LL_LAYOUT_H

@@ -1,6 +1,7 @@
 /* Low-latency mode beyond single calls, one process per GPU:
  *  - double_buffering: two dispatches alive at once (both with hooks), received and combined out of order,
- *    then a third dispatch reusing the first half; all checked against the reference;
+ *    then a third dispatch reusing the first half, then two combines of that one handle alive at once (both
+ *    sent before either receives, with different expert outputs); all checked against the reference;
  *  - graph_replay: dispatch + combine captured once, replayed with new inputs, checked every time;
  *  - hook_frees_sms: a compute kernel on every SM runs as fast between a hooked send and its receive as
  *    alone (nothing of ours holds SMs in between);
@@ -105,8 +106,10 @@ static void pair_free(pair_t *p) {
     mp_free(p->lr), mp_free(p->out);
 }
 
-/* Receive counts and the combined output against the reference (identity experts). */
-static int check_pair(int rank, int R, const inputs_t *in, const pair_t *p, const char *what) {
+/* Receive counts and the combined output `out` against the reference for experts that return their rows
+ * times `factor` (a power of two, so the expected output is the identity experts' times it, exactly). */
+static int check_combined(int rank, int R, const inputs_t *in, const pair_t *p, const void *out, float factor,
+                          const char *what) {
     int failures = 0, L = E / R, n = in->in[rank].num_tokens;
     epref_ll_dispatch_result_t ref[8];
     const uint16_t *ys[8];
@@ -121,12 +124,59 @@ static int check_pair(int rank, int R, const inputs_t *in, const pair_t *p, cons
             MP_FAIL(rank, "%s: recv_count[%d] = %d, want %d", what, l, rc[l], ref[rank].recv_count[l]);
     uint16_t *want = malloc((size_t)n * H * 2 + 16), *got = malloc((size_t)n * H * 2 + 16);
     epref_ll_combine(ys, ref, R, E, rank, n, K, in->idx[rank], in->w[rank], 0, want);
-    cudaMemcpy(got, p->out, (size_t)n * H * 2, cudaMemcpyDeviceToHost);
+    for (size_t i = 0; factor != 1.0f && i < (size_t)n * H; i++)
+        want[i] = epref_float_to_bf16(epref_bf16_to_float(want[i]) * factor);
+    cudaMemcpy(got, out, (size_t)n * H * 2, cudaMemcpyDeviceToHost);
     if (memcmp(got, want, (size_t)n * H * 2) != 0)
         MP_FAIL(rank, "%s: combined output differs from the reference", what);
     for (int d = 0; d < R; d++)
         epref_ll_dispatch_result_free(&ref[d]);
     free(rc), free(want), free(got);
+    return failures;
+}
+
+static int check_pair(int rank, int R, const inputs_t *in, const pair_t *p, const char *what) {
+    return check_combined(rank, R, in, p, p->out, 1.0f, what);
+}
+
+/* dst = 2 * src, [rows] bf16 on the device (through the host: a test, not a hot path). */
+static void double_rows(void *dst, const void *src, size_t rows) {
+    uint16_t *h = malloc(rows * H * 2);
+    cudaMemcpy(h, src, rows * H * 2, cudaMemcpyDeviceToHost);
+    for (size_t i = 0; i < rows * H; i++)
+        h[i] = epref_float_to_bf16(2.0f * epref_bf16_to_float(h[i]));
+    cudaMemcpy(dst, h, rows * H * 2, cudaMemcpyHostToDevice);
+    free(h);
+}
+
+/* Two combines of one handle alive at once. Every rank sends the first (hook); all but rank 0 receive it and
+ * go on to the second (expert outputs doubled), while rank 0 waits 200 ms before its first receive, so the
+ * second's rows reach rank 0 before it reads the first's. Each must sum its own rows. A combine while the
+ * handle's previous combine still waits for its hook is refused. b's recv_x and output hold the second's. */
+static int two_combines_one_handle(int rank, int R, ep_group_t g, const inputs_t *in, pair_t *a, pair_t *b,
+                                   ep_ll_handle_t h) {
+    int failures = 0;
+    const int64_t L = E / R, RT = (int64_t)R * T;
+    double_rows(b->rx, a->rx, (size_t)(L * RT));
+    ep_low_latency_combine_args_t first = a->ca, second = a->ca;
+    first.return_recv_hook = 1;
+    second.x.data = b->rx;
+    second.out.data = b->out;
+    cudaMemset(a->out, 0xFF, (size_t)T * H * 2);
+    cudaMemset(b->out, 0xFF, (size_t)T * H * 2);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &first, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &second, h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    if (!strstr(ep_last_error(), "hook"))
+        MP_FAIL(rank, "combine with a receive pending: the message should name the hook, got: %s", ep_last_error());
+    if (rank == 0) {
+        struct timespec wait = {0, 200 * 1000 * 1000};
+        nanosleep(&wait, NULL);
+    }
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine_hook(g, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &second, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    failures += check_combined(rank, R, in, a, a->out, 1.0f, "first of two combines of one handle");
+    failures += check_combined(rank, R, in, a, b->out, 2.0f, "second combine of the handle (rows doubled)");
     return failures;
 }
 
@@ -169,6 +219,7 @@ static int double_buffering(int rank, int R, const ep_unique_id_t *id, void *arg
     MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &a.ca, hc, NULL), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
     failures += check_pair(rank, R, &ic, &a, "third, reusing the first half");
+    failures += two_combines_one_handle(rank, R, g, &ic, &a, &b, hc);
     ep_ll_handle_destroy(ha), ep_ll_handle_destroy(hb), ep_ll_handle_destroy(hc);
     free_inputs(&ia, R), free_inputs(&ib, R), free_inputs(&ic, R);
     pair_free(&a), pair_free(&b);
