@@ -335,7 +335,9 @@ typedef struct {
 
 /* Collective. out[t] = bf16(sum over k of topk_weights[t, k] * row[t, k]), float32 fmaf in k order, -1
  * entries skipped, a token with none is 0 (bit-exact with the CPU reference; with use_logfmt each row is the
- * LogFMT round trip of the expert's row). */
+ * LogFMT round trip of the expert's row). A handle may be combined any number of times; combines alternate
+ * between two staging halves, so at most two combine results may be alive at once, and a handle holds one
+ * pending combine receive: combining it again before ep_low_latency_combine_hook ran is EP_ERROR_INVALID_ARGUMENT. */
 EP_API ep_status_t ep_low_latency_combine(ep_group_t group, const ep_low_latency_combine_args_t *args,
                                           ep_ll_handle_t handle, const ep_launch_t *launch);
 EP_API ep_status_t ep_low_latency_combine_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);
