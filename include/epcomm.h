@@ -312,7 +312,9 @@ typedef struct {
 /* Collective. Each token goes once to every rank holding one of its experts; the receiver packs the
  * (token, expert) pairs per local expert in (source rank, source token) order. Never waits on the host: the
  * call (and its hook) can be captured in a CUDA graph. *handle receives a new handle for combine and the hook;
- * at most two dispatch results may be alive at once (the buffer has two halves). */
+ * at most two dispatch results may be alive at once (the buffer has two halves): a handle whose half two later
+ * dispatches reused, or from before a normal-mode call or ep_clean_low_latency_buffer, is refused
+ * (EP_ERROR_INVALID_ARGUMENT, "stale") by its hook and by combine instead of reading another call's routing. */
 EP_API ep_status_t ep_low_latency_dispatch(ep_group_t group, const ep_low_latency_dispatch_args_t *args,
                                            ep_ll_handle_t *handle, const ep_launch_t *launch);
 EP_API ep_status_t ep_low_latency_dispatch_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);

@@ -42,6 +42,8 @@ struct ep_group {
     uint32_t *ll_state_dev;
     uint64_t ll_seq;         /* low-latency dispatches so far: the parity picks the buffer half */
     uint64_t ll_combine_seq; /* low-latency combines so far: the parity picks the combine staging half */
+    uint64_t ll_window_gen;  /* bumped by what overwrites low-latency state in the window (normal-mode calls,
+                              * ep_clean_low_latency_buffer): handles from before are stale */
 
     cudaStream_t stream;
     int borrowed_stream; /* config.comm_stream: the caller's, not destroyed here */

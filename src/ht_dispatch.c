@@ -275,6 +275,7 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
                        "receive count and cannot be captured in a CUDA graph; pass num_worst_tokens > 0 or a "
                        "cached handle");
     EP_CHECK(ep_launch_begin(group, &frame));
+    group->ll_window_gen++; /* the window's data region is the low-latency halves' too */
     ep_handle_t h = NULL;
     uint32_t seq = 0;
     ep_status_t st = prepare_handle(group, args, &h);

@@ -151,6 +151,8 @@ ep_status_t ep_low_latency_dispatch(ep_group_t g, const ep_low_latency_dispatch_
     if (h == NULL)
         return ep_fail(EP_ERROR_OUT_OF_MEMORY, "low-latency handle: out of host memory");
     h->group = g;
+    h->seq = g->ll_seq;
+    h->window_gen = g->ll_window_gen;
     h->dispatch = dispatch_kargs(g, a);
     h->parity = h->dispatch.parity;
     ep_status_t st = run(g, launch, a->return_recv_hook ? launch_dispatch_send : launch_dispatch_both, &h->dispatch,
@@ -174,9 +176,25 @@ static ep_status_t check_handle(ep_group_t g, ep_ll_handle_t h) {
     return ep_group_check_usable(g);
 }
 
+/* The routing a handle's receive and combine read lives in the buffer half of its dispatch: two later
+ * dispatches, a normal-mode call or ep_clean_low_latency_buffer overwrite it. */
+static ep_status_t check_handle_current(ep_group_t g, ep_ll_handle_t h) {
+    if (h->window_gen != g->ll_window_gen)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "handle: stale: a normal-mode call or clean_low_latency_buffer has reused the buffer since "
+                       "its dispatch");
+    if (g->ll_seq - h->seq > 2)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "handle: stale: %llu later low-latency dispatches have reused its buffer half (at most two "
+                       "dispatch results may be alive at once)",
+                       (unsigned long long)(g->ll_seq - h->seq - 1));
+    return EP_SUCCESS;
+}
+
 ep_status_t ep_low_latency_dispatch_hook(ep_group_t g, ep_ll_handle_t h, const ep_launch_t *launch) {
     ep_clear_error();
     EP_CHECK(check_handle(g, h));
+    EP_CHECK(check_handle_current(g, h));
     if (!h->dispatch_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this dispatch's receive already ran (or it had no hook)");
     EP_CHECK(run(g, launch, launch_dispatch_recv, &h->dispatch, "low-latency dispatch receive"));
@@ -237,6 +255,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
                                    const ep_launch_t *launch) {
     ep_clear_error();
     EP_CHECK(check_handle(g, h));
+    EP_CHECK(check_handle_current(g, h));
     EP_CHECK(check_combine(g, a, h));
     const ep_ll_dispatch_kargs_t *d = &h->dispatch;
     ep_ll_combine_kargs_t k = {
@@ -264,7 +283,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
     };
     EP_CHECK(
         run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k, "low-latency combine"));
-    g->ll_combine_seq++;
+    h->combine_seq = g->ll_combine_seq++;
     h->combine = k;
     h->combined = 1;
     h->combine_recv_pending = a->return_recv_hook;
@@ -276,6 +295,12 @@ ep_status_t ep_low_latency_combine_hook(ep_group_t g, ep_ll_handle_t h, const ep
     EP_CHECK(check_handle(g, h));
     if (!h->combine_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this combine's receive already ran (or it had no hook)");
+    EP_CHECK(check_handle_current(g, h));
+    if (g->ll_combine_seq - h->combine_seq > 2)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "hook: stale: %llu later low-latency combines have reused its staging half (at most two "
+                       "combine results may be alive at once)",
+                       (unsigned long long)(g->ll_combine_seq - h->combine_seq - 1));
     EP_CHECK(run(g, launch, launch_combine_recv, &h->combine, "low-latency combine receive"));
     h->combine_recv_pending = 0;
     return EP_SUCCESS;
@@ -300,6 +325,7 @@ ep_status_t ep_clean_low_latency_buffer(ep_group_t g, int max_tokens, int hidden
                        bytes, g->config.num_nvl_bytes);
     int previous;
     EP_CHECK(ep_device_enter(g->device, &previous));
+    g->ll_window_gen++; /* low-latency handles from before refer to what is wiped here */
     cudaError_t err = cudaMemsetAsync((char *)g->window_mem + EP_CTRL_BYTES, 0, bytes, (cudaStream_t)cuda_stream);
     ep_device_restore(previous);
     if (err != cudaSuccess)

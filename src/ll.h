@@ -8,6 +8,9 @@
 /* What a dispatch leaves for its hook, its combine and the combine's hook. */
 struct ep_ll_handle {
     ep_group_t group;
+    uint64_t seq;         /* the group's ll_seq at this dispatch */
+    uint64_t window_gen;  /* the group's ll_window_gen at this dispatch */
+    uint64_t combine_seq; /* the group's ll_combine_seq at this handle's last combine */
     int parity;
     int dispatch_recv_pending;
     int combined;

@@ -1,7 +1,8 @@
 /* Low-latency mode beyond single calls, one process per GPU:
  *  - double_buffering: two dispatches alive at once (both with hooks), received and combined out of order,
  *    then a third dispatch reusing the first half, then two combines of that one handle alive at once (both
- *    sent before either receives, with different expert outputs); all checked against the reference;
+ *    sent before either receives, with different expert outputs); all checked against the reference; then
+ *    the first handle (its half reused by the third) and, after clean_low_latency_buffer, the third are refused;
  *  - graph_replay: dispatch + combine captured once, replayed with new inputs, checked every time;
  *  - hook_frees_sms: a compute kernel on every SM runs as fast between a hooked send and its receive as
  *    alone (nothing of ours holds SMs in between);
@@ -220,6 +221,14 @@ static int double_buffering(int rank, int R, const ep_unique_id_t *id, void *arg
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
     failures += check_pair(rank, R, &ic, &a, "third, reusing the first half");
     failures += two_combines_one_handle(rank, R, g, &ic, &a, &b, hc);
+    /* ha's routing was in the half that hc reused, and cleaning the buffer wipes hc's: both are refused. */
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &a.ca, ha, NULL), EP_ERROR_INVALID_ARGUMENT);
+    if (!strstr(ep_last_error(), "later low-latency dispatches have reused"))
+        MP_FAIL(rank, "combine of a handle two dispatches old: unexpected message: %s", ep_last_error());
+    MP_EXPECT_STATUS(rank, ep_clean_low_latency_buffer(g, T, H, K, E, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &a.ca, hc, NULL), EP_ERROR_INVALID_ARGUMENT);
+    if (!strstr(ep_last_error(), "clean_low_latency_buffer"))
+        MP_FAIL(rank, "combine after clean_low_latency_buffer: unexpected message: %s", ep_last_error());
     ep_ll_handle_destroy(ha), ep_ll_handle_destroy(hb), ep_ll_handle_destroy(hc);
     free_inputs(&ia, R), free_inputs(&ib, R), free_inputs(&ic, R);
     pair_free(&a), pair_free(&b);
