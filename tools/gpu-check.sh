@@ -47,9 +47,11 @@ RANKS="${EPCOMM_RANKS:-$DEFAULT_RANKS}"
 SKIP=" ${EPCOMM_SKIP:-} "
 TEST_TIMEOUT="${EPCOMM_TEST_TIMEOUT:-180}"
 skipped() { [[ "$SKIP" == *" $1 "* ]]; }
-# EPCOMM_DEADLINE_S: seconds this script may take in all; later steps get what is left (at least 10 s).
+# EPCOMM_DEADLINE_S: seconds this script may take in all; later steps get what is left, and a step that would
+# get less than 10 s is skipped (its row says so), so that the logs still come back before the caller's limit.
 DEADLINE=$((SECONDS + ${EPCOMM_DEADLINE_S:-100000}))
-left() { local l=$((DEADLINE - SECONDS)); (( l > $1 )) && l=$1; (( l < 10 )) && l=10; echo "$l"; }
+left() { local l=$((DEADLINE - SECONDS)); (( l > $1 )) && l=$1; echo "$l"; }
+past_deadline() { (( DEADLINE - SECONDS < 10 )); }
 
 # At most 8 files come back from the device machine: keep them few (machine, summary, tests, bench logs,
 # JSONL, plot); build logs stay in the build folder unless the build fails.
@@ -76,6 +78,7 @@ run_gpu_test() { # name ranks args... (TAG, when set, names a variant: its label
   local label="$name${TAG:+ $TAG}${EPCOMM_TEST_LOCAL:+ in-process}"
   if [[ -z "${EPCOMM_TEST_LOCAL:-}" ]] && (( NGPU < ranks )); then row "$label R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
   local log="$BUILD.$name${TAG:+-$TAG}${EPCOMM_TEST_LOCAL:+-local}-r$ranks.log"
+  if past_deadline; then row "$label R=$ranks" "skip" "EPCOMM_DEADLINE_S reached"; status=1; return; fi
   timeout "$(left "$TEST_TIMEOUT")" "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
   local rc=$?
   { echo "==== $label R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
@@ -112,6 +115,7 @@ for R in ${EPCOMM_BENCH_RANKS:-$RANKS}; do
   skipped bench && break
   (( NGPU < R )) && continue
   log="$LOGS/bench-r$R.log"
+  if past_deadline; then row "epcomm-bench (main job) R=$R" "skip" "EPCOMM_DEADLINE_S reached"; status=1; continue; fi
   timeout "$(left 600)" "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
     --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 ${EPCOMM_BENCH_ARGS:-} > "$log" 2>&1
   rc=$?
@@ -128,6 +132,7 @@ fi
 # one process, several per GPU in green contexts (like EPCOMM_LOCAL_RANKS for the C tests).
 run_pytest() { # label log extra-env... -- pytest args
   local label=$1 log=$2; shift 2
+  if past_deadline; then row "$label" "skip" "EPCOMM_DEADLINE_S reached"; status=1; return; fi
   local envs=()
   while [[ $1 != -- ]]; do envs+=("$1"); shift; done
   shift
