@@ -7,7 +7,7 @@
 # EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
 # EPCOMM_LOCAL_RANKS (e.g. "2 4 8": also run every C GPU test with the ranks as threads of one process, several
 # per GPU in green contexts: the multi-rank logic on any machine, one GPU included; not NVLink),
-# EPCOMM_PY_LOCAL_WORLDS (e.g. "2,4": the Python GPU tests with the ranks as threads, several per GPU),
+# EPCOMM_PY_LOCAL_WORLDS (e.g. "2,3,4": the Python GPU tests with the ranks as threads, several per GPU),
 # EPCOMM_BENCH_RANKS (default: EPCOMM_RANKS), EPCOMM_BENCH_ARGS (e.g. "--only ll"), EPCOMM_TEST_ONLY (case names to run, comma-separated substrings), EPCOMM_PY_K (a pytest -k expression), EPCOMM_DEADLINE_S (seconds in all).
 # Order: build, host tests, GPU tests, benchmarks, Python binding.
 set -uo pipefail
@@ -128,7 +128,7 @@ fi
 
 # The Python binding (needs torch): its host tests and its multi-process GPU tests (python/tests/gpu), on
 # 2 and 4 GPUs, including the per-call host overhead table of the low-latency calls (EPCOMM_PY_WORLDS=none
-# leaves this run out). EPCOMM_PY_LOCAL_WORLDS (e.g. "2,4"): the GPU tests again with the ranks as threads of
+# leaves this run out). EPCOMM_PY_LOCAL_WORLDS (e.g. "2,3,4"): the GPU tests again with the ranks as threads of
 # one process, several per GPU in green contexts (like EPCOMM_LOCAL_RANKS for the C tests).
 run_pytest() { # label log extra-env... -- pytest args
   local label=$1 log=$2; shift 2
