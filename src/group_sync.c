@@ -91,7 +91,13 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
         ep_fail(EP_ERROR_INTERNAL, "rank %d: the device began recording an error but did not finish", g->rank);
         return ep_group_mark_failed(g, EP_ERROR_INTERNAL);
     }
-    if (e->peer >= 0)
+    if (status == EP_ERROR_DEVICE_INPUT && e->peer >= 0) /* ep_flag_overrun */
+        ep_fail((ep_status_t)status,
+                "rank %d: stage '%s': rank %d had already sent a later call's data (epoch %llu) into the buffer "
+                "half this call reads, overwriting this call's: more than two low-latency results were alive at "
+                "once across the group (a rank ran two calls ahead of this receive)",
+                (int)e->rank, ep_stage_name(e->stage), (int)e->peer, (unsigned long long)e->detail);
+    else if (e->peer >= 0)
         ep_fail((ep_status_t)status,
                 "rank %d: timed out after %.1f ms in stage '%s' waiting for rank %d "
                 "(epoch %llu)",

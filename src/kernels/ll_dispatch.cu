@@ -249,7 +249,9 @@ __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, con
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = ll_flag(g, me, p, tid, EP_CTRL_LL_DISPATCH_FLAGS);
         bool ok = ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_DISPATCH_RECV, tid);
-        first[tid + 1] = ok ? (int32_t)(ep_load_acquire_sys(flag) & 0xffffffffu) : 0;
+        const uint64_t v = ok ? ep_load_acquire_sys(flag) : 0;
+        ok = ok && !ep_flag_overrun(g, v, epoch, EP_STAGE_LL_DISPATCH_RECV, tid);
+        first[tid + 1] = ok ? (int32_t)(v & 0xffffffffu) : 0;
         per_src[tid] = 0;
         if (a.wait_cost_stats && vb == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));

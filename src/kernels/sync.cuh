@@ -100,6 +100,19 @@ __device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const 
     return ep_wait_geq<uint64_t>(g, flag, target, stage, peer);
 }
 
+/* Whether a flag (epoch << 32 | value) found after its wait is already past this call's `epoch`: `peer` has run
+ * a later call on the same buffer half, so this call's data there was overwritten before it was read (more than
+ * two low-latency results were alive across the group). Recorded as EP_ERROR_DEVICE_INPUT naming the peer,
+ * with the epoch seen as the detail, instead of returning another call's data. */
+__device__ __forceinline__ bool ep_flag_overrun(const ep_dev_group_t &g, uint64_t flag_value, uint32_t epoch,
+                                                int stage, int peer) {
+    const int32_t kDeviceInput = 11; /* EP_ERROR_DEVICE_INPUT */
+    if ((uint32_t)(flag_value >> 32) == epoch)
+        return false;
+    ep_record_error(g, kDeviceInput, stage, peer, flag_value >> 32, 0);
+    return true;
+}
+
 /* Called by thread 0 of every block of a send kernel when the block's stores are issued: the last block to
  * get here (all others' stores fenced before they counted themselves) stores the new epoch and raises
  * `flag_value` in this rank's slot of every rank's flag array at `flags_offset` + parity * R. */

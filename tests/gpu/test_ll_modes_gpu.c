@@ -9,6 +9,8 @@
  *  - fused_beside_busy_stream: a call without a hook (one fused kernel, whose blocks wait for each other)
  *    enqueued while a compute kernel on another stream holds every SM completes, correct;
  *  - missing_peer_times_out: a rank that never dispatches: the receive times out naming it;
+ *  - overrun_is_reported: a rank whose receive comes after its peers' next dispatch into the same half gets an
+ *    error naming a peer that ran ahead, not another call's rows;
  *  - argument errors: N > T, K > 16, H not a multiple of 128, UE8M0 without round_scale, too small a buffer. */
 #define _POSIX_C_SOURCE 200809L
 #include "epref.h"
@@ -402,6 +404,48 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     return failures;
 }
 
+/* A rank two calls behind. Every rank dispatches twice with hooks; every rank but 0 receives both and, 200 ms
+ * later (so that the others have received too), sends a third dispatch into the half whose first dispatch rank 0
+ * has not received yet. Rank 0 receives the first 600 ms late: its receive finds the third call's flag and
+ * reports it, naming a rank that ran ahead, instead of packing whatever the half holds. */
+static int overrun_is_reported(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = make_group(rank, R, id, R > 4 ? 4000 : 1500);
+    if (!g)
+        return 1;
+    inputs_t in;
+    make_inputs(&in, R, 60);
+    pair_t a, b;
+    pair_init(&a, R), pair_init(&b, R);
+    pair_load(&a, &in, rank, R), pair_load(&b, &in, rank, R);
+    a.da.return_recv_hook = b.da.return_recv_hook = 1;
+    ep_ll_handle_t h1 = NULL, h2 = NULL, h3 = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a.da, &h1, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &b.da, &h2, NULL), EP_SUCCESS);
+    if (rank != 0) {
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h1, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h2, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+        struct timespec nap = {0, 200 * 1000 * 1000};
+        nanosleep(&nap, NULL);
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a.da, &h3, NULL), EP_SUCCESS); /* send only */
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    } else {
+        struct timespec nap = {0, 600 * 1000 * 1000};
+        nanosleep(&nap, NULL);
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h1, NULL), EP_SUCCESS); /* enqueued */
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_DEVICE_INPUT);
+        if (!strstr(ep_last_error(), "had already sent a later call's data"))
+            MP_FAIL(rank, "overrun message: %s", ep_last_error());
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    }
+    ep_ll_handle_destroy(h1), ep_ll_handle_destroy(h2), ep_ll_handle_destroy(h3);
+    free_inputs(&in, R);
+    pair_free(&a), pair_free(&b);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
 static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     ep_group_t g = make_group(rank, R, id, 0);
@@ -457,7 +501,8 @@ int main(int argc, char **argv) {
     failed += mp_run("ll.hook_frees_sms", ranks, hook_frees_sms, NULL, 120) != 0;
     failed += mp_run("ll.fused_beside_busy_stream", ranks, fused_beside_busy_stream, NULL, 120) != 0;
     failed += mp_run("ll.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
+    failed += mp_run("ll.overrun_is_reported", ranks, overrun_is_reported, NULL, 60) != 0;
     failed += mp_run("ll.argument_errors", ranks, argument_errors, NULL, 60) != 0;
-    printf("%d passed, %d failed\n", 6 - failed, failed);
+    printf("%d passed, %d failed\n", 7 - failed, failed);
     return failed;
 }

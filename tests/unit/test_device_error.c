@@ -67,9 +67,26 @@ static void record_never_published_is_an_internal_error(void) {
     TCHECK_STR_CONTAINS(ep_last_error(), "did not finish");
 }
 
+/* ep_flag_overrun's record: bad input naming the peer that ran ahead, not a timeout. */
+static void overrun_record_is_reported_as_such(void) {
+    ep_mapped_t mapped;
+    struct ep_group g;
+    fake_group(&g, &mapped);
+    mapped.error.stage = EP_STAGE_LL_DISPATCH_RECV;
+    mapped.error.rank = 0;
+    mapped.error.peer = 2;
+    mapped.error.detail = 9;
+    mapped.error.status = EP_ERROR_DEVICE_INPUT;
+    TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_DEVICE_INPUT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency dispatch (receive)': rank 2 had already sent a later "
+                                         "call's data (epoch 9)");
+    TCHECK(strstr(ep_last_error(), "timed out") == NULL, "not a timeout: %s", ep_last_error());
+}
+
 int main(void) {
     TRUN(published_record_is_reported);
     TRUN(claimed_record_is_read_once_published);
     TRUN(record_never_published_is_an_internal_error);
+    TRUN(overrun_record_is_reported_as_such);
     return TDONE();
 }
