@@ -337,9 +337,13 @@ typedef struct {
 
 /* Collective. out[t] = bf16(sum over k of topk_weights[t, k] * row[t, k]), float32 fmaf in k order, -1
  * entries skipped, a token with none is 0 (bit-exact with the CPU reference; with use_logfmt each row is the
- * LogFMT round trip of the expert's row). A handle may be combined any number of times; combines alternate
- * between two staging halves, so at most two combine results may be alive at once, and a handle holds one
- * pending combine receive: combining it again before ep_low_latency_combine_hook ran is EP_ERROR_INVALID_ARGUMENT. */
+ * LogFMT round trip of the expert's row). A handle may be combined any number of times. Combines alternate
+ * between two staging halves, so a combine's receive (its hook) must run before any rank sends the combine two
+ * later (without hooks this holds by itself; with hooks, a low-latency dispatch in between also ensures it; a
+ * receive that finds a peer already there fails with EP_ERROR_DEVICE_INPUT naming it). A handle holds one
+ * pending combine receive: combining it again before ep_low_latency_combine_hook ran is
+ * EP_ERROR_INVALID_ARGUMENT. Eager combines take turns by a host count that replays of a captured graph do not
+ * advance: after a replay, dispatch before combining another handle eagerly. */
 EP_API ep_status_t ep_low_latency_combine(ep_group_t group, const ep_low_latency_combine_args_t *args,
                                           ep_ll_handle_t handle, const ep_launch_t *launch);
 EP_API ep_status_t ep_low_latency_combine_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);

@@ -176,13 +176,19 @@ static ep_status_t check_handle(ep_group_t g, ep_ll_handle_t h) {
     return ep_group_check_usable(g);
 }
 
-/* The routing a handle's receive and combine read lives in the buffer half of its dispatch: two later
- * dispatches, a normal-mode call or ep_clean_low_latency_buffer overwrite it. */
-static ep_status_t check_handle_current(ep_group_t g, ep_ll_handle_t h) {
+/* A normal-mode call or ep_clean_low_latency_buffer overwrites everything a handle's calls left in the buffer. */
+static ep_status_t check_window_current(ep_group_t g, ep_ll_handle_t h) {
     if (h->window_gen != g->ll_window_gen)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
                        "handle: stale: a normal-mode call or clean_low_latency_buffer has reused the buffer since "
                        "its dispatch");
+    return EP_SUCCESS;
+}
+
+/* The routing a handle's dispatch receive and combine send read lives in the buffer half of its dispatch: two
+ * later dispatches overwrite it too. (The combine's receive reads only its own staging half.) */
+static ep_status_t check_handle_current(ep_group_t g, ep_ll_handle_t h) {
+    EP_CHECK(check_window_current(g, h));
     if (g->ll_seq - h->seq > 2)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
                        "handle: stale: %llu later low-latency dispatches have reused its buffer half (at most two "
@@ -295,7 +301,7 @@ ep_status_t ep_low_latency_combine_hook(ep_group_t g, ep_ll_handle_t h, const ep
     EP_CHECK(check_handle(g, h));
     if (!h->combine_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this combine's receive already ran (or it had no hook)");
-    EP_CHECK(check_handle_current(g, h));
+    EP_CHECK(check_window_current(g, h));
     if (g->ll_combine_seq - h->combine_seq > 2)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
                        "hook: stale: %llu later low-latency combines have reused its staging half (at most two "

@@ -22,7 +22,7 @@
 #define EP_MAX_TOPK               32              /* normal mode; the low-latency limit is EP_LL_MAX_TOPK */
 #define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
-#define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by parity, epoch << 32, from each expert rank */
+#define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by combine parity, epoch << 32, from each expert rank */
 /* uint32_t[2][R][EP_HT_COMBINE_MAX_CHUNKS]: by combine parity, for each source's run of rows in this rank's
  * combine region, the rows of each chunk that have landed (overlapped combine; zeroed after each use). */
 #define EP_CTRL_HT_COMBINE_CHUNKS 73728
@@ -81,9 +81,9 @@ typedef struct {
     ep_dev_input_error_t *input_error; /* host-mapped bad-input record (device pointer) */
     int num_sms;        /* SMs the group's context may use, a green context's share (host-side launch sizing) */
     uint32_t *ll_state; /* local device words: [0..1] dispatch epochs, [2..3] combine epochs, [4..7] done
-                           counters (dispatch p0, p1, combine p0, p1), by buffer parity; [8] done
-                           counter and [9] next token of the high-throughput overlapped
-                           combine */
+                           counters (dispatch p0, p1, combine p0, p1), by dispatch parity and by combine
+                           parity (combines take turns on their own); [8] done counter and [9] next token
+                           of the high-throughput overlapped combine */
 } ep_dev_group_t;
 
 #endif

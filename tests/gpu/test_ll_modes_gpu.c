@@ -228,6 +228,7 @@ static int double_buffering(int rank, int R, const ep_unique_id_t *id, void *arg
     if (!strstr(ep_last_error(), "later low-latency dispatches have reused"))
         MP_FAIL(rank, "combine of a handle two dispatches old: unexpected message: %s", ep_last_error());
     MP_EXPECT_STATUS(rank, ep_clean_low_latency_buffer(g, T, H, K, E, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS); /* its barrier, before destroy */
     MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &a.ca, hc, NULL), EP_ERROR_INVALID_ARGUMENT);
     if (!strstr(ep_last_error(), "clean_low_latency_buffer"))
         MP_FAIL(rank, "combine after clean_low_latency_buffer: unexpected message: %s", ep_last_error());
