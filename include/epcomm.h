@@ -42,7 +42,8 @@ typedef enum {
     EP_ERROR_IN_PROGRESS = 8,       /* work is still in flight (e.g. destroy while busy); retry later */
     EP_ERROR_PEER_UNREACHABLE = 9,  /* two ranks of the group cannot reach each other's memory */
     EP_ERROR_VERSION_MISMATCH = 10, /* NCCL library and headers differ */
-    EP_ERROR_DEVICE_INPUT = 11,     /* the device found bad input data (e.g. expert id out of range) */
+    EP_ERROR_DEVICE_INPUT = 11,     /* the device found bad input data (e.g. expert id out of range), or a
+                                     * low-latency receive found a peer's later call (this one fails the group) */
     EP_ERROR_GROUP_FAILED = 12,     /* an earlier error left the group unusable; only destroy is allowed */
     EP_ERROR_INTERNAL = 13,
 } ep_status_t;
@@ -314,7 +315,10 @@ typedef struct {
  * call (and its hook) can be captured in a CUDA graph. *handle receives a new handle for combine and the hook;
  * at most two dispatch results may be alive at once (the buffer has two halves): a handle whose half two later
  * dispatches reused, or from before a normal-mode call or ep_clean_low_latency_buffer, is refused
- * (EP_ERROR_INVALID_ARGUMENT, "stale") by its hook and by combine instead of reading another call's routing. */
+ * (EP_ERROR_INVALID_ARGUMENT, "stale") by its hook and by combine instead of reading another call's routing.
+ * Across ranks: a dispatch's receive (its hook) must run before any rank sends the dispatch two later (without
+ * hooks this holds by itself). A receive that finds a peer already there fails with EP_ERROR_DEVICE_INPUT
+ * naming it, which fails the group (a best-effort check, made when the flags are read). */
 EP_API ep_status_t ep_low_latency_dispatch(ep_group_t group, const ep_low_latency_dispatch_args_t *args,
                                            ep_ll_handle_t *handle, const ep_launch_t *launch);
 EP_API ep_status_t ep_low_latency_dispatch_hook(ep_group_t group, ep_ll_handle_t handle, const ep_launch_t *launch);
@@ -339,8 +343,9 @@ typedef struct {
  * entries skipped, a token with none is 0 (bit-exact with the CPU reference; with use_logfmt each row is the
  * LogFMT round trip of the expert's row). A handle may be combined any number of times. Combines alternate
  * between two staging halves, so a combine's receive (its hook) must run before any rank sends the combine two
- * later (without hooks this holds by itself; with hooks, a low-latency dispatch in between also ensures it; a
- * receive that finds a peer already there fails with EP_ERROR_DEVICE_INPUT naming it). A handle holds one
+ * later (without hooks this holds by itself; with hooks, so does a dispatch that every rank makes after that
+ * hook and before that combine; a receive that finds a peer already there fails with EP_ERROR_DEVICE_INPUT
+ * naming it, which fails the group). A handle holds one
  * pending combine receive: combining it again before ep_low_latency_combine_hook ran is
  * EP_ERROR_INVALID_ARGUMENT. Eager combines take turns by a host count that replays of a captured graph do not
  * advance: after a replay, dispatch before combining another handle eagerly. */

@@ -239,9 +239,9 @@ static ep_status_t create_local_state(ep_group_t g) {
     EP_CUDA_CHECK(cudaHostGetDevicePointer((void **)&g->mapped_dev, g->mapped_host, 0));
     EP_CHECK(context_sm_count(g->device, &g->dev.num_sms));
     EP_CUDA_CHECK(cudaMalloc((void **)&g->barrier_epoch_dev, sizeof(uint64_t)));
-    EP_CUDA_CHECK(cudaMemset(g->barrier_epoch_dev, 0, sizeof(uint64_t)));
+    EP_CUDA_CHECK(cudaMemsetAsync(g->barrier_epoch_dev, 0, sizeof(uint64_t), g->stream)); /* before its kernels */
     EP_CUDA_CHECK(cudaMalloc((void **)&g->ll_state_dev, 16 * sizeof(uint32_t)));
-    EP_CUDA_CHECK(cudaMemset(g->ll_state_dev, 0, 16 * sizeof(uint32_t)));
+    EP_CUDA_CHECK(cudaMemsetAsync(g->ll_state_dev, 0, 16 * sizeof(uint32_t), g->stream));
     g->dev.ll_state = g->ll_state_dev;
     g->dev.rank = g->rank;
     g->dev.num_ranks = g->num_ranks;

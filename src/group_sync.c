@@ -79,6 +79,9 @@ ep_status_t ep_group_mark_failed(ep_group_t g, ep_status_t status) {
     return status;
 }
 
+_Static_assert(EP_DEV_STATUS_TIMEOUT == EP_ERROR_TIMEOUT, "device and host timeout status differ");
+_Static_assert(EP_DEV_STATUS_OVERRUN == EP_ERROR_DEVICE_INPUT, "device and host overrun status differ");
+
 ep_status_t ep_group_take_device_error(ep_group_t g) {
     volatile ep_dev_error_t *e = &g->mapped_host->error;
     int32_t status = e->status;
@@ -91,12 +94,13 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
         ep_fail(EP_ERROR_INTERNAL, "rank %d: the device began recording an error but did not finish", g->rank);
         return ep_group_mark_failed(g, EP_ERROR_INTERNAL);
     }
-    if (status == EP_ERROR_DEVICE_INPUT && e->peer >= 0) /* ep_flag_overrun */
+    if (status == EP_DEV_STATUS_OVERRUN && e->peer >= 0) /* ep_flag_overrun */
         ep_fail((ep_status_t)status,
-                "rank %d: stage '%s': rank %d had already sent a later call's data (epoch %llu) into the buffer "
-                "half this call reads, overwriting this call's: more than two low-latency results were alive at "
-                "once across the group (a rank ran two calls ahead of this receive)",
-                (int)e->rank, ep_stage_name(e->stage), (int)e->peer, (unsigned long long)e->detail);
+                "rank %d: stage '%s': rank %d had already sent a later call's data (epoch %llu, this call's %llu) "
+                "into the buffer half this call reads, overwriting this call's: the call's receive ran after a "
+                "peer's next call on the same half (more than two low-latency results alive across the group)",
+                (int)e->rank, ep_stage_name(e->stage), (int)e->peer, (unsigned long long)(e->detail >> 32),
+                (unsigned long long)(e->detail & 0xffffffffu));
     else if (e->peer >= 0)
         ep_fail((ep_status_t)status,
                 "rank %d: timed out after %.1f ms in stage '%s' waiting for rank %d "

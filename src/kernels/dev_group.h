@@ -45,12 +45,15 @@ typedef enum {
 
 /* Written by the device (first error wins), read by the host; lives in host-mapped memory. */
 #define EP_DEV_ERROR_WRITING (-1) /* status while the first error's details are being written */
+#define EP_DEV_STATUS_TIMEOUT 6   /* EP_ERROR_TIMEOUT (the device code does not include epcomm.h) */
+#define EP_DEV_STATUS_OVERRUN 11  /* EP_ERROR_DEVICE_INPUT, with a peer: a low-latency flag past this call */
 typedef struct {
     int32_t status;  /* an ep_status_t; 0 while healthy; EP_DEV_ERROR_WRITING until the details are complete */
     int32_t stage;   /* ep_stage_t */
     int32_t rank;    /* the rank that recorded it */
     int32_t peer;    /* the peer waited on, -1 if none */
-    uint64_t detail; /* stage-specific (for barriers: the epoch waited for) */
+    uint64_t detail; /* stage-specific: for barriers and low-latency timeouts the epoch waited for; for an
+                        overrun the epoch seen << 32 | this call's epoch */
     uint64_t waited_ns;
 } ep_dev_error_t;
 

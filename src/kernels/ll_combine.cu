@@ -142,8 +142,9 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + q * R + tid;
-        if (ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_COMBINE_RECV, tid))
-            ep_flag_overrun(g, ep_load_acquire_sys(flag), epoch, EP_STAGE_LL_COMBINE_RECV, tid);
+        uint64_t v = 0;
+        if (ep_wait_epoch(g, flag, epoch, EP_STAGE_LL_COMBINE_RECV, tid, &v))
+            ep_flag_overrun(g, v, epoch, EP_STAGE_LL_COMBINE_RECV, tid);
         if (a.wait_cost_stats && b == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }

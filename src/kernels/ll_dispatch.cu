@@ -248,8 +248,8 @@ __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, con
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = ll_flag(g, me, p, tid, EP_CTRL_LL_DISPATCH_FLAGS);
-        bool ok = ep_wait_flag_geq(g, flag, (uint64_t)epoch << 32, EP_STAGE_LL_DISPATCH_RECV, tid);
-        const uint64_t v = ok ? ep_load_acquire_sys(flag) : 0;
+        uint64_t v = 0;
+        bool ok = ep_wait_epoch(g, flag, epoch, EP_STAGE_LL_DISPATCH_RECV, tid, &v);
         ok = ok && !ep_flag_overrun(g, v, epoch, EP_STAGE_LL_DISPATCH_RECV, tid);
         first[tid + 1] = ok ? (int32_t)(v & 0xffffffffu) : 0;
         per_src[tid] = 0;

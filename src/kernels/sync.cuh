@@ -78,7 +78,6 @@ __device__ __forceinline__ void ep_red_add_release_sys(uint32_t *p, uint32_t v) 
  * one failure does not make every later wait sit out its own timeout. */
 template <typename T>
 __device__ __forceinline__ bool ep_wait_geq(const ep_dev_group_t &g, const T *flag, T target, int stage, int peer) {
-    const int32_t kTimeout = 6; /* EP_ERROR_TIMEOUT */
     uint64_t start = ep_globaltimer_ns();
     uint32_t spins = 0;
     while (ep_load_acquire_sys(flag) < target) {
@@ -87,7 +86,7 @@ __device__ __forceinline__ bool ep_wait_geq(const ep_dev_group_t &g, const T *fl
                 return false;
             uint64_t waited = ep_globaltimer_ns() - start;
             if (waited > g.timeout_ns) {
-                ep_record_error(g, kTimeout, stage, peer, target, waited);
+                ep_record_error(g, EP_DEV_STATUS_TIMEOUT, stage, peer, target, waited);
                 return false;
             }
         }
@@ -100,16 +99,40 @@ __device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const 
     return ep_wait_geq<uint64_t>(g, flag, target, stage, peer);
 }
 
-/* Whether a flag (epoch << 32 | value) found after its wait is already past this call's `epoch`: `peer` has run
- * a later call on the same buffer half, so this call's data there was overwritten before it was read (more than
- * two low-latency results were alive across the group). Recorded as EP_ERROR_DEVICE_INPUT naming the peer,
- * with the epoch seen as the detail, instead of returning another call's data. */
+/* A low-latency flag, epoch << 32 | value: spins until its epoch has reached `epoch`, in wrap-around order (the
+ * epochs are 32-bit counts per buffer half, which wrap after 2^32 calls). Returns true with the flag in *seen;
+ * false on a timeout (recorded, naming `peer` and `stage`) or at once if the group already recorded an error. */
+__device__ __forceinline__ bool ep_wait_epoch(const ep_dev_group_t &g, const uint64_t *flag, uint32_t epoch,
+                                              int stage, int peer, uint64_t *seen) {
+    uint64_t start = ep_globaltimer_ns();
+    uint32_t spins = 0;
+    for (;;) {
+        const uint64_t v = ep_load_acquire_sys(flag);
+        if ((int32_t)((uint32_t)(v >> 32) - epoch) >= 0) {
+            *seen = v;
+            return true;
+        }
+        if ((++spins & 1023u) == 0) {
+            if (ep_load_volatile_i32(&g.error->status) != 0)
+                return false;
+            uint64_t waited = ep_globaltimer_ns() - start;
+            if (waited > g.timeout_ns) {
+                ep_record_error(g, EP_DEV_STATUS_TIMEOUT, stage, peer, epoch, waited);
+                return false;
+            }
+        }
+    }
+}
+
+/* Whether a flag seen by ep_wait_epoch is already past this call's `epoch`: `peer` has run a later call on the
+ * same buffer half, so this call's data there may be overwritten (more than two low-latency results were alive
+ * across the group). Recorded as EP_DEV_STATUS_OVERRUN naming the peer, which fails the group. A best-effort
+ * check: made once, when the flag is read; a later call that lands after it is not seen. */
 __device__ __forceinline__ bool ep_flag_overrun(const ep_dev_group_t &g, uint64_t flag_value, uint32_t epoch,
                                                 int stage, int peer) {
-    const int32_t kDeviceInput = 11; /* EP_ERROR_DEVICE_INPUT */
     if ((uint32_t)(flag_value >> 32) == epoch)
         return false;
-    ep_record_error(g, kDeviceInput, stage, peer, flag_value >> 32, 0);
+    ep_record_error(g, EP_DEV_STATUS_OVERRUN, stage, peer, (flag_value >> 32 << 32) | epoch, 0);
     return true;
 }
 

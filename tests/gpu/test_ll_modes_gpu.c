@@ -405,10 +405,11 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     return failures;
 }
 
-/* A rank two calls behind. Every rank dispatches twice with hooks; every rank but 0 receives both and, 200 ms
- * later (so that the others have received too), sends a third dispatch into the half whose first dispatch rank 0
- * has not received yet. Rank 0 receives the first 600 ms late: its receive finds the third call's flag and
- * reports it, naming a rank that ran ahead, instead of packing whatever the half holds. */
+/* A rank two calls behind. Every rank dispatches twice with hooks; every rank but 0 receives both, then (after
+ * a group barrier, so all of them have) sends a third dispatch into the half whose first dispatch rank 0 has not
+ * received yet; a second barrier, after those sends, lets rank 0 go on. Rank 0 (its barriers on a side stream,
+ * so its own low-latency work is not held) then receives the first: the flags already carry the third call,
+ * and the receive reports it, naming a rank that ran ahead, instead of packing whatever the half holds. */
 static int overrun_is_reported(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     ep_group_t g = make_group(rank, R, id, R > 4 ? 4000 : 1500);
@@ -426,19 +427,22 @@ static int overrun_is_reported(int rank, int R, const ep_unique_id_t *id, void *
     if (rank != 0) {
         MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h1, NULL), EP_SUCCESS);
         MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h2, NULL), EP_SUCCESS);
-        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
-        struct timespec nap = {0, 200 * 1000 * 1000};
-        nanosleep(&nap, NULL);
+        MP_EXPECT_STATUS(rank, ep_group_barrier(g, NULL), EP_SUCCESS); /* after both receives, on every rank */
         MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a.da, &h3, NULL), EP_SUCCESS); /* send only */
+        MP_EXPECT_STATUS(rank, ep_group_barrier(g, NULL), EP_SUCCESS); /* after the send */
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
     } else {
-        struct timespec nap = {0, 600 * 1000 * 1000};
-        nanosleep(&nap, NULL);
+        cudaStream_t side;
+        cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+        MP_EXPECT_STATUS(rank, ep_group_barrier(g, side), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_group_barrier(g, side), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, side), EP_SUCCESS); /* every third send has landed */
         MP_EXPECT_STATUS(rank, ep_low_latency_dispatch_hook(g, h1, NULL), EP_SUCCESS); /* enqueued */
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_DEVICE_INPUT);
         if (!strstr(ep_last_error(), "had already sent a later call's data"))
             MP_FAIL(rank, "overrun message: %s", ep_last_error());
         printf("     rank 0 saw: %s\n", ep_last_error());
+        cudaStreamDestroy(side);
     }
     ep_ll_handle_destroy(h1), ep_ll_handle_destroy(h2), ep_ll_handle_destroy(h3);
     free_inputs(&in, R);

@@ -75,12 +75,20 @@ static void overrun_record_is_reported_as_such(void) {
     mapped.error.stage = EP_STAGE_LL_DISPATCH_RECV;
     mapped.error.rank = 0;
     mapped.error.peer = 2;
-    mapped.error.detail = 9;
+    mapped.error.detail = (9ull << 32) | 8;
     mapped.error.status = EP_ERROR_DEVICE_INPUT;
     TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_DEVICE_INPUT);
     TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency dispatch (receive)': rank 2 had already sent a later "
-                                         "call's data (epoch 9)");
+                                         "call's data (epoch 9, this call's 8)");
     TCHECK(strstr(ep_last_error(), "timed out") == NULL, "not a timeout: %s", ep_last_error());
+    TCHECK_EQ_INT(g.failed, EP_ERROR_DEVICE_INPUT); /* unlike bad expert ids, this one fails the group */
+    fake_group(&g, &mapped);
+    mapped.error.stage = EP_STAGE_LL_COMBINE_RECV;
+    mapped.error.peer = 1;
+    mapped.error.detail = (5ull << 32) | 4;
+    mapped.error.status = EP_ERROR_DEVICE_INPUT;
+    TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_DEVICE_INPUT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency combine (receive)': rank 1 had already sent");
 }
 
 int main(void) {
