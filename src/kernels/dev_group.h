@@ -89,4 +89,13 @@ typedef struct {
                            of the high-throughput overlapped combine */
 } ep_dev_group_t;
 
+/* Whether a 32-bit epoch `seen` has reached `epoch`, in wrap-around order (per-half call counts wrap after 2^32
+ * calls; any two compared are less than 2^31 apart). */
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+static inline int ep_epoch_reached(uint32_t seen, uint32_t epoch) {
+    return (int32_t)(seen - epoch) >= 0;
+}
+
 #endif

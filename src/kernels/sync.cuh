@@ -108,7 +108,7 @@ __device__ __forceinline__ bool ep_wait_epoch(const ep_dev_group_t &g, const uin
     uint32_t spins = 0;
     for (;;) {
         const uint64_t v = ep_load_acquire_sys(flag);
-        if ((int32_t)((uint32_t)(v >> 32) - epoch) >= 0) {
+        if (ep_epoch_reached((uint32_t)(v >> 32), epoch)) {
             *seen = v;
             return true;
         }

@@ -122,7 +122,19 @@ static void size_hints_reject_nonsense(void) {
     TCHECK_EQ_INT(ep_low_latency_buffer_bytes(4, 128, 7168, 8, 2), 0);
 }
 
+/* The low-latency flag waits compare 32-bit epochs in wrap-around order. */
+static void epochs_compare_across_the_wrap(void) {
+    TCHECK(ep_epoch_reached(5, 5), "equal");
+    TCHECK(ep_epoch_reached(6, 5), "later");
+    TCHECK(!ep_epoch_reached(4, 5), "earlier");
+    TCHECK(ep_epoch_reached(0, 0xffffffffu), "the epoch after 2^32 - 1 is 0");
+    TCHECK(ep_epoch_reached(1, 0xffffffffu), "two after the wrap");
+    TCHECK(!ep_epoch_reached(0xffffffffu, 0), "the last epoch before the wrap has not reached 0");
+    TCHECK(!ep_epoch_reached(0xfffffffeu, 1), "three before");
+}
+
 int main(void) {
+    TRUN(epochs_compare_across_the_wrap);
     TRUN(normal_hint_holds_every_row);
     TRUN(low_latency_hint_holds_every_slot);
     TRUN(low_latency_tags_are_distinct);
