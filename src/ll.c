@@ -185,16 +185,23 @@ static ep_status_t check_window_current(ep_group_t g, ep_ll_handle_t h) {
     return EP_SUCCESS;
 }
 
+/* Calls take turns between two halves: what call number `mine` left in its half is gone once the count `now`
+ * is more than two past it. `who`, `call` / `calls` and `half` name the argument, the calls and the half. */
+static ep_status_t check_turns(uint64_t now, uint64_t mine, const char *who, const char *call, const char *calls,
+                               const char *half) {
+    if (now - mine <= 2)
+        return EP_SUCCESS;
+    return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                   "%s: stale: %llu later low-latency %s have reused its %s (at most two %s results may be alive "
+                   "at once)",
+                   who, (unsigned long long)(now - mine - 1), calls, half, call);
+}
+
 /* The routing a handle's dispatch receive and combine send read lives in the buffer half of its dispatch: two
  * later dispatches overwrite it too. (The combine's receive reads only its own staging half.) */
 static ep_status_t check_handle_current(ep_group_t g, ep_ll_handle_t h) {
     EP_CHECK(check_window_current(g, h));
-    if (g->ll_seq - h->seq > 2)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
-                       "handle: stale: %llu later low-latency dispatches have reused its buffer half (at most two "
-                       "dispatch results may be alive at once)",
-                       (unsigned long long)(g->ll_seq - h->seq - 1));
-    return EP_SUCCESS;
+    return check_turns(g->ll_seq, h->seq, "handle", "dispatch", "dispatches", "buffer half");
 }
 
 ep_status_t ep_low_latency_dispatch_hook(ep_group_t g, ep_ll_handle_t h, const ep_launch_t *launch) {
@@ -302,11 +309,7 @@ ep_status_t ep_low_latency_combine_hook(ep_group_t g, ep_ll_handle_t h, const ep
     if (!h->combine_recv_pending)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "hook: this combine's receive already ran (or it had no hook)");
     EP_CHECK(check_window_current(g, h));
-    if (g->ll_combine_seq - h->combine_seq > 2)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
-                       "hook: stale: %llu later low-latency combines have reused its staging half (at most two "
-                       "combine results may be alive at once)",
-                       (unsigned long long)(g->ll_combine_seq - h->combine_seq - 1));
+    EP_CHECK(check_turns(g->ll_combine_seq, h->combine_seq, "hook", "combine", "combines", "staging half"));
     EP_CHECK(run(g, launch, launch_combine_recv, &h->combine, "low-latency combine receive"));
     h->combine_recv_pending = 0;
     return EP_SUCCESS;

@@ -76,21 +76,28 @@ __device__ __forceinline__ void ep_red_add_release_sys(uint32_t *p, uint32_t v) 
 /* Spins until *flag >= target (acquire, system scope). Returns false (and records EP_ERROR_TIMEOUT naming
  * `peer` and `stage`) when the group's timeout passes, or at once if the group already recorded an error, so
  * one failure does not make every later wait sit out its own timeout. */
+/* One spin of a wait that began at `start`: every 1024 spins, false when the group already recorded an error or
+ * the timeout has passed (then recorded, naming `peer` and `stage`, with `detail`). */
+__device__ __forceinline__ bool ep_keep_waiting(const ep_dev_group_t &g, uint32_t &spins, uint64_t start, int stage,
+                                                int peer, uint64_t detail) {
+    if ((++spins & 1023u) != 0)
+        return true;
+    if (ep_load_volatile_i32(&g.error->status) != 0)
+        return false;
+    uint64_t waited = ep_globaltimer_ns() - start;
+    if (waited <= g.timeout_ns)
+        return true;
+    ep_record_error(g, EP_DEV_STATUS_TIMEOUT, stage, peer, detail, waited);
+    return false;
+}
+
 template <typename T>
 __device__ __forceinline__ bool ep_wait_geq(const ep_dev_group_t &g, const T *flag, T target, int stage, int peer) {
     uint64_t start = ep_globaltimer_ns();
     uint32_t spins = 0;
-    while (ep_load_acquire_sys(flag) < target) {
-        if ((++spins & 1023u) == 0) {
-            if (ep_load_volatile_i32(&g.error->status) != 0)
-                return false;
-            uint64_t waited = ep_globaltimer_ns() - start;
-            if (waited > g.timeout_ns) {
-                ep_record_error(g, EP_DEV_STATUS_TIMEOUT, stage, peer, target, waited);
-                return false;
-            }
-        }
-    }
+    while (ep_load_acquire_sys(flag) < target)
+        if (!ep_keep_waiting(g, spins, start, stage, peer, (uint64_t)target))
+            return false;
     return true;
 }
 
@@ -112,15 +119,8 @@ __device__ __forceinline__ bool ep_wait_epoch(const ep_dev_group_t &g, const uin
             *seen = v;
             return true;
         }
-        if ((++spins & 1023u) == 0) {
-            if (ep_load_volatile_i32(&g.error->status) != 0)
-                return false;
-            uint64_t waited = ep_globaltimer_ns() - start;
-            if (waited > g.timeout_ns) {
-                ep_record_error(g, EP_DEV_STATUS_TIMEOUT, stage, peer, epoch, waited);
-                return false;
-            }
-        }
+        if (!ep_keep_waiting(g, spins, start, stage, peer, epoch))
+            return false;
     }
 }
 
