@@ -154,7 +154,6 @@ ep_status_t ep_low_latency_dispatch(ep_group_t g, const ep_low_latency_dispatch_
     h->seq = g->ll_seq;
     h->window_gen = g->ll_window_gen;
     h->dispatch = dispatch_kargs(g, a);
-    h->parity = h->dispatch.parity;
     ep_status_t st = run(g, launch, a->return_recv_hook ? launch_dispatch_send : launch_dispatch_both, &h->dispatch,
                          "low-latency dispatch");
     if (st != EP_SUCCESS) {
@@ -277,7 +276,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         .hidden = d->hidden,
         .topk = d->topk,
         .num_experts = d->num_experts,
-        .parity = h->parity,
+        .parity = d->parity,
         .combine_parity = (int)(g->ll_combine_seq & 1),
         .half_bytes = d->half_bytes,
         .x = (const uint16_t *)a->x.data,
@@ -298,7 +297,6 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         run(g, launch, a->return_recv_hook ? launch_combine_send : launch_combine_both, &k, "low-latency combine"));
     h->combine_seq = g->ll_combine_seq++;
     h->combine = k;
-    h->combined = 1;
     h->combine_recv_pending = a->return_recv_hook;
     return EP_SUCCESS;
 }

@@ -11,11 +11,9 @@ struct ep_ll_handle {
     uint64_t seq;         /* the group's ll_seq at this dispatch */
     uint64_t window_gen;  /* the group's ll_window_gen at this dispatch */
     uint64_t combine_seq; /* the group's ll_combine_seq at this handle's last combine */
-    int parity;
     int dispatch_recv_pending;
-    int combined;
     int combine_recv_pending;
-    ep_ll_dispatch_kargs_t dispatch;
+    ep_ll_dispatch_kargs_t dispatch; /* its parity: the buffer half of this dispatch */
     ep_ll_combine_kargs_t combine;
 };
 

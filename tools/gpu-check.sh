@@ -4,7 +4,7 @@
 #
 #   tools/gpu-check.sh [--quick]
 # Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine, 1 on a 1-GPU one), EPCOMM_PY_WORLDS ("2,4"),
-# EPCOMM_SKIP (any of: tests python bench), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
+# EPCOMM_SKIP (any of: tests python bench variants), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
 # EPCOMM_LOCAL_RANKS (e.g. "2 4 8": also run every C GPU test with the ranks as threads of one process, several
 # per GPU in green contexts: the multi-rank logic on any machine, one GPU included; not NVLink),
 # EPCOMM_PY_LOCAL_WORLDS (e.g. "2,3,4": the Python GPU tests with the ranks as threads, several per GPU),
@@ -51,7 +51,12 @@ skipped() { [[ "$SKIP" == *" $1 "* ]]; }
 # get less than 10 s is skipped (its row says so), so that the logs still come back before the caller's limit.
 DEADLINE=$((SECONDS + ${EPCOMM_DEADLINE_S:-100000}))
 left() { local l=$((DEADLINE - SECONDS)); (( l > $1 )) && l=$1; echo "$l"; }
-past_deadline() { (( DEADLINE - SECONDS < 10 )); }
+# A step about to start with less than 10 s left: skipped, its row says so (and the run counts as failed).
+skip_past_deadline() { # label
+  (( DEADLINE - SECONDS >= 10 )) && return 1
+  row "$1" "skip" "EPCOMM_DEADLINE_S reached"
+  status=1
+}
 
 # At most 8 files come back from the device machine: keep them few (machine, summary, tests, bench logs,
 # JSONL, plot); build logs stay in the build folder unless the build fails.
@@ -78,7 +83,7 @@ run_gpu_test() { # name ranks args... (TAG, when set, names a variant: its label
   local label="$name${TAG:+ $TAG}${EPCOMM_TEST_LOCAL:+ in-process}"
   if [[ -z "${EPCOMM_TEST_LOCAL:-}" ]] && (( NGPU < ranks )); then row "$label R=$ranks" "skip" "machine has $NGPU GPUs"; return; fi
   local log="$BUILD.$name${TAG:+-$TAG}${EPCOMM_TEST_LOCAL:+-local}-r$ranks.log"
-  if past_deadline; then row "$label R=$ranks" "skip" "EPCOMM_DEADLINE_S reached"; status=1; return; fi
+  skip_past_deadline "$label R=$ranks" && return
   timeout "$(left "$TEST_TIMEOUT")" "$BUILD/tests/gpu/$name" --ranks "$ranks" "$@" > "$log" 2>&1
   local rc=$?
   { echo "==== $label R=$ranks (exit $rc)"; head -c 200000 "$log"; } >> "$TESTS"
@@ -115,7 +120,7 @@ for R in ${EPCOMM_BENCH_RANKS:-$RANKS}; do
   skipped bench && break
   (( NGPU < R )) && continue
   log="$LOGS/bench-r$R.log"
-  if past_deadline; then row "epcomm-bench (main job) R=$R" "skip" "EPCOMM_DEADLINE_S reached"; status=1; continue; fi
+  skip_past_deadline "epcomm-bench (main job) R=$R" && continue
   timeout "$(left 600)" "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
     --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 ${EPCOMM_BENCH_ARGS:-} > "$log" 2>&1
   rc=$?
@@ -132,7 +137,7 @@ fi
 # one process, several per GPU in green contexts (like EPCOMM_LOCAL_RANKS for the C tests).
 run_pytest() { # label log extra-env... -- pytest args
   local label=$1 log=$2; shift 2
-  if past_deadline; then row "$label" "skip" "EPCOMM_DEADLINE_S reached"; status=1; return; fi
+  skip_past_deadline "$label" && return
   local envs=()
   while [[ $1 != -- ]]; do envs+=("$1"); shift; done
   shift

@@ -73,9 +73,6 @@ __device__ __forceinline__ void ep_red_add_release_sys(uint32_t *p, uint32_t v) 
     asm volatile("red.release.sys.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-/* Spins until *flag >= target (acquire, system scope). Returns false (and records EP_ERROR_TIMEOUT naming
- * `peer` and `stage`) when the group's timeout passes, or at once if the group already recorded an error, so
- * one failure does not make every later wait sit out its own timeout. */
 /* One spin of a wait that began at `start`: every 1024 spins, false when the group already recorded an error or
  * the timeout has passed (then recorded, naming `peer` and `stage`, with `detail`). */
 __device__ __forceinline__ bool ep_keep_waiting(const ep_dev_group_t &g, uint32_t &spins, uint64_t start, int stage,
@@ -91,6 +88,9 @@ __device__ __forceinline__ bool ep_keep_waiting(const ep_dev_group_t &g, uint32_
     return false;
 }
 
+/* Spins until *flag >= target (acquire, system scope). Returns false (and records EP_ERROR_TIMEOUT naming
+ * `peer` and `stage`) when the group's timeout passes, or at once if the group already recorded an error, so
+ * one failure does not make every later wait sit out its own timeout. */
 template <typename T>
 __device__ __forceinline__ bool ep_wait_geq(const ep_dev_group_t &g, const T *flag, T target, int stage, int peer) {
     uint64_t start = ep_globaltimer_ns();
