@@ -16,17 +16,21 @@
 typedef struct {
     const char *name;
     int T, H, K, E, fp8, round_scale, ue8m0, check_combine, logfmt;
+    int hot; /* every token of every rank also picks the last expert (k = 0): it receives up to R*T rows */
 } ll_case_t;
 
 static const ll_case_t cases[] = {
-    {"t128_fp8", 128, 7168, 8, 256, 1, 0, 0, 0, 0},
-    {"t128_fp8_ue8m0", 128, 7168, 8, 256, 1, 1, 1, 0, 0},
-    {"t32_bf16_k6", 32, 2048, 6, 64, 0, 0, 0, 1, 0},
-    {"t128_fp8_combine", 128, 2048, 8, 64, 1, 0, 0, 1, 0},
-    {"t1", 1, 7168, 8, 32, 1, 1, 0, 1, 0},
-    {"t64_k16_e288", 64, 1024, 16, 288, 0, 0, 0, 1, 0},
-    {"t128_logfmt", 128, 7168, 8, 256, 1, 0, 0, 1, 1},
-    {"t32_logfmt_k6", 32, 2048, 6, 64, 0, 0, 0, 1, 1},
+    {"t128_fp8", 128, 7168, 8, 256, 1, 0, 0, 0, 0, 0},
+    {"t128_fp8_ue8m0", 128, 7168, 8, 256, 1, 1, 1, 0, 0, 0},
+    {"t32_bf16_k6", 32, 2048, 6, 64, 0, 0, 0, 1, 0, 0},
+    {"t128_fp8_combine", 128, 2048, 8, 64, 1, 0, 0, 1, 0, 0},
+    {"t1", 1, 7168, 8, 32, 1, 1, 0, 1, 0, 0},
+    {"t64_k16_e288", 64, 1024, 16, 288, 0, 0, 0, 1, 0, 0},
+    {"t128_logfmt", 128, 7168, 8, 256, 1, 0, 0, 1, 1, 0},
+    {"t32_logfmt_k6", 32, 2048, 6, 64, 0, 0, 0, 1, 1, 0},
+    {"t256_fp8_hot", 256, 2048, 8, 64, 1, 0, 0, 1, 0, 1},
+    {"t1_hot", 1, 7168, 8, 32, 0, 0, 0, 1, 0, 1},
+    {"t1024_bf16", 1024, 512, 8, 64, 0, 0, 0, 1, 0, 0},
 };
 
 /* Expert outputs for the LogFMT cases: most 128-channel groups below 1 in magnitude (log format), with
@@ -72,6 +76,8 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
         for (int t = 0; t < n; t += 11) /* duplicates: count once, combine reads the row twice */
             if (K > 1)
                 idx[r][(size_t)t * K + 1] = idx[r][(size_t)t * K];
+        for (int t = 0; c->hot && t < n; t++)
+            idx[r][(size_t)t * K] = E - 1;
         memset(&in[r], 0, sizeof(in[r]));
         in[r].num_tokens = n;
         in[r].x = (const uint8_t *)xs[r];
@@ -159,9 +165,11 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
     if (c->check_combine && !failures) {
         uint16_t *ys[8];
         for (int d = 0; d < R; d++) {
+            /* Only the rows each expert received; the rest NaN, which no combine may read. */
             ys[d] = malloc((size_t)L * RT * H * 2);
+            memset(ys[d], 0xFF, (size_t)L * RT * H * 2);
             for (int64_t l = 0; l < L; l++)
-                for (int64_t i = 0; i < RT; i++)
+                for (int64_t i = 0; i < ref[d].recv_count[l]; i++)
                     for (int64_t hh = 0; hh < H; hh++) {
                         uint16_t v = synth(d, l, i, hh);
                         ys[d][(l * RT + i) * H + hh] = c->logfmt ? synth_logfmt(v, hh) : v;
@@ -214,7 +222,11 @@ static int ll_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, vo
     int failures = 0;
     mp_enter_device(rank);
     ep_group_config_t cfg = EP_GROUP_CONFIG_INIT;
-    cfg.num_nvl_bytes = ep_low_latency_buffer_bytes(num_ranks, 128, 7168, 16, 288);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const ll_case_t *c = &cases[i];
+        size_t need = ep_low_latency_buffer_bytes(num_ranks, c->T, c->H, c->K, mp_experts(c->E, num_ranks));
+        cfg.num_nvl_bytes = need > cfg.num_nvl_bytes ? need : cfg.num_nvl_bytes;
+    }
     ep_group_t g = NULL;
     if (ep_group_create(id, num_ranks, rank, mp_device(rank), &cfg, &g) != EP_SUCCESS) {
         MP_FAIL(rank, "create: %s", ep_last_error());
