@@ -496,11 +496,11 @@ static void print_and_record(const bench_ht_args_t *a, rank_rows_t *all) {
                            : "NO");
         if (js)
             fprintf(js,
-                    "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"H200\", \"mode\": \"ht\", "
+                    "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"%s\", \"mode\": \"ht\", "
                     "\"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, \"experts\": %d, "
                     "\"dtype\": \"%s\", \"sms\": %d, \"time_us\": %.2f, \"logical_gbps\": %.2f, \"link_gbps\": %.2f, "
                     "\"correct\": %s}\n",
-                    date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", r.op, a->ranks,
+                    date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", a->gpu ? a->gpu : "unknown", r.op, a->ranks,
                     r.tokens, a->hidden, a->topk, a->experts, r.dtype, r.sms, r.time_us, lg, kg,
                     correct < 0 ? "null"
                     : correct   ? "true"

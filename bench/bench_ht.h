@@ -9,6 +9,7 @@ typedef struct {
     int quick;           /* fewer configurations */
     const char *jsonl;   /* append results here, or NULL */
     const char *machine; /* recorded in JSONL */
+    const char *gpu;     /* the GPU's name, recorded in JSONL */
     const char *commit;
 } bench_ht_args_t;
 

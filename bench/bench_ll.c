@@ -393,11 +393,11 @@ int bench_ll_run(const bench_ll_args_t *a) {
                 if (js)
                     fprintf(
                         js,
-                        "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"H200\", "
+                        "{\"date\": \"%s\", \"commit\": \"%s\", \"machine\": \"%s\", \"gpu\": \"%s\", "
                         "\"mode\": \"ll\", \"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, "
                         "\"experts\": %d, \"dtype\": \"%s\", \"sms\": 0, \"time_us\": %.2f, \"p99_us\": %.2f, "
                         "\"link_gbps\": %.2f, \"correct\": null}\n",
-                        date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", op_names[op],
+                        date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", a->gpu ? a->gpu : "unknown", op_names[op],
                         a->ranks, token_counts[ti], a->hidden, a->topk, a->experts,
                         op >= OP_COMBINE_LOGFMT                     ? "logfmt"
                         : op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16"

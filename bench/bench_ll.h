@@ -6,7 +6,7 @@
 typedef struct {
     int ranks;
     int hidden, topk, experts;
-    const char *jsonl, *machine, *commit;
+    const char *jsonl, *machine, *gpu, *commit; /* the last three recorded in JSONL */
 } bench_ll_args_t;
 
 int bench_ll_run(const bench_ll_args_t *a);

@@ -1,13 +1,14 @@
 /* epcomm-bench: the main job. With GPUs it brings a group up on all of them and measures what the GPU side
  * offers so far; it always runs the MoE round trip on the CPU reference and checks it.
  *
- *   epcomm-bench [--gpus G] [--quick] [--jsonl FILE] [--machine NAME] [--commit SHA] [--cpu-only]
+ *   epcomm-bench [--gpus G] [--quick] [--jsonl FILE] [--machine NAME] [--gpu NAME] [--commit SHA] [--cpu-only]
  *                [--only ht|ll] [--ranks R] [--tokens N] [--hidden H] [--topk K] [--experts E] [--seed S]
- * --gpus: GPUs to use (default: all); --ranks etc.: the CPU reference's simulated group. */
+ * --gpus: GPUs to use (default: all); --machine, --gpu, --commit: recorded in the JSONL; --ranks etc.: the CPU
+ * reference's simulated group. */
 
 typedef struct {
     int gpus, quick, cpu_only;
-    const char *jsonl, *machine, *commit, *only;
+    const char *jsonl, *machine, *gpu, *commit, *only;
 } gpu_opts_t;
 #include "bench_ht.h"
 #include "bench_ll.h"
@@ -42,6 +43,8 @@ static int parse_args(int argc, char **argv, demo_args_t *a, gpu_opts_t *o) {
             o->jsonl = v;
         else if (strcmp(k, "--machine") == 0)
             o->machine = v;
+        else if (strcmp(k, "--gpu") == 0)
+            o->gpu = v;
         else if (strcmp(k, "--commit") == 0)
             o->commit = v;
         else if (strcmp(k, "--ranks") == 0)
@@ -73,7 +76,7 @@ static int parse_args(int argc, char **argv, demo_args_t *a, gpu_opts_t *o) {
 
 int main(int argc, char **argv) {
     demo_args_t a = {4, 512, 7168, 8, 256, 1};
-    gpu_opts_t o = {0, 0, 0, NULL, NULL, NULL, NULL};
+    gpu_opts_t o = {0, 0, 0, NULL, NULL, NULL, NULL, NULL};
     if (parse_args(argc, argv, &a, &o))
         return 2;
     int failed = 0;
@@ -98,10 +101,10 @@ int main(int argc, char **argv) {
                "CPU reference.\n",
                gpus);
         failed |= demo_gpu_group(gpus);
-        bench_ht_args_t b = {gpus, a.hidden, a.topk, a.experts, o.quick, o.jsonl, o.machine, o.commit};
+        bench_ht_args_t b = {gpus, a.hidden, a.topk, a.experts, o.quick, o.jsonl, o.machine, o.gpu, o.commit};
         if (o.only == NULL || strcmp(o.only, "ht") == 0)
             failed |= bench_ht_run(&b);
-        bench_ll_args_t ll = {gpus, a.hidden, a.topk, a.experts, o.jsonl, o.machine, o.commit};
+        bench_ll_args_t ll = {gpus, a.hidden, a.topk, a.experts, o.jsonl, o.machine, o.gpu, o.commit};
         if (o.only == NULL || strcmp(o.only, "ll") == 0)
             failed |= bench_ll_run(&ll);
     }

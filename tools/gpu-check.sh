@@ -115,14 +115,15 @@ for R in ${EPCOMM_LOCAL_RANKS:-}; do
 done
 
 COMMIT="$(sed -n 's/^commit: //p' "$LOGS/machine.txt")"
-MACHINE="nvidia-h200-x${NGPU}"
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+case "$GPU_NAME" in *H100*) MACHINE="nvidia-h100-x${NGPU}" ;; *) MACHINE="nvidia-h200-x${NGPU}" ;; esac
 for R in ${EPCOMM_BENCH_RANKS:-$RANKS}; do
   skipped bench && break
   (( NGPU < R )) && continue
   log="$LOGS/bench-r$R.log"
   skip_past_deadline "epcomm-bench (main job) R=$R" && continue
   timeout "$(left 600)" "$BUILD/bench/epcomm-bench" --gpus "$R" $([[ $QUICK -eq 1 ]] && echo --quick) \
-    --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --commit "$COMMIT" --tokens 256 ${EPCOMM_BENCH_ARGS:-} > "$log" 2>&1
+    --jsonl "$LOGS/ht.jsonl" --machine "$MACHINE" --gpu "${GPU_NAME:-unknown}" --commit "$COMMIT" --tokens 256 ${EPCOMM_BENCH_ARGS:-} > "$log" 2>&1
   rc=$?
   [[ $rc -ne 0 ]] && status=1
   row "epcomm-bench (main job) R=$R" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$(tail -1 "$log")"
