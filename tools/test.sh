@@ -17,5 +17,7 @@ PYBUILD="${EPCOMM_PY_BUILD_DIR:-$ROOT/build-py}"
 cmake -S "$ROOT" -B "$PYBUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPCOMM_BUILD_TESTS=OFF -DEPCOMM_BUILD_BENCH=OFF
 ninja -C "$PYBUILD" epcomm
 python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check pytest
+# The packaging test builds the wheel offline: it needs `wheel` with setuptools < 70.1 (skips without it).
+python3 -c 'import wheel' >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check wheel || true
 cd "$ROOT"
 EPCOMM_LIBRARY="$PYBUILD/src/libepcomm.so" python3 -m pytest -q -p no:cacheprovider python/tests
