@@ -1,0 +1,250 @@
+/* The bad inputs SPEC.md lists, at the entry points that take them (ep_dispatch, ep_combine,
+ * ep_low_latency_dispatch), host only: a group with nothing but its host-mapped error record, so nothing could be
+ * launched. Each case starts from arguments that pass every check, changes one thing and expects the status and
+ * a message naming the argument and what was expected. Every call also carries a launch that is refused after the
+ * argument checks (async_finish without an event): the control case shows that the unchanged arguments get that
+ * far, so a case passes only through its own check. */
+#include "error.h"
+#include "group.h"
+#include "handle.h"
+#include "tcheck.h"
+
+enum { R = 2, N = 8, H = 256, K = 4, E = 8 };
+
+static _Alignas(256) char mem[256]; /* every tensor's data: never read, the checks look at descriptors only */
+
+typedef struct {
+    ep_mapped_t mapped;
+    struct ep_group g;
+    struct ep_group other;
+    struct ep_handle h; /* of a dispatch on g with N tokens, K experts per token, N rows received */
+    ep_launch_t late_refusal;
+} fake_t;
+
+static void fake(fake_t *f) {
+    memset(f, 0, sizeof(*f));
+    f->g.mapped_host = &f->mapped;
+    f->g.num_ranks = R;
+    f->g.config.num_nvl_bytes = (size_t)1 << 30;
+    f->h.group = &f->g;
+    f->h.num_tokens = N, f->h.num_recv = -1, f->h.num_rows = N, f->h.num_experts = E, f->h.topk = K;
+    f->late_refusal = (ep_launch_t)EP_LAUNCH_INIT;
+    f->late_refusal.async_finish = 1; /* and no finish_event */
+}
+
+#define LATE "launch.finish_event"
+
+/* ---- ep_dispatch ---- */
+
+static ep_dispatch_args_t good_dispatch(void) {
+    ep_dispatch_args_t a = EP_DISPATCH_ARGS_INIT;
+    a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, H);
+    a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, K);
+    a.topk_weights = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, K);
+    a.num_tokens_per_rank = ep_tensor_1d(mem, EP_DTYPE_INT32, R);
+    a.is_token_in_rank = ep_tensor_2d(mem, EP_DTYPE_BOOL, N, R);
+    a.num_tokens_per_expert = ep_tensor_1d(mem, EP_DTYPE_INT32, E);
+    a.num_experts = E;
+    a.expert_alignment = 1;
+    return a;
+}
+
+static void expect_dispatch(fake_t *f, const ep_dispatch_args_t *a, ep_status_t status, const char *message) {
+    ep_dispatch_result_t r = EP_DISPATCH_RESULT_INIT;
+    TCHECK_EQ_INT(ep_dispatch(&f->g, a, &r, &f->late_refusal), status);
+    TCHECK_STR_CONTAINS(ep_last_error(), message);
+    TCHECK(r.handle == NULL, "a refused dispatch returned a handle");
+}
+
+static void dispatch_bad_inputs(void) {
+    fake_t f;
+    fake(&f);
+    ep_dispatch_args_t a = good_dispatch();
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, LATE); /* control */
+
+    a = good_dispatch(), a.x.dtype = EP_DTYPE_FLOAT32;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: expected dtype bfloat16 or float8_e4m3fn, got float32");
+    a = good_dispatch(), a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 12);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: stride 0 (12 elements = 24 bytes) is not a multiple of 16");
+    a.x.strides[0] = 16; /* rows 16-byte aligned, but 24 bytes long */
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: rows must be a multiple of 16 bytes");
+    a = good_dispatch(), a.x.strides[1] = 2;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x:");
+    a = good_dispatch(), a.x_scales = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, H / 128);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x_scales: expected none for bfloat16 x");
+    a = good_dispatch(), a.x.dtype = EP_DTYPE_FLOAT8_E4M3;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x_scales: float8_e4m3fn x needs its scales");
+    a = good_dispatch(), a.x.dtype = EP_DTYPE_FLOAT8_E4M3, a.x_scales = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N - 1, 2);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x_scales: expected shape");
+    a = good_dispatch(), a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, 33);
+    a.topk_weights = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, 33);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_idx.shape[1] (num_topk): expected a value in [1, 32]");
+    a = good_dispatch(), a.topk_idx.dtype = EP_DTYPE_INT32;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_idx: expected dtype int64");
+    a = good_dispatch(), a.topk_weights = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, K + 1);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_weights: expected shape");
+    a = good_dispatch(), a.topk_idx = (ep_tensor_t){0};
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_weights: given without topk_idx");
+    a = good_dispatch(), a.num_experts = 7, a.num_tokens_per_expert.shape[0] = 7;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_experts (must divide evenly over the ranks)");
+    a = good_dispatch(), a.num_experts = 1;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_experts: expected a value in [2, 6144]");
+    a = good_dispatch(), a.num_tokens_per_expert.shape[0] = E + R;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_tokens_per_expert: expected shape");
+    a = good_dispatch(), a.is_token_in_rank = ep_tensor_2d(mem, EP_DTYPE_BOOL, N, R + 1);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "is_token_in_rank: expected shape");
+    a = good_dispatch(), a.num_tokens_per_rank.dtype = EP_DTYPE_INT64;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_tokens_per_rank: expected dtype int32");
+    a = good_dispatch(), a.expert_alignment = 0;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "expert_alignment: expected a value in [1,");
+    a = good_dispatch(), a.num_sms = -1;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_sms: expected a value in [0, 1024]");
+    a = good_dispatch(), a.num_worst_tokens = -1;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: expected a value in [0,");
+    /* Too small a buffer for the rows asked for: names the size needed. */
+    f.g.config.num_nvl_bytes = ep_normal_buffer_bytes(R, N, H, 2, 0, K);
+    a = good_dispatch(), a.num_worst_tokens = 1 << 20;
+    expect_dispatch(&f, &a, EP_ERROR_BUFFER_TOO_SMALL, "num_nvl_bytes must be at least");
+}
+
+static void cached_dispatch_bad_inputs(void) {
+    fake_t f;
+    fake(&f);
+    ep_dispatch_args_t a = good_dispatch();
+    a.cached_handle = &f.h;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, LATE); /* control */
+    f.h.group = &f.other;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "cached_handle: it belongs to another group");
+    f.h.group = &f.g;
+    a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N - 1, H);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: the cached handle routes 8 tokens, got 7");
+    a = good_dispatch(), a.cached_handle = &f.h, a.topk_idx = (ep_tensor_t){0};
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_weights: a cached dispatch that sends weights needs");
+    a = good_dispatch(), a.cached_handle = &f.h, a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, K + 1);
+    a.topk_weights = (ep_tensor_t){0};
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_idx: expected shape");
+}
+
+/* ---- ep_combine ---- */
+
+static ep_combine_args_t good_combine(fake_t *f) {
+    ep_combine_args_t a = EP_COMBINE_ARGS_INIT;
+    a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, H); /* the handle's N rows received */
+    a.topk_weights = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, K);
+    a.bias0 = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, H);
+    a.out = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, H);
+    a.out_topk_weights = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, K);
+    a.handle = &f->h;
+    return a;
+}
+
+static void expect_combine(fake_t *f, const ep_combine_args_t *a, ep_status_t status, const char *message) {
+    TCHECK_EQ_INT(ep_combine(&f->g, a, &f->late_refusal), status);
+    TCHECK_STR_CONTAINS(ep_last_error(), message);
+}
+
+static void combine_bad_inputs(void) {
+    fake_t f;
+    fake(&f);
+    ep_combine_args_t a = good_combine(&f);
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, LATE); /* control */
+
+    a = good_combine(&f), a.handle = NULL;
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "handle: expected a non-NULL pointer");
+    f.h.group = &f.other;
+    a = good_combine(&f);
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "handle: it belongs to another group");
+    f.h.group = &f.g;
+    a = good_combine(&f), a.x.dtype = EP_DTYPE_FLOAT8_E4M3;
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: expected dtype bfloat16");
+    a = good_combine(&f), a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N + 1, H);
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: expected shape");
+    a = good_combine(&f), a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 12), a.bias0 = (ep_tensor_t){0};
+    a.out = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 12), a.x.strides[0] = 16;
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: rows must be a multiple of 16 bytes");
+    a = good_combine(&f), a.topk_weights = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, K - 1);
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_weights: expected shape");
+    a = good_combine(&f), a.bias0 = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, H / 2);
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "bias0: expected shape");
+    a = good_combine(&f), a.bias1 = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, H);
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "bias1: expected dtype bfloat16");
+    a = good_combine(&f), a.out = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N - 1, H);
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "out: expected shape");
+    a = good_combine(&f), a.out_topk_weights = (ep_tensor_t){0};
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "out_topk_weights:");
+    a = good_combine(&f), a.num_sms = 4096;
+    expect_combine(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_sms: expected a value in [0, 1024]");
+    /* Counts known on the host: more rows coming back to a rank than the combine buffer holds. */
+    f.h.num_recv = N;
+    f.h.counts[0] = 1 << 24; /* rank 0 sends this many rows to rank 0 */
+    f.g.config.num_nvl_bytes = ep_normal_buffer_bytes(R, N, H, 2, 0, K);
+    a = good_combine(&f);
+    expect_combine(&f, &a, EP_ERROR_BUFFER_TOO_SMALL, "combine: rank 0 gets back 16777216 rows");
+}
+
+/* ---- ep_low_latency_dispatch ---- */
+
+enum { T = 16, LL_H = 512, L = E / R };
+
+static ep_low_latency_dispatch_args_t good_ll(void) {
+    ep_low_latency_dispatch_args_t a = EP_LOW_LATENCY_DISPATCH_ARGS_INIT;
+    a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, LL_H);
+    a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, K);
+    a.max_tokens = T, a.num_experts = E, a.use_fp8 = 1, a.round_scale = 1, a.use_ue8m0 = 1;
+    a.recv_x = ep_tensor_3d(mem, EP_DTYPE_FLOAT8_E4M3, L, R * T, LL_H);
+    a.recv_x_scales = ep_tensor_3d(mem, EP_DTYPE_INT32, L, LL_H / 512, R * T);
+    a.recv_x_scales.strides[1] = 1, a.recv_x_scales.strides[2] = LL_H / 512; /* column-major last two dims */
+    a.recv_count = ep_tensor_1d(mem, EP_DTYPE_INT32, L);
+    a.src_info = ep_tensor_2d(mem, EP_DTYPE_INT32, L, R * T);
+    a.layout_range = ep_tensor_2d(mem, EP_DTYPE_INT64, L, R);
+    return a;
+}
+
+static void expect_ll(fake_t *f, const ep_low_latency_dispatch_args_t *a, ep_status_t status, const char *message) {
+    ep_ll_handle_t h = NULL;
+    TCHECK_EQ_INT(ep_low_latency_dispatch(&f->g, a, &h, &f->late_refusal), status);
+    TCHECK_STR_CONTAINS(ep_last_error(), message);
+    TCHECK(h == NULL, "a refused low-latency dispatch returned a handle");
+}
+
+static void low_latency_dispatch_bad_inputs(void) {
+    fake_t f;
+    fake(&f);
+    ep_low_latency_dispatch_args_t a = good_ll();
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, LATE); /* control */
+
+    a = good_ll(), a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, T + 1, LL_H);
+    a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, T + 1, K);
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT,
+              "x.shape[0] (num_tokens, at most num_max_dispatch_tokens_per_rank): expected a value in [0, 16]");
+    a = good_ll(), a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 384); /* a multiple of 128, not of 512 */
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x.shape[1] (hidden): expected a multiple of 512, got 384");
+    a = good_ll(), a.use_fp8 = 0, a.use_ue8m0 = 0, a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 192);
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x.shape[1] (hidden): expected a multiple of 128, got 192");
+    a = good_ll(), a.round_scale = 0;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "use_ue8m0: needs round_scale");
+    a = good_ll(), a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, 17);
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_idx.shape[1] (num_topk): expected a value in [1, 16], got 17");
+    a = good_ll(), a.max_tokens = 0;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_max_dispatch_tokens_per_rank: expected a value in [1,");
+    a = good_ll(), a.num_experts = 9;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_experts (must divide evenly over the ranks)");
+    a = good_ll(), a.recv_x.dtype = EP_DTYPE_BFLOAT16;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "recv_x: expected dtype float8_e4m3fn");
+    a = good_ll(), a.recv_x_scales = (ep_tensor_t){0};
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "recv_x_scales:");
+    a = good_ll(), a.src_info = ep_tensor_2d(mem, EP_DTYPE_INT32, L, T);
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "src_info: expected shape");
+    f.g.config.num_nvl_bytes = ep_low_latency_buffer_bytes(R, T, LL_H, K, E) - 1;
+    a = good_ll();
+    expect_ll(&f, &a, EP_ERROR_BUFFER_TOO_SMALL, "low-latency buffer:");
+    TCHECK_STR_CONTAINS(ep_last_error(), "(ep_low_latency_buffer_bytes)");
+}
+
+int main(void) {
+    TRUN(dispatch_bad_inputs);
+    TRUN(cached_dispatch_bad_inputs);
+    TRUN(combine_bad_inputs);
+    TRUN(low_latency_dispatch_bad_inputs);
+    return TDONE();
+}
