@@ -5,6 +5,7 @@
 #include "error.h"
 #include "group.h"
 #include "kernels/group_kernels.h"
+#include "kernels/ll_layout.h"
 #include "log.h"
 
 #include <stdio.h>
@@ -81,6 +82,19 @@ ep_status_t ep_group_mark_failed(ep_group_t g, ep_status_t status) {
 
 _Static_assert(EP_DEV_STATUS_TIMEOUT == EP_ERROR_TIMEOUT, "device and host timeout status differ");
 _Static_assert(EP_DEV_STATUS_OVERRUN == EP_ERROR_DEVICE_INPUT, "device and host overrun status differ");
+_Static_assert(EP_DEV_STATUS_MISMATCH == EP_ERROR_INVALID_ARGUMENT, "device and host mismatch status differ");
+
+/* The message of a low-latency layout mismatch (ll_dispatch.cu, layout_differs). */
+static void fail_layout_mismatch(const volatile ep_dev_error_t *e) {
+    int t[2], h[2], k[2], x[2];
+    ep_ll_unpack_layout(e->detail, &t[0], &h[0], &k[0], &x[0]);
+    ep_ll_unpack_layout(e->waited_ns, &t[1], &h[1], &k[1], &x[1]);
+    ep_fail(EP_ERROR_INVALID_ARGUMENT,
+            "rank %d: stage '%s': rank %d called the low-latency dispatch with num_max_dispatch_tokens_per_rank=%d, "
+            "hidden=%d, num_topk=%d, num_experts=%d, this rank with %d, %d, %d, %d: every rank must pass the same "
+            "(its rows were not read)",
+            (int)e->rank, ep_stage_name(e->stage), (int)e->peer, t[0], h[0], k[0], x[0], t[1], h[1], k[1], x[1]);
+}
 
 ep_status_t ep_group_take_device_error(ep_group_t g) {
     volatile ep_dev_error_t *e = &g->mapped_host->error;
@@ -94,7 +108,9 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
         ep_fail(EP_ERROR_INTERNAL, "rank %d: the device began recording an error but did not finish", g->rank);
         return ep_group_mark_failed(g, EP_ERROR_INTERNAL);
     }
-    if (status == EP_DEV_STATUS_OVERRUN && e->peer >= 0) /* ep_flag_overrun */
+    if (status == EP_DEV_STATUS_MISMATCH && e->peer >= 0)
+        fail_layout_mismatch(e);
+    else if (status == EP_DEV_STATUS_OVERRUN && e->peer >= 0) /* ep_flag_overrun */
         ep_fail((ep_status_t)status,
                 "rank %d: stage '%s': rank %d had already sent a later call's data (epoch %llu, this call's %llu) "
                 "into the buffer half this call reads, overwriting this call's: the call's receive ran after a "

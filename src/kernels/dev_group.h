@@ -22,6 +22,7 @@
 #define EP_MAX_TOPK               32              /* normal mode; the low-latency limit is EP_LL_MAX_TOPK */
 #define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
+#define EP_CTRL_LL_DISPATCH_LAYOUTS 67584 /* uint64_t[2][R]: by parity, each source's (T, H, K, E) (ep_ll_pack_layout) */
 #define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by combine parity, epoch << 32, from each expert rank */
 /* uint32_t[2][R][EP_HT_COMBINE_MAX_CHUNKS]: by combine parity, for each source's run of rows in this rank's
  * combine region, the rows of each chunk that have landed (overlapped combine; zeroed after each use). */
@@ -47,14 +48,15 @@ typedef enum {
 #define EP_DEV_ERROR_WRITING (-1) /* status while the first error's details are being written */
 #define EP_DEV_STATUS_TIMEOUT 6   /* EP_ERROR_TIMEOUT (the device code does not include epcomm.h) */
 #define EP_DEV_STATUS_OVERRUN 11  /* EP_ERROR_DEVICE_INPUT, with a peer: a low-latency flag past this call */
+#define EP_DEV_STATUS_MISMATCH 1  /* EP_ERROR_INVALID_ARGUMENT, with a peer: its low-latency (T, H, K, E) differ */
 typedef struct {
     int32_t status;  /* an ep_status_t; 0 while healthy; EP_DEV_ERROR_WRITING until the details are complete */
     int32_t stage;   /* ep_stage_t */
     int32_t rank;    /* the rank that recorded it */
     int32_t peer;    /* the peer waited on, -1 if none */
     uint64_t detail; /* stage-specific: for barriers and low-latency timeouts the epoch waited for; for an
-                        overrun the epoch seen << 32 | this call's epoch */
-    uint64_t waited_ns;
+                        overrun the epoch seen << 32 | this call's epoch; for a mismatch the peer's packed layout */
+    uint64_t waited_ns; /* for a timeout; for a mismatch this rank's packed layout */
 } ep_dev_error_t;
 
 /* Bad input data found by a kernel. Not sticky: the op completes without the bad entries (or, for a

@@ -178,6 +178,10 @@ __device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, con
             h->tag = ep_ll_tag(epoch, R, a.max_tokens, a.hidden, K, a.num_experts);
         }
     }
+    /* Block 0 tells every rank this call's sizes; they land before the flag, like the rows. */
+    if (t == 0 && tid < R)
+        *(volatile uint64_t *)((uint64_t *)(g.window[tid] + EP_CTRL_LL_DISPATCH_LAYOUTS) + p * R + me) =
+            ep_ll_pack_layout(a.max_tokens, a.hidden, K, a.num_experts);
     /* The last block to finish tells every rank how many tokens this rank has (and that they landed). */
     __syncthreads();
     if (tid == 0)
@@ -229,6 +233,20 @@ __device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, in
     return -1;
 }
 
+/* Whether source `src` (whose flag for this call has been seen) dispatched with other (T, H, K, E) than this rank:
+ * then its rows are not where this rank looks, so it is recorded as EP_DEV_STATUS_MISMATCH naming the source
+ * (which fails the group) and its rows are not read. */
+__device__ __forceinline__ bool layout_differs(const ep_dev_group_t &g, const ep_ll_dispatch_kargs_t &a, int p,
+                                               int src) {
+    const uint64_t mine = ep_ll_pack_layout(a.max_tokens, a.hidden, a.topk, a.num_experts);
+    const uint64_t *words = (const uint64_t *)(g.window[g.rank] + EP_CTRL_LL_DISPATCH_LAYOUTS);
+    const uint64_t theirs = *(volatile const uint64_t *)(words + p * g.num_ranks + src);
+    if (theirs == mine)
+        return false;
+    ep_record_error(g, EP_DEV_STATUS_MISMATCH, EP_STAGE_LL_DISPATCH_RECV, src, theirs, mine);
+    return true;
+}
+
 /* a.recv_split blocks per local expert l. The slots of all sources are scanned as one sequence in (source,
  * token) order, EP_LL_RECV_THREADS at a time: a block-wide scan gives each slot that names l its row, so rows
  * come out in the reference's order. Each of l's blocks makes the same scan (a few header loads) and copies
@@ -251,6 +269,7 @@ __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, con
         uint64_t v = 0;
         bool ok = ep_wait_epoch(g, flag, epoch, EP_STAGE_LL_DISPATCH_RECV, tid, &v);
         ok = ok && !ep_flag_overrun(g, v, epoch, EP_STAGE_LL_DISPATCH_RECV, tid);
+        ok = ok && !layout_differs(g, a, p, tid);
         first[tid + 1] = ok ? (int32_t)(v & 0xffffffffu) : 0;
         per_src[tid] = 0;
         if (a.wait_cost_stats && vb == 0)

@@ -44,6 +44,21 @@ EP_LL_HD uint64_t ep_ll_tag(uint32_t epoch, int num_ranks, int max_tokens, int h
     return ((uint64_t)epoch << 32) | (uint32_t)(h >> 32) | 0x80000000u;
 }
 
+/* A low-latency call's (T, H, K, E) in one word, which each source sends with its dispatch so that a receiver can
+ * tell a peer that called with other sizes (its rows would sit at other offsets): T - 1 in bits 0-15, H / 128 - 1
+ * in 16-24, K in 25-29, E in 30-42 (T <= 65536, H <= 65536 and a multiple of 128, K <= 31, E <= 8191). */
+EP_LL_HD uint64_t ep_ll_pack_layout(int max_tokens, int hidden, int topk, int num_experts) {
+    return (uint64_t)(max_tokens - 1) | (uint64_t)(hidden / 128 - 1) << 16 | (uint64_t)topk << 25 |
+           (uint64_t)num_experts << 30;
+}
+
+EP_LL_HD void ep_ll_unpack_layout(uint64_t w, int *max_tokens, int *hidden, int *topk, int *num_experts) {
+    *max_tokens = (int)(w & 0xffff) + 1;
+    *hidden = ((int)(w >> 16 & 0x1ff) + 1) * 128;
+    *topk = (int)(w >> 25 & 0x1f);
+    *num_experts = (int)(w >> 30 & 0x1fff);
+}
+
 typedef struct {
     uint64_t slot_bytes, data_off, scales_off;                          /* within a slot */
     uint64_t comb_row_bytes;                                            /* a combine staging row */

@@ -451,6 +451,38 @@ static int overrun_is_reported(int rank, int R, const ep_unique_id_t *id, void *
     return failures;
 }
 
+/* The last rank dispatches with num_topk 6 where the others pass 8 (its topk_idx a [n, 6] view of the same ids):
+ * each call is valid on its own, so it is launched; every rank's receive finds a peer whose sizes differ from its
+ * own and reports it, naming the peer and both sets of sizes, instead of reading rows that are not where it looks. */
+static int mismatched_sizes_are_reported(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    ep_group_t g = make_group(rank, R, id, R > 4 ? 4000 : 1500);
+    if (!g)
+        return 1;
+    inputs_t in;
+    make_inputs(&in, R, 70);
+    pair_t p;
+    pair_init(&p, R);
+    pair_load(&p, &in, rank, R);
+    if (rank == R - 1)
+        p.da.topk_idx.shape[1] = K - 2; /* rows keep their stride of K */
+    ep_ll_handle_t h = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS); /* enqueued */
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_INVALID_ARGUMENT);
+    char want[96];
+    snprintf(want, sizeof(want), "num_topk=%d, num_experts=%d, this rank with %d, %d, %d, %d", rank == R - 1 ? K : K - 2,
+             E, T, H, rank == R - 1 ? K - 2 : K, E);
+    if (!strstr(ep_last_error(), "called the low-latency dispatch with") || !strstr(ep_last_error(), want))
+        MP_FAIL(rank, "mismatch message: %s (wanted \"%s\")", ep_last_error(), want);
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    ep_ll_handle_destroy(h);
+    free_inputs(&in, R);
+    pair_free(&p);
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+    return failures;
+}
+
 static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     ep_group_t g = make_group(rank, R, id, 0);
@@ -507,7 +539,8 @@ int main(int argc, char **argv) {
     failed += mp_run("ll.fused_beside_busy_stream", ranks, fused_beside_busy_stream, NULL, 120) != 0;
     failed += mp_run("ll.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
     failed += mp_run("ll.overrun_is_reported", ranks, overrun_is_reported, NULL, 60) != 0;
+    failed += mp_run("ll.mismatched_sizes_are_reported", ranks, mismatched_sizes_are_reported, NULL, 60) != 0;
     failed += mp_run("ll.argument_errors", ranks, argument_errors, NULL, 60) != 0;
-    printf("%d passed, %d failed\n", 7 - failed, failed);
+    printf("%d passed, %d failed\n", 8 - failed, failed);
     return failed;
 }

@@ -4,6 +4,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "error.h"
 #include "group.h"
+#include "kernels/ll_layout.h"
 #include "tcheck.h"
 
 #include <pthread.h>
@@ -91,10 +92,50 @@ static void overrun_record_is_reported_as_such(void) {
     TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency combine (receive)': rank 1 had already sent");
 }
 
+/* A low-latency dispatch receive that found a peer's (T, H, K, E) differing from its own (layout_differs). */
+static void layout_mismatch_names_both_layouts(void) {
+    ep_mapped_t mapped;
+    struct ep_group g;
+    fake_group(&g, &mapped);
+    mapped.error.stage = EP_STAGE_LL_DISPATCH_RECV;
+    mapped.error.rank = 0;
+    mapped.error.peer = 1;
+    mapped.error.detail = ep_ll_pack_layout(256, 7168, 8, 288);
+    mapped.error.waited_ns = ep_ll_pack_layout(128, 7168, 8, 288);
+    mapped.error.status = EP_DEV_STATUS_MISMATCH;
+    TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "rank 0: stage 'low-latency dispatch (receive)': rank 1 called the "
+                                         "low-latency dispatch with num_max_dispatch_tokens_per_rank=256, "
+                                         "hidden=7168, num_topk=8, num_experts=288, this rank with 128, 7168, 8, 288");
+    TCHECK_EQ_INT(g.failed, EP_ERROR_INVALID_ARGUMENT);
+}
+
+/* The packed layout round-trips at the limits the checks allow (T up to 2^16, H up to 2^16, K up to 16, E up to
+ * 4096), and any one size differing changes the word. */
+static void layout_words_round_trip(void) {
+    const int ts[] = {1, 128, 65536}, hs[] = {128, 7168, 65536}, ks[] = {1, 16}, es[] = {2, 288, 4096};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int c = 0; c < 2; c++)
+                for (int d = 0; d < 3; d++) {
+                    int t, h, k, e;
+                    const uint64_t w = ep_ll_pack_layout(ts[a], hs[b], ks[c], es[d]);
+                    ep_ll_unpack_layout(w, &t, &h, &k, &e);
+                    TCHECK(t == ts[a] && h == hs[b] && k == ks[c] && e == es[d],
+                           "(%d, %d, %d, %d) came back (%d, %d, %d, %d)", ts[a], hs[b], ks[c], es[d], t, h, k, e);
+                    TCHECK(w != ep_ll_pack_layout(ts[a] == 1 ? 2 : 1, hs[b], ks[c], es[d]), "T not in the word");
+                    TCHECK(w != ep_ll_pack_layout(ts[a], hs[b] == 128 ? 256 : 128, ks[c], es[d]), "H not in the word");
+                    TCHECK(w != ep_ll_pack_layout(ts[a], hs[b], ks[c] == 1 ? 2 : 1, es[d]), "K not in the word");
+                    TCHECK(w != ep_ll_pack_layout(ts[a], hs[b], ks[c], es[d] == 2 ? 4 : 2), "E not in the word");
+                }
+}
+
 int main(void) {
     TRUN(published_record_is_reported);
     TRUN(claimed_record_is_read_once_published);
     TRUN(record_never_published_is_an_internal_error);
     TRUN(overrun_record_is_reported_as_such);
+    TRUN(layout_mismatch_names_both_layouts);
+    TRUN(layout_words_round_trip);
     return TDONE();
 }
