@@ -5,6 +5,7 @@
 #include "error.h"
 #include "group.h"
 #include "kernels/group_kernels.h"
+#include "kernels/ht_layout.h"
 #include "kernels/ll_layout.h"
 #include "log.h"
 
@@ -129,6 +130,20 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
     return ep_group_mark_failed(g, (ep_status_t)status);
 }
 
+/* The message of a dispatch whose sizes differ from a peer's (ht_notify.cu). */
+static ep_status_t fail_call_mismatch(int rank, const char *op, int peer, uint64_t theirs, uint64_t mine) {
+    int64_t h[2];
+    int fp8[2], s[2], k[2], x[2];
+    ep_ht_unpack_call(theirs, &h[0], &fp8[0], &s[0], &k[0], &x[0]);
+    ep_ht_unpack_call(mine, &h[1], &fp8[1], &s[1], &k[1], &x[1]);
+    return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                   "rank %d: %s: rank %d called dispatch with hidden=%lld, x %s with %d scales per token, num_topk=%d, "
+                   "num_experts=%d, this rank with %lld, %s, %d, %d, %d: every rank must pass the same; nothing was "
+                   "sent",
+                   rank, op, peer, (long long)h[0], fp8[0] ? "float8_e4m3fn" : "bfloat16", s[0], k[0], x[0],
+                   (long long)h[1], fp8[1] ? "float8_e4m3fn" : "bfloat16", s[1], k[1], x[1]);
+}
+
 ep_status_t ep_group_take_input_error(ep_group_t g) {
     volatile ep_dev_input_error_t *e = &g->mapped_host->input_error;
     uint32_t count = e->count;
@@ -143,6 +158,9 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
                      "%lld; nothing was sent (use a larger num_nvl_bytes, see the size hints, or a larger "
                      "num_worst_tokens)",
                      g->rank, op, (int)e->k, (long long)e->value, (long long)e->token);
+        break;
+    case EP_INPUT_CALL_MISMATCH:
+        st = fail_call_mismatch(g->rank, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
         break;
     case EP_INPUT_LAYOUT_MISMATCH:
         st = ep_fail(EP_ERROR_DEVICE_INPUT,

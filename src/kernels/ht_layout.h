@@ -82,4 +82,20 @@ EP_HD uint64_t ep_ht_combine_base(uint64_t data_bytes, int parity) {
     return (uint64_t)(2 + parity) * ep_ht_quarter_bytes(data_bytes);
 }
 
+/* A dispatch's sizes in one word, which the count exchange compares across ranks (a rank that called with other
+ * sizes would write its rows at other offsets): hidden in bits 0-23, FP8 in 24, scales per token in 25-37, topk
+ * in 38-43 (0: no topk_idx), experts in 44-56. */
+EP_HD uint64_t ep_ht_pack_call(int64_t hidden, int fp8, int num_scales, int topk, int num_experts) {
+    return ((uint64_t)hidden & 0xffffff) | (uint64_t)(fp8 != 0) << 24 | ((uint64_t)num_scales & 0x1fff) << 25 |
+           ((uint64_t)topk & 0x3f) << 38 | ((uint64_t)num_experts & 0x1fff) << 44;
+}
+
+EP_HD void ep_ht_unpack_call(uint64_t w, int64_t *hidden, int *fp8, int *num_scales, int *topk, int *num_experts) {
+    *hidden = (int64_t)(w & 0xffffff);
+    *fp8 = (int)(w >> 24 & 1);
+    *num_scales = (int)(w >> 25 & 0x1fff);
+    *topk = (int)(w >> 38 & 0x3f);
+    *num_experts = (int)(w >> 44 & 0x1fff);
+}
+
 #endif

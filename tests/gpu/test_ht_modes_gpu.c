@@ -398,6 +398,18 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
     if (rank == 1)
         printf("     rank 1 saw: %s\n", ep_last_error());
     mp_free(bad_per_rank);
+    /* The last rank dispatches rows of half the hidden size (a [n, H/2] view with the rows' stride): valid on its
+     * own, so only the count exchange can tell. Every rank abandons, each naming a peer whose sizes differ. */
+    b = a;
+    if (rank == R - 1)
+        b.x.shape[1] = H / 2;
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res, &l), EP_ERROR_INVALID_ARGUMENT);
+    char want[96];
+    snprintf(want, sizeof(want), "called dispatch with hidden=%d, x bfloat16", rank == R - 1 ? H : H / 2);
+    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "every rank must pass the same"))
+        MP_FAIL(rank, "mismatched sizes message: %s (wanted \"%s\")", ep_last_error(), want);
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
     /* Nothing was sent: a normal dispatch still works. */
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, &l), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);

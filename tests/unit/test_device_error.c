@@ -4,6 +4,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "error.h"
 #include "group.h"
+#include "kernels/ht_layout.h"
 #include "kernels/ll_layout.h"
 #include "tcheck.h"
 
@@ -130,6 +131,44 @@ static void layout_words_round_trip(void) {
                 }
 }
 
+/* A dispatch whose sizes differ from a peer's (the count exchange compares every rank's ep_ht_pack_call word):
+ * bad input naming the peer and both sets of sizes; the group stays usable (nothing was sent). */
+static void call_mismatch_names_both_calls(void) {
+    ep_mapped_t mapped;
+    struct ep_group g;
+    fake_group(&g, &mapped);
+    g.rank = 1;
+    mapped.input_error.op = EP_STAGE_DISPATCH_NOTIFY;
+    mapped.input_error.kind = EP_INPUT_CALL_MISMATCH;
+    mapped.input_error.k = 3;
+    mapped.input_error.value = (int64_t)ep_ht_pack_call(3584, 0, 0, 8, 256);
+    mapped.input_error.token = (int64_t)ep_ht_pack_call(7168, 1, 56, 8, 256);
+    mapped.input_error.count = 1;
+    TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "rank 1: dispatch (count exchange): rank 3 called dispatch with "
+                                         "hidden=3584, x bfloat16 with 0 scales per token, num_topk=8, "
+                                         "num_experts=256, this rank with 7168, float8_e4m3fn, 56, 8, 256");
+    TCHECK_EQ_INT(g.failed, EP_SUCCESS);
+    TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_SUCCESS); /* taken once */
+}
+
+static void call_words_round_trip(void) {
+    const int64_t hs[] = {16, 7168, (1 << 24) - 1};
+    const int ss[] = {0, 56, 4096}, ks[] = {0, 8, 32}, es[] = {2, 288, 6144};
+    for (int a = 0; a < 3; a++)
+        for (int f = 0; f < 2; f++)
+            for (int c = 0; c < 3; c++)
+                for (int d = 0; d < 3; d++)
+                    for (int e = 0; e < 3; e++) {
+                        int64_t h;
+                        int fp8, ns, k, x;
+                        ep_ht_unpack_call(ep_ht_pack_call(hs[a], f, ss[c], ks[d], es[e]), &h, &fp8, &ns, &k, &x);
+                        TCHECK(h == hs[a] && fp8 == f && ns == ss[c] && k == ks[d] && x == es[e],
+                               "(%lld, %d, %d, %d, %d) came back (%lld, %d, %d, %d, %d)", (long long)hs[a], f, ss[c],
+                               ks[d], es[e], (long long)h, fp8, ns, k, x);
+                    }
+}
+
 int main(void) {
     TRUN(published_record_is_reported);
     TRUN(claimed_record_is_read_once_published);
@@ -137,5 +176,7 @@ int main(void) {
     TRUN(overrun_record_is_reported_as_such);
     TRUN(layout_mismatch_names_both_layouts);
     TRUN(layout_words_round_trip);
+    TRUN(call_mismatch_names_both_calls);
+    TRUN(call_words_round_trip);
     return TDONE();
 }
