@@ -218,6 +218,7 @@ static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle
         .routing = h->routing,
         .num_blocks = ep_group_ht_blocks(g, a->num_sms),
         .use_tma = ep_env_ht_dispatch_tma(),
+        .report_bad_ids = a->cached_handle != NULL,
     };
     cudaError_t err = ep_launch_ht_dispatch_send(&g->dev, &s, g->stream);
     if (err == cudaSuccess)

@@ -5,6 +5,7 @@
 
 #include "ht_kernels.h"
 #include "ht_layout.h"
+#include "sync.cuh"
 
 __device__ __forceinline__ char *ep_ht_dispatch_region_ptr(const ep_dev_group_t &g, int rank,
                                                            const ep_ht_dispatch_args_t &a) {
@@ -39,8 +40,11 @@ __device__ __forceinline__ void ep_ht_token_metadata(const ep_dev_group_t &g, co
     if (a.topk_idx && lane < a.topk) { /* cached dispatch without topk sends no metadata */
         int64_t e = a.topk_idx[t * a.idx_stride + lane];
         float w = a.weights ? a.weights[t * a.w_stride + lane] : 0.0f;
-        if (e < -1 || e >= a.num_experts)
-            e = -1; /* reported by the layout kernel */
+        if (e < -1 || e >= a.num_experts) {
+            if (a.report_bad_ids) /* else the layout kernel reported it */
+                ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_SEND, EP_INPUT_BAD_EXPERT, t, lane, e);
+            e = -1;
+        }
 #pragma unroll
         for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
             if (d >= R || pos[d] < 0)

@@ -62,6 +62,7 @@ typedef struct {
     ep_ht_routing_t routing;
     int num_blocks;
     int use_tma; /* rows by bulk copies through shared memory (when the sizes and addresses allow it) */
+    int report_bad_ids; /* a cached dispatch with topk_idx: no layout kernel has seen (and reported) these ids */
 } ep_ht_dispatch_args_t;
 
 cudaError_t ep_launch_ht_dispatch_send(const ep_dev_group_t *g, const ep_ht_dispatch_args_t *a, cudaStream_t s);

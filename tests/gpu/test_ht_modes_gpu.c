@@ -416,6 +416,25 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
     failures += check_dispatch(rank, R, &in, &res, 0, "dispatch after errors");
     /* A cached dispatch asking for another worst-token count than its handle was made with; a group destroyed
      * while a handle still refers to it. Both refused on the host, with nothing launched or torn down. */
+    /* A cached dispatch with topk_idx holding an id out of range (no layout kernel sees these ids): the id is
+     * skipped and the dispatch reports it. */
+    void *bad_idx = NULL;
+    mp_malloc(&bad_idx, (size_t)in.n[rank] * K * 8);
+    cudaMemcpy(bad_idx, d.idx, (size_t)in.n[rank] * K * 8, cudaMemcpyDeviceToDevice);
+    const int64_t out_of_range = E + 5;
+    cudaMemcpy((int64_t *)bad_idx + 1, &out_of_range, 8, cudaMemcpyHostToDevice); /* token 0, k = 1 */
+    b = a;
+    b.cached_handle = res.handle;
+    b.topk_idx.data = bad_idx;
+    ep_dispatch_result_t res3 = EP_DISPATCH_RESULT_INIT;
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res3, &l), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_ERROR_DEVICE_INPUT);
+    char bad_want[64];
+    snprintf(bad_want, sizeof(bad_want), "topk_idx[0, 1] = %d is outside [-1, num_experts)", E + 5);
+    if (!strstr(ep_last_error(), "dispatch (send)") || !strstr(ep_last_error(), bad_want))
+        MP_FAIL(rank, "cached bad id message: %s", ep_last_error());
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS); /* reported once; the group goes on */
+    mp_free(bad_idx);
     b = a;
     b.cached_handle = res.handle;
     b.num_worst_tokens = 8;
