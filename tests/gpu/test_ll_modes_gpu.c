@@ -523,6 +523,18 @@ static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg)
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
     failures += check_pair(rank, R, &in, &p, "after refusals");
     ep_ll_handle_destroy(h);
+    /* An expert id out of range (token 0, k = 2): the dispatch skips it and reports it after the call. */
+    const int64_t out_of_range = E + 3;
+    cudaMemcpy((int64_t *)p.idx + 2, &out_of_range, 8, cudaMemcpyHostToDevice);
+    h = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_DEVICE_INPUT);
+    char want[64];
+    snprintf(want, sizeof(want), "topk_idx[0, 2] = %d is outside [-1, num_experts)", E + 3);
+    if (!strstr(ep_last_error(), want))
+        MP_FAIL(rank, "bad expert id message: %s (wanted \"%s\")", ep_last_error(), want);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS); /* reported once; the group goes on */
+    ep_ll_handle_destroy(h);
     free_inputs(&in, R);
     pair_free(&p);
     MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
