@@ -31,6 +31,7 @@ static const ll_case_t cases[] = {
     {"t256_fp8_hot", 256, 2048, 8, 64, 1, 0, 0, 1, 0, 1},
     {"t1_hot", 1, 7168, 8, 32, 0, 0, 0, 1, 0, 1},
     {"t1024_bf16", 1024, 512, 8, 64, 0, 0, 0, 1, 0, 0},
+    {"t32_fp8_h8320", 32, 8320, 8, 64, 1, 0, 0, 1, 0, 0}, /* 65 scale groups: not a multiple of 512, over 64 */
 };
 
 /* Expert outputs for the LogFMT cases: most 128-channel groups below 1 in magnitude (log format), with
