@@ -373,8 +373,11 @@ static int fused_beside_busy_stream(int rank, int R, const ep_unique_id_t *id, v
     return failures + busy_fixture_free(&f, rank, R);
 }
 
+/* The last rank never arrives: in the dispatch (arg NULL), or after a dispatch that every rank completed, in the
+ * combine (arg non-NULL). The others time out naming it and the stage, and every rank can destroy the group. */
 static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
+    const int in_combine = arg != NULL;
     const int64_t timeout_ms = R > 4 ? 4000 : 1500; /* creation at R=8 takes ~2 s */
     ep_group_t g = make_group(rank, R, id, timeout_ms);
     if (!g)
@@ -384,21 +387,29 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     pair_t p;
     pair_init(&p, R);
     pair_load(&p, &in, rank, R);
+    ep_ll_handle_t h = NULL;
+    if (in_combine) {
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    }
     if (rank == R - 1) {
         struct timespec nap = {(time_t)(2 * timeout_ms + 1000) / 1000, 0};
         nanosleep(&nap, NULL);
     } else {
-        ep_ll_handle_t h = NULL;
-        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS); /* enqueued */
+        if (in_combine)
+            MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS); /* enqueued */
+        else
+            MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS); /* enqueued */
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
         char want[48];
         snprintf(want, sizeof(want), "waiting for rank %d", R - 1);
-        if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "low-latency dispatch"))
-            MP_FAIL(rank, "timeout message: %s", ep_last_error());
+        const char *stage = in_combine ? "low-latency combine" : "low-latency dispatch";
+        if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), stage))
+            MP_FAIL(rank, "timeout message: %s (wanted \"%s\" and \"%s\")", ep_last_error(), want, stage);
         if (rank == 0)
             printf("     rank 0 saw: %s\n", ep_last_error());
-        ep_ll_handle_destroy(h);
     }
+    ep_ll_handle_destroy(h);
     free_inputs(&in, R);
     pair_free(&p);
     MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
@@ -550,9 +561,11 @@ int main(int argc, char **argv) {
     failed += mp_run("ll.hook_frees_sms", ranks, hook_frees_sms, NULL, 120) != 0;
     failed += mp_run("ll.fused_beside_busy_stream", ranks, fused_beside_busy_stream, NULL, 120) != 0;
     failed += mp_run("ll.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
+    static int in_combine = 1;
+    failed += mp_run("ll.missing_peer_in_combine_times_out", ranks, missing_peer, &in_combine, 60) != 0;
     failed += mp_run("ll.overrun_is_reported", ranks, overrun_is_reported, NULL, 60) != 0;
     failed += mp_run("ll.mismatched_sizes_are_reported", ranks, mismatched_sizes_are_reported, NULL, 60) != 0;
     failed += mp_run("ll.argument_errors", ranks, argument_errors, NULL, 60) != 0;
-    printf("%d passed, %d failed\n", 8 - failed, failed);
+    printf("%d passed, %d failed\n", 9 - failed, failed);
     return failed;
 }
