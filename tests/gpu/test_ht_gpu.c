@@ -19,18 +19,20 @@ typedef struct {
     int tokens, hidden, topk, experts;
     int fp8, weights, alignment, worst, biases;
     int zero_on_rank0, all_to_last, bad_ids, cached_rounds;
+    int pad; /* extra elements after each row of x (dispatch) and of the expert output (combine) on the device */
 } ht_case_t;
 
 static const ht_case_t cases[] = {
-    {"standard_bf16", 4096, 7168, 8, 256, 0, 1, 1, 0, 0, 0, 0, 0, 1},
-    {"aligned_bias0", 1000, 2048, 6, 64, 0, 1, 4, 0, 1, 0, 0, 0, 0},
-    {"fp8_colmajor_scales", 512, 7168, 8, 256, 1, 1, 1, 0, 0, 0, 0, 0, 1},
-    {"worst_tokens_k32", 777, 4096, 32, 64, 0, 1, 1, 1, 0, 0, 0, 0, 1},
-    {"zero_tokens_rank0", 300, 8192, 8, 288, 0, 0, 1, 0, 2, 1, 0, 0, 0},
-    {"all_to_last_rank", 640, 4096, 8, 64, 0, 1, 1, 0, 0, 0, 1, 0, 0},
-    {"h128_k1_e8", 2000, 128, 1, 8, 0, 1, 2, 0, 2, 0, 0, 0, 0},
-    {"h16384", 256, 16384, 8, 288, 0, 1, 1, 0, 1, 0, 0, 0, 0},
-    {"bad_expert_ids", 512, 2048, 8, 64, 0, 1, 1, 0, 0, 0, 0, 1, 0},
+    {"standard_bf16", 4096, 7168, 8, 256, 0, 1, 1, 0, 0, 0, 0, 0, 1, 0},
+    {"aligned_bias0", 1000, 2048, 6, 64, 0, 1, 4, 0, 1, 0, 0, 0, 0, 0},
+    {"fp8_colmajor_scales", 512, 7168, 8, 256, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0},
+    {"worst_tokens_k32", 777, 4096, 32, 64, 0, 1, 1, 1, 0, 0, 0, 0, 1, 0},
+    {"zero_tokens_rank0", 300, 8192, 8, 288, 0, 0, 1, 0, 2, 1, 0, 0, 0, 0},
+    {"all_to_last_rank", 640, 4096, 8, 64, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0},
+    {"h128_k1_e8", 2000, 128, 1, 8, 0, 1, 2, 0, 2, 0, 0, 0, 0, 0},
+    {"h16384", 256, 16384, 8, 288, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0},
+    {"bad_expert_ids", 512, 2048, 8, 64, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0},
+    {"padded_rows", 1000, 2048, 8, 64, 0, 1, 1, 0, 1, 0, 0, 0, 1, 64},
 };
 
 typedef struct {
@@ -169,7 +171,9 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
     /* Layout on the GPU. */
     device_bufs_t b;
     memset(&b, 0, sizeof(b));
-    b.x = dalloc_copy(me->x, (size_t)N * row);
+    const size_t pitch = row + (size_t)c->pad * (c->fp8 ? 1 : 2); /* bytes from one row of x to the next */
+    b.x = dalloc_copy(NULL, (size_t)N * pitch);
+    cudaMemcpy2D(b.x, pitch, me->x, row, row, (size_t)N, cudaMemcpyHostToDevice);
     float *scales_cm = malloc(S * (size_t)N * 4 + 16); /* column-major: element (t, j) at j * N + t */
     for (int t = 0; t < N; t++)
         for (size_t j = 0; j < S; j++)
@@ -191,6 +195,7 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
 
     ep_dispatch_args_t da = EP_DISPATCH_ARGS_INIT;
     da.x = ep_tensor_2d(b.x, c->fp8 ? EP_DTYPE_FLOAT8_E4M3 : EP_DTYPE_BFLOAT16, N, H);
+    da.x.strides[0] = H + c->pad;
     if (c->fp8) {
         da.x_scales = ep_tensor_2d(b.scales, EP_DTYPE_FLOAT32, N, (int64_t)S);
         da.x_scales.strides[0] = 1;
@@ -221,7 +226,7 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
                 epref_dispatch_result_free(&ref[d]);
                 epref_dispatch(ins, R, E, d, c->alignment, worst, &ref[d]);
             }
-            cudaMemcpy(b.x, me->x, (size_t)N * row, cudaMemcpyHostToDevice);
+            cudaMemcpy2D(b.x, pitch, me->x, row, row, (size_t)N, cudaMemcpyHostToDevice);
             da.cached_handle = handle;
             memset(&da.topk_idx, 0, sizeof(da.topk_idx));
             memset(&da.topk_weights, 0, sizeof(da.topk_weights));
@@ -297,10 +302,12 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
                           bias[1], want_out, with_w ? want_w : NULL) != EPREF_OK)
             MP_FAIL(rank, "%s: reference combine: %s", c->name, epref_last_error());
         ep_combine_args_t ca = EP_COMBINE_ARGS_INIT;
-        void *dy = dalloc_copy(NULL, (size_t)rows * H * 2);
-        cudaMemset(dy, 0x7F, (size_t)rows * H * 2); /* rows past Nr must be ignored */
-        cudaMemcpy(dy, ys[rank], (size_t)nr * H * 2, cudaMemcpyHostToDevice);
+        const size_t ypitch = (size_t)(H + c->pad) * 2;
+        void *dy = dalloc_copy(NULL, (size_t)rows * ypitch);
+        cudaMemset(dy, 0x7F, (size_t)rows * ypitch); /* rows past Nr, and the padding, must be ignored */
+        cudaMemcpy2D(dy, ypitch, ys[rank], (size_t)H * 2, (size_t)H * 2, (size_t)nr, cudaMemcpyHostToDevice);
         ca.x = ep_tensor_2d(dy, EP_DTYPE_BFLOAT16, rows, H);
+        ca.x.strides[0] = H + c->pad;
         void *dyw = NULL, *dout_w = NULL, *db0 = NULL, *db1 = NULL;
         if (with_w) {
             dyw = res.recv_topk_weights.data; /* send the received weights back: the backward of dispatch */
