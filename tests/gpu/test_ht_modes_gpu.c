@@ -300,8 +300,11 @@ static int events_and_async(int rank, int R, const ep_unique_id_t *id, void *arg
     return failures;
 }
 
+/* The last rank never arrives: in the dispatch (arg NULL), or after a dispatch that every rank completed, in the
+ * combine (arg non-NULL). The others fail with a timeout naming it and the stage; every rank destroys the group. */
 static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
+    const int in_combine = arg != NULL;
     const int64_t timeout_ms = R > 4 ? 4000 : 1500; /* creation at R=8 takes ~2 s */
     ep_group_t g = make_group(rank, R, id, timeout_ms);
     if (!g)
@@ -314,9 +317,25 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     ep_dispatch_args_t a = dispatch_args(&d, in.n[rank], R);
     MP_EXPECT_STATUS(rank, layout(g, &a, NULL), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    ep_dispatch_result_t done = EP_DISPATCH_RESULT_INIT;
+    if (in_combine)
+        MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &done, NULL), EP_SUCCESS);
     if (rank == R - 1) {
         struct timespec nap = {(time_t)(2 * timeout_ms + 1000) / 1000, 0};
-        nanosleep(&nap, NULL); /* never dispatches */
+        nanosleep(&nap, NULL); /* never dispatches, or never combines */
+    } else if (in_combine) {
+        ep_combine_args_t ca = EP_COMBINE_ARGS_INIT;
+        ca.x = done.recv_x;
+        ca.out = ep_tensor_2d(d.out, EP_DTYPE_BFLOAT16, in.n[rank], H);
+        ca.handle = done.handle;
+        MP_EXPECT_STATUS(rank, ep_combine(g, &ca, NULL), EP_SUCCESS); /* enqueued: combine never waits on the host */
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
+        char want[48];
+        snprintf(want, sizeof(want), "waiting for rank %d", R - 1);
+        if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "combine"))
+            MP_FAIL(rank, "timeout message does not name rank %d and the combine stage: %s", R - 1, ep_last_error());
+        if (rank == 0)
+            printf("     rank 0 saw: %s\n", ep_last_error());
     } else {
         ep_dispatch_result_t res = EP_DISPATCH_RESULT_INIT;
         MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, NULL), EP_ERROR_TIMEOUT);
@@ -330,6 +349,7 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
             MP_FAIL(rank, "a failed dispatch returned a handle");
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
     }
+    ep_handle_destroy(done.handle);
     free_inputs(&in, R);
     dev_free(&d);
     MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
@@ -460,6 +480,8 @@ int main(int argc, char **argv) {
     failed += mp_run("ht.graph_replay", ranks, graph_replay, NULL, 120) != 0;
     failed += mp_run("ht.events_and_async", ranks, events_and_async, NULL, 120) != 0;
     failed += mp_run("ht.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
+    static int in_combine = 1;
+    failed += mp_run("ht.missing_peer_in_combine_times_out", ranks, missing_peer, &in_combine, 60) != 0;
     int *best = mmap(NULL, 8 * sizeof(int), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     memset(best, 0, 8 * sizeof(int));
     int at_failed = mp_run("ht.autotune_and_errors", ranks, autotune_and_errors, best, 120) != 0;
@@ -469,6 +491,6 @@ int main(int argc, char **argv) {
             at_failed = 1;
         }
     failed += at_failed;
-    printf("%d passed, %d failed\n", 4 - failed, failed);
+    printf("%d passed, %d failed\n", 5 - failed, failed);
     return failed;
 }
