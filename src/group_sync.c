@@ -45,6 +45,7 @@ const char *ep_stage_name(int stage) {
     case EP_STAGE_COMBINE_SEND: return "combine (send)";
     case EP_STAGE_LL_DISPATCH_RECV: return "low-latency dispatch (receive)";
     case EP_STAGE_LL_COMBINE_RECV: return "low-latency combine (receive)";
+    case EP_STAGE_LL_DISPATCH_SEND: return "low-latency dispatch (send)";
     default: return "unknown stage";
     }
 }

@@ -118,7 +118,7 @@ __device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, con
         if (tid < K) {
             int64_t e = a.topk_idx[(int64_t)t * a.idx_stride + tid];
             if (e < -1 || e >= a.num_experts) {
-                ep_record_input_error(g.input_error, EP_STAGE_LL_DISPATCH_RECV, EP_INPUT_BAD_EXPERT, t, tid, e);
+                ep_record_input_error(g.input_error, EP_STAGE_LL_DISPATCH_SEND, EP_INPUT_BAD_EXPERT, t, tid, e);
                 e = -1;
             }
             if (e >= 0) {
