@@ -88,14 +88,15 @@ _Static_assert(EP_DEV_STATUS_MISMATCH == EP_ERROR_INVALID_ARGUMENT, "device and 
 
 /* The message of a low-latency layout mismatch (ll_dispatch.cu, layout_differs). */
 static void fail_layout_mismatch(const volatile ep_dev_error_t *e) {
-    int t[2], h[2], k[2], x[2];
-    ep_ll_unpack_layout(e->detail, &t[0], &h[0], &k[0], &x[0]);
-    ep_ll_unpack_layout(e->waited_ns, &t[1], &h[1], &k[1], &x[1]);
+    int t[2], h[2], k[2], x[2], f[2];
+    ep_ll_unpack_layout(e->detail, &t[0], &h[0], &k[0], &x[0], &f[0]);
+    ep_ll_unpack_layout(e->waited_ns, &t[1], &h[1], &k[1], &x[1], &f[1]);
     ep_fail(EP_ERROR_INVALID_ARGUMENT,
             "rank %d: stage '%s': rank %d called the low-latency dispatch with num_max_dispatch_tokens_per_rank=%d, "
-            "hidden=%d, num_topk=%d, num_experts=%d, this rank with %d, %d, %d, %d: every rank must pass the same "
-            "(its rows were not read)",
-            (int)e->rank, ep_stage_name(e->stage), (int)e->peer, t[0], h[0], k[0], x[0], t[1], h[1], k[1], x[1]);
+            "hidden=%d, num_topk=%d, num_experts=%d, use_fp8=%d, round_scale=%d, use_ue8m0=%d, this rank with %d, "
+            "%d, %d, %d, %d, %d, %d: every rank must pass the same (its rows were not read)",
+            (int)e->rank, ep_stage_name(e->stage), (int)e->peer, t[0], h[0], k[0], x[0], f[0] & 1, f[0] >> 1 & 1,
+            f[0] >> 2 & 1, t[1], h[1], k[1], x[1], f[1] & 1, f[1] >> 1 & 1, f[1] >> 2 & 1);
 }
 
 ep_status_t ep_group_take_device_error(ep_group_t g) {

@@ -44,19 +44,30 @@ EP_LL_HD uint64_t ep_ll_tag(uint32_t epoch, int num_ranks, int max_tokens, int h
     return ((uint64_t)epoch << 32) | (uint32_t)(h >> 32) | 0x80000000u;
 }
 
-/* A low-latency call's (T, H, K, E) in one word, which each source sends with its dispatch so that a receiver can
- * tell a peer that called with other sizes (its rows would sit at other offsets): T - 1 in bits 0-15, H / 128 - 1
- * in 16-24, K in 25-29, E in 30-42 (T <= 65536, H <= 65536 and a multiple of 128, K <= 31, E <= 8191). */
-EP_LL_HD uint64_t ep_ll_pack_layout(int max_tokens, int hidden, int topk, int num_experts) {
+/* A low-latency call's (T, H, K, E) and row format in one word, which each source sends with its dispatch so that
+ * a receiver can tell a peer that called otherwise (its rows would sit at other offsets, or in another format):
+ * T - 1 in bits 0-15, H / 128 - 1 in 16-24, K in 25-29, E in 30-42 (T <= 65536, H <= 65536 and a multiple of 128,
+ * K <= 31, E <= 8191), then the format: bit 43 FP8, 44 round_scale, 45 UE8M0 (the last two only with FP8). */
+#define EP_LL_FMT_FP8         1
+#define EP_LL_FMT_ROUND_SCALE 2
+#define EP_LL_FMT_UE8M0       4
+EP_LL_HD uint64_t ep_ll_pack_layout(int max_tokens, int hidden, int topk, int num_experts, int format) {
     return (uint64_t)(max_tokens - 1) | (uint64_t)(hidden / 128 - 1) << 16 | (uint64_t)topk << 25 |
-           (uint64_t)num_experts << 30;
+           (uint64_t)num_experts << 30 | (uint64_t)(format & 7) << 43;
 }
 
-EP_LL_HD void ep_ll_unpack_layout(uint64_t w, int *max_tokens, int *hidden, int *topk, int *num_experts) {
+/* The format bits of a dispatch: FP8, and its scale options only with FP8. */
+EP_LL_HD int ep_ll_format(int use_fp8, int round_scale, int use_ue8m0) {
+    return use_fp8 ? EP_LL_FMT_FP8 | (round_scale ? EP_LL_FMT_ROUND_SCALE : 0) | (use_ue8m0 ? EP_LL_FMT_UE8M0 : 0) : 0;
+}
+
+EP_LL_HD void ep_ll_unpack_layout(uint64_t w, int *max_tokens, int *hidden, int *topk, int *num_experts,
+                                  int *format) {
     *max_tokens = (int)(w & 0xffff) + 1;
     *hidden = ((int)(w >> 16 & 0x1ff) + 1) * 128;
     *topk = (int)(w >> 25 & 0x1f);
     *num_experts = (int)(w >> 30 & 0x1fff);
+    *format = (int)(w >> 43 & 7);
 }
 
 typedef struct {

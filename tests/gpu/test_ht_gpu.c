@@ -173,6 +173,7 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
     memset(&b, 0, sizeof(b));
     const size_t pitch = row + (size_t)c->pad * (c->fp8 ? 1 : 2); /* bytes from one row of x to the next */
     b.x = dalloc_copy(NULL, (size_t)N * pitch);
+    cudaMemset(b.x, 0x7F, (size_t)N * pitch); /* the padding, which no kernel may read */
     cudaMemcpy2D(b.x, pitch, me->x, row, row, (size_t)N, cudaMemcpyHostToDevice);
     float *scales_cm = malloc(S * (size_t)N * 4 + 16); /* column-major: element (t, j) at j * N + t */
     for (int t = 0; t < N; t++)

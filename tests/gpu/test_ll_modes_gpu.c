@@ -480,9 +480,10 @@ static int mismatched_sizes_are_reported(int rank, int R, const ep_unique_id_t *
     ep_ll_handle_t h = NULL;
     MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS); /* enqueued */
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_INVALID_ARGUMENT);
-    char want[96];
-    snprintf(want, sizeof(want), "num_topk=%d, num_experts=%d, this rank with %d, %d, %d, %d", rank == R - 1 ? K : K - 2,
-             E, T, H, rank == R - 1 ? K - 2 : K, E);
+    char want[160];
+    snprintf(want, sizeof(want),
+             "num_topk=%d, num_experts=%d, use_fp8=0, round_scale=0, use_ue8m0=0, this rank with %d, %d, %d, %d",
+             rank == R - 1 ? K : K - 2, E, T, H, rank == R - 1 ? K - 2 : K, E);
     if (!strstr(ep_last_error(), "called the low-latency dispatch with") || !strstr(ep_last_error(), want))
         MP_FAIL(rank, "mismatch message: %s (wanted \"%s\")", ep_last_error(), want);
     if (rank == 0)

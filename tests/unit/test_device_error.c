@@ -93,7 +93,8 @@ static void overrun_record_is_reported_as_such(void) {
     TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency combine (receive)': rank 1 had already sent");
 }
 
-/* A low-latency dispatch receive that found a peer's (T, H, K, E) differing from its own (layout_differs). */
+/* A low-latency dispatch receive that found a peer's (T, H, K, E) or row format differing from its own
+ * (layout_differs). */
 static void layout_mismatch_names_both_layouts(void) {
     ep_mapped_t mapped;
     struct ep_group g;
@@ -101,34 +102,41 @@ static void layout_mismatch_names_both_layouts(void) {
     mapped.error.stage = EP_STAGE_LL_DISPATCH_RECV;
     mapped.error.rank = 0;
     mapped.error.peer = 1;
-    mapped.error.detail = ep_ll_pack_layout(256, 7168, 8, 288);
-    mapped.error.waited_ns = ep_ll_pack_layout(128, 7168, 8, 288);
+    mapped.error.detail = ep_ll_pack_layout(256, 7168, 8, 288, ep_ll_format(1, 1, 1));
+    mapped.error.waited_ns = ep_ll_pack_layout(128, 7168, 8, 288, ep_ll_format(0, 1, 1));
     mapped.error.status = EP_DEV_STATUS_MISMATCH;
     TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "rank 0: stage 'low-latency dispatch (receive)': rank 1 called the "
                                          "low-latency dispatch with num_max_dispatch_tokens_per_rank=256, "
-                                         "hidden=7168, num_topk=8, num_experts=288, this rank with 128, 7168, 8, 288");
+                                         "hidden=7168, num_topk=8, num_experts=288, use_fp8=1, round_scale=1, "
+                                         "use_ue8m0=1, this rank with 128, 7168, 8, 288, 0, 0, 0");
     TCHECK_EQ_INT(g.failed, EP_ERROR_INVALID_ARGUMENT);
 }
 
 /* The packed layout round-trips at the limits the checks allow (T up to 2^16, H up to 2^16, K up to 16, E up to
- * 4096), and any one size differing changes the word. */
+ * 4096, every format), and any one size or format bit differing changes the word. */
 static void layout_words_round_trip(void) {
     const int ts[] = {1, 128, 65536}, hs[] = {128, 7168, 65536}, ks[] = {1, 16}, es[] = {2, 288, 4096};
+    const int fs[] = {ep_ll_format(0, 1, 1), ep_ll_format(1, 0, 0), ep_ll_format(1, 1, 0), ep_ll_format(1, 1, 1)};
+    TCHECK_EQ_INT(fs[0], 0); /* scale options mean nothing without FP8 */
     for (int a = 0; a < 3; a++)
         for (int b = 0; b < 3; b++)
             for (int c = 0; c < 2; c++)
-                for (int d = 0; d < 3; d++) {
-                    int t, h, k, e;
-                    const uint64_t w = ep_ll_pack_layout(ts[a], hs[b], ks[c], es[d]);
-                    ep_ll_unpack_layout(w, &t, &h, &k, &e);
-                    TCHECK(t == ts[a] && h == hs[b] && k == ks[c] && e == es[d],
-                           "(%d, %d, %d, %d) came back (%d, %d, %d, %d)", ts[a], hs[b], ks[c], es[d], t, h, k, e);
-                    TCHECK(w != ep_ll_pack_layout(ts[a] == 1 ? 2 : 1, hs[b], ks[c], es[d]), "T not in the word");
-                    TCHECK(w != ep_ll_pack_layout(ts[a], hs[b] == 128 ? 256 : 128, ks[c], es[d]), "H not in the word");
-                    TCHECK(w != ep_ll_pack_layout(ts[a], hs[b], ks[c] == 1 ? 2 : 1, es[d]), "K not in the word");
-                    TCHECK(w != ep_ll_pack_layout(ts[a], hs[b], ks[c], es[d] == 2 ? 4 : 2), "E not in the word");
-                }
+                for (int d = 0; d < 3; d++)
+                    for (int i = 0; i < 4; i++) {
+                        int t, h, k, e, f;
+                        const uint64_t w = ep_ll_pack_layout(ts[a], hs[b], ks[c], es[d], fs[i]);
+                        ep_ll_unpack_layout(w, &t, &h, &k, &e, &f);
+                        TCHECK(t == ts[a] && h == hs[b] && k == ks[c] && e == es[d] && f == fs[i],
+                               "(%d, %d, %d, %d, %d) came back (%d, %d, %d, %d, %d)", ts[a], hs[b], ks[c], es[d], fs[i],
+                               t, h, k, e, f);
+                        TCHECK(w != ep_ll_pack_layout(ts[a] == 1 ? 2 : 1, hs[b], ks[c], es[d], fs[i]), "T");
+                        TCHECK(w != ep_ll_pack_layout(ts[a], hs[b] == 128 ? 256 : 128, ks[c], es[d], fs[i]), "H");
+                        TCHECK(w != ep_ll_pack_layout(ts[a], hs[b], ks[c] == 1 ? 2 : 1, es[d], fs[i]), "K");
+                        TCHECK(w != ep_ll_pack_layout(ts[a], hs[b], ks[c], es[d] == 2 ? 4 : 2, fs[i]), "E");
+                        for (int j = 0; j < 4; j++)
+                            TCHECK(j == i || w != ep_ll_pack_layout(ts[a], hs[b], ks[c], es[d], fs[j]), "format");
+                    }
 }
 
 /* A dispatch whose sizes differ from a peer's (the count exchange compares every rank's ep_ht_pack_call word):
