@@ -164,6 +164,12 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
     case EP_INPUT_CALL_MISMATCH:
         st = fail_call_mismatch(g->rank, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
         break;
+    case EP_INPUT_WORST_MISMATCH:
+        st = ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                     "rank %d: %s: rank %d called dispatch with num_worst_tokens=%lld, this rank with %lld: every "
+                     "rank must pass the same; nothing was sent",
+                     g->rank, op, (int)e->k, (long long)e->value, (long long)e->token);
+        break;
     case EP_INPUT_LAYOUT_MISMATCH:
         st = ep_fail(EP_ERROR_DEVICE_INPUT,
                      "rank %d: %s: is_token_in_rank sends %lld tokens to rank %d but "

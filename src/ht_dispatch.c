@@ -144,6 +144,7 @@ static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_h
         .call_word = ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3,
                                      a->x.dtype == EP_DTYPE_FLOAT8_E4M3 ? (int)a->x_scales.shape[1] : 0,
                                      a->topk_idx.data ? (int)a->topk_idx.shape[1] : 0, a->num_experts),
+        .worst_tokens = a->num_worst_tokens,
         .routing = h->routing,
         .host = &g->mapped_dev->notify,
         .seq = ++g->notify_seq,
@@ -289,6 +290,9 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
      * kernel wrote (and does nothing if that kernel abandoned the op), so the wait overlaps the transfer. */
     if (st == EP_SUCCESS)
         st = run_send(group, args, h, num_scales);
+    /* Once enqueued, the dispatch runs on every rank in this parity's slots, abandoned or not, so the next one
+     * takes the other parity, also where the host learns of an abandon (a worst-token rank cannot tell). */
+    const int enqueued = st == EP_SUCCESS;
     if (st == EP_SUCCESS && args->cached_handle == NULL && args->num_worst_tokens == 0)
         st = take_notify_answer(group, h, seq);
     if (st == EP_SUCCESS) {
@@ -297,9 +301,10 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
             memcpy(result->num_recv_tokens_per_expert, group->mapped_host->notify.recv_per_expert,
                    sizeof(int32_t) * (size_t)(h->num_experts / group->num_ranks));
         result->handle = args->cached_handle ? NULL : h;
-        group->dispatch_seq++;
     } else if (h != NULL && args->cached_handle == NULL) {
         ep_handle_release(h);
     }
+    if (enqueued)
+        group->dispatch_seq++;
     return ep_launch_end(group, &frame, st);
 }

@@ -17,7 +17,8 @@
 #define EP_CTRL_BARRIER_FLAGS     0     /* uint64_t[num_ranks]: epoch each peer last reached, written by it */
 #define EP_CTRL_DESTROY_FLAGS     4096  /* uint64_t[num_ranks]: each peer's destroy vote (written once) */
 #define EP_CTRL_HT_COUNTS         8192  /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
-#define EP_CTRL_HT_CALLS          12288 /* uint64_t[2][R]: by dispatch parity, each rank's ep_ht_pack_call word */
+#define EP_CTRL_HT_CALLS          12288 /* uint64_t[2][R][2]: by dispatch parity, each rank's ep_ht_pack_call word and
+                                           num_worst_tokens */
 #define EP_CTRL_HT_EXPERTS        16384 /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
 #define EP_CTRL_HT_EXPERT_WORDS   (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
 #define EP_MAX_TOPK               32              /* normal mode; the low-latency limit is EP_LL_MAX_TOPK */
@@ -68,6 +69,7 @@ typedef enum {
     EP_INPUT_CAPACITY = 2,        /* value rows needed at rank k, token = rows available */
     EP_INPUT_LAYOUT_MISMATCH = 3, /* k = rank: is_token_in_rank counts `value`, num_tokens_per_rank says token */
     EP_INPUT_CALL_MISMATCH = 4,   /* k = rank: its dispatch's ep_ht_pack_call word is `value`, this rank's token */
+    EP_INPUT_WORST_MISMATCH = 5,  /* k = rank: its num_worst_tokens is `value`, this rank's token */
 } ep_input_error_kind_t;
 
 typedef struct {

@@ -37,6 +37,7 @@ typedef struct {
     int parity;
     int64_t capacity_rows; /* rows a dispatch region (or num_worst_tokens) holds */
     uint64_t call_word;    /* ep_ht_pack_call of this dispatch: every rank's must be the same */
+    int64_t worst_tokens;  /* num_worst_tokens (0: the default mode): every rank's must be the same */
     ep_ht_routing_t routing;
     ep_ht_notify_host_t *host; /* device pointer to mapped memory */
     uint32_t seq;

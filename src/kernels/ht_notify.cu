@@ -4,7 +4,9 @@
  *  b. The [R] row of counts goes to every peer (so every rank knows the whole [R][R] matrix) and the
  *     per-local-expert counts go to the expert's rank. A count that disagrees with num_tokens_per_rank is
  *     sent as -1, so that every rank abandons the op together instead of reading unwritten rows. The
- *     dispatch's sizes (one word) go to every peer too: a rank whose sizes differ from a peer's abandons.
+ *     dispatch's sizes (one word) and num_worst_tokens go to every peer too: a rank whose differ from a peer's
+ *     abandons (every rank then sees a difference, so all abandon; equal num_worst_tokens also make every rank
+ *     check capacity against the same number).
  *  c. After a barrier, each rank knows where each source's rows start in every receiver: it writes the final
  *     row position of each of its tokens at each destination, its receive count and per-expert counts, and
  *     tells the host through mapped memory. */
@@ -117,8 +119,11 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1)
         int32_t *slot = (int32_t *)(g.window[peer] + EP_CTRL_HT_COUNTS) + (a.parity * R + me) * R + d;
         *(volatile int32_t *)slot = c;
     }
-    if (tid < R)
-        *(volatile uint64_t *)((uint64_t *)(g.window[tid] + EP_CTRL_HT_CALLS) + a.parity * R + me) = a.call_word;
+    if (tid < R) {
+        volatile uint64_t *call = (uint64_t *)(g.window[tid] + EP_CTRL_HT_CALLS) + (a.parity * R + me) * 2;
+        call[0] = a.call_word;
+        call[1] = (uint64_t)a.worst_tokens;
+    }
     for (int i = tid; i < a.num_experts; i += NOTIFY_THREADS) {
         int peer = i / L, l = i % L;
         int32_t *slot =
@@ -149,10 +154,16 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1)
         a.host->counts[tid] = c;
     }
     if (tid < R) {
-        const uint64_t w = *(volatile uint64_t *)((uint64_t *)(g.window[me] + EP_CTRL_HT_CALLS) + a.parity * R + tid);
+        const volatile uint64_t *call = (uint64_t *)(g.window[me] + EP_CTRL_HT_CALLS) + (a.parity * R + tid) * 2;
+        const uint64_t w = call[0];
+        const int64_t worst = (int64_t)call[1];
         if (w != a.call_word) {
             ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CALL_MISMATCH,
                                   (int64_t)a.call_word, tid, (int64_t)w);
+            abandon = 1;
+        } else if (worst != a.worst_tokens) {
+            ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_WORST_MISMATCH, a.worst_tokens,
+                                  tid, worst);
             abandon = 1;
         }
     }

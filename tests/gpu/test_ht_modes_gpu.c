@@ -430,7 +430,21 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
         MP_FAIL(rank, "mismatched sizes message: %s (wanted \"%s\")", ep_last_error(), want);
     if (rank == 0)
         printf("     rank 0 saw: %s\n", ep_last_error());
-    /* Nothing was sent: a normal dispatch still works. */
+    /* Worst-token mode with another row count on the last rank: no host waits, so every call returns, and the
+     * abandon is reported when the group is synchronised, on every rank. */
+    b = a;
+    const int worst = R * NMAX - 16;
+    b.num_worst_tokens = rank == R - 1 ? worst + 8 : worst;
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res, &l), EP_SUCCESS);
+    ep_handle_t abandoned = res.handle;
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_ERROR_INVALID_ARGUMENT);
+    snprintf(want, sizeof(want), "called dispatch with num_worst_tokens=%d, this rank with %d",
+             rank == R - 1 ? worst : worst + 8, rank == R - 1 ? worst + 8 : worst);
+    if (!strstr(ep_last_error(), want))
+        MP_FAIL(rank, "mismatched num_worst_tokens message: %s (wanted \"%s\")", ep_last_error(), want);
+    MP_EXPECT_STATUS(rank, ep_handle_destroy(abandoned), EP_SUCCESS);
+    /* Nothing was sent: a normal dispatch still works (every rank turned to the next parity, whether its host
+     * saw the abandon or not). */
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, &l), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
     failures += check_dispatch(rank, R, &in, &res, 0, "dispatch after errors");
