@@ -17,7 +17,8 @@
 typedef struct {
     const char *name;
     int tokens, hidden, topk, experts;
-    int fp8, weights, alignment, worst, biases;
+    int fp8; /* 1: FP8 rows with float32 scales; 2: the same scales passed as int32 words (packed-UE8M0 style) */
+    int weights, alignment, worst, biases;
     int zero_on_rank0, all_to_last, bad_ids, cached_rounds;
     int pad; /* extra elements after each row of x (dispatch) and of the expert output (combine) on the device */
 } ht_case_t;
@@ -33,6 +34,7 @@ static const ht_case_t cases[] = {
     {"h16384", 256, 16384, 8, 288, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0},
     {"bad_expert_ids", 512, 2048, 8, 64, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0},
     {"padded_rows", 1000, 2048, 8, 64, 0, 1, 1, 0, 1, 0, 0, 0, 1, 64},
+    {"fp8_int32_scales", 256, 2048, 8, 64, 2, 1, 1, 0, 0, 0, 0, 0, 1, 0},
 };
 
 typedef struct {
@@ -198,7 +200,7 @@ static int run_case(int rank, ep_group_t g, int R, const ht_case_t *c, uint64_t 
     da.x = ep_tensor_2d(b.x, c->fp8 ? EP_DTYPE_FLOAT8_E4M3 : EP_DTYPE_BFLOAT16, N, H);
     da.x.strides[0] = H + c->pad;
     if (c->fp8) {
-        da.x_scales = ep_tensor_2d(b.scales, EP_DTYPE_FLOAT32, N, (int64_t)S);
+        da.x_scales = ep_tensor_2d(b.scales, c->fp8 == 2 ? EP_DTYPE_INT32 : EP_DTYPE_FLOAT32, N, (int64_t)S);
         da.x_scales.strides[0] = 1;
         da.x_scales.strides[1] = N;
     }
