@@ -1,6 +1,6 @@
 """Normal and low-latency mode on one Buffer (issue 4, item 5): a normal dispatch and combine, then
 clean_low_latency_buffer and a low-latency dispatch and combine, then normal mode again, each checked against
-ref_torch; a low-latency handle from before a normal call is refused as stale."""
+ref_torch; a low-latency handle from before a normal call is refused as stale; get_local_buffer_tensor's views."""
 import os
 import random
 
@@ -52,6 +52,17 @@ def _both_modes_worker(rank, world, group, seed):
                             deep_ep.Buffer.get_low_latency_rdma_size_hint(ll.T, ll.HIDDEN, world, E),
                             low_latency_mode=True, num_qps_per_rank=E // world, explicitly_destroy=True)
     normal_round(rank, world, buffer, normal_in, "normal first")
+    # get_local_buffer_tensor: views of this rank's buffer (the same memory at any dtype and shape), range-checked.
+    view = buffer.get_local_buffer_tensor(torch.bfloat16, torch.Size((4, 8)), offset=256)
+    assert view.shape == (4, 8) and view.dtype == torch.bfloat16 and view.is_cuda
+    view.fill_(rank + 1)
+    raw = buffer.get_local_buffer_tensor(torch.uint8)
+    assert raw.data_ptr() + 256 == view.data_ptr()
+    assert torch.equal(raw[256:256 + 64].view(torch.bfloat16).view(4, 8), view)
+    with pytest.raises(ValueError, match="offset"):
+        buffer.get_local_buffer_tensor(torch.int32, offset=2)
+    with pytest.raises(ValueError, match="size"):
+        buffer.get_local_buffer_tensor(torch.uint8, torch.Size((raw.numel() + 1,)))
     buffer.clean_low_latency_buffer(ll.T, ll.HIDDEN, E)
     handle, y = low_latency_round(rank, world, buffer, ll_in, "after normal")
     normal_round(rank, world, buffer, normal_in, "normal after low-latency")
