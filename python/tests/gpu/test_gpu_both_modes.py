@@ -1,8 +1,10 @@
 """Normal and low-latency mode on one Buffer (issue 4, item 5): a normal dispatch and combine, then
 clean_low_latency_buffer and a low-latency dispatch and combine, then normal mode again, each checked against
-ref_torch; a low-latency handle from before a normal call is refused as stale; get_local_buffer_tensor's views."""
+ref_torch; a low-latency handle from before a normal call is refused as stale; get_local_buffer_tensor's views.
+And a Buffer without explicitly_destroy: destroy() refused as in DeepEP, released by its destructor."""
 import os
 import random
+import warnings
 
 import pytest
 
@@ -77,3 +79,27 @@ def _both_modes_worker(rank, world, group, seed):
 @pytest.mark.parametrize("world", world_sizes())
 def test_normal_and_low_latency_on_one_buffer(world):
     run_ranks(_both_modes_worker, world, SEED)
+
+
+def _destructor_worker(rank, world, group, seed):
+    import epcomm as deep_ep
+
+    normal_in = [normal.inputs_of(seed, s, world) for s in range(world)]
+    max_tokens = 300 + 57 * (world - 1)
+    for i in range(2):  # the second group is made after the first was released
+        buffer = deep_ep.Buffer(group, deep_ep.Buffer.get_normal_buffer_size_hint(max_tokens, normal.HIDDEN, world,
+                                                                                 normal.TOPK))
+        normal_round(rank, world, buffer, normal_in, f"buffer {i}")
+        with pytest.raises(RuntimeError, match="explicitly_destroy"):
+            buffer.destroy()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            buffer.__del__()  # what garbage collection runs (collective: every rank drops its Buffer here)
+        assert buffer._group is None, "the destructor did not release the group"
+        assert not seen, f"rank {rank}: the destructor warned: {[str(w.message) for w in seen]}"
+        del buffer
+
+
+@pytest.mark.parametrize("world", world_sizes())
+def test_buffer_released_by_its_destructor(world):
+    run_ranks(_destructor_worker, world, SEED)
