@@ -95,8 +95,9 @@ static void fail_layout_mismatch(const volatile ep_dev_error_t *e) {
             "rank %d: stage '%s': rank %d called the low-latency dispatch with num_max_dispatch_tokens_per_rank=%d, "
             "hidden=%d, num_topk=%d, num_experts=%d, use_fp8=%d, round_scale=%d, use_ue8m0=%d, this rank with %d, "
             "%d, %d, %d, %d, %d, %d: every rank must pass the same (its rows were not read)",
-            (int)e->rank, ep_stage_name(e->stage), (int)e->peer, t[0], h[0], k[0], x[0], f[0] & 1, f[0] >> 1 & 1,
-            f[0] >> 2 & 1, t[1], h[1], k[1], x[1], f[1] & 1, f[1] >> 1 & 1, f[1] >> 2 & 1);
+            (int)e->rank, ep_stage_name(e->stage), (int)e->peer, t[0], h[0], k[0], x[0], !!(f[0] & EP_LL_FMT_FP8),
+            !!(f[0] & EP_LL_FMT_ROUND_SCALE), !!(f[0] & EP_LL_FMT_UE8M0), t[1], h[1], k[1], x[1],
+            !!(f[1] & EP_LL_FMT_FP8), !!(f[1] & EP_LL_FMT_ROUND_SCALE), !!(f[1] & EP_LL_FMT_UE8M0));
 }
 
 ep_status_t ep_group_take_device_error(ep_group_t g) {

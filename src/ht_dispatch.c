@@ -130,7 +130,7 @@ static ep_status_t wait_notify(ep_group_t g, uint32_t seq) {
 }
 
 static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int64_t capacity_rows,
-                                 uint32_t *seq) {
+                                 int num_scales, uint32_t *seq) {
     ep_ht_notify_args_t n = {
         .is_token_in_rank = (const uint8_t *)a->is_token_in_rank.data,
         .in_rank_stride = a->is_token_in_rank.strides[0],
@@ -141,8 +141,7 @@ static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_h
         .expert_alignment = a->expert_alignment,
         .parity = (int)(g->dispatch_seq & 1),
         .capacity_rows = capacity_rows,
-        .call_word = ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3,
-                                     a->x.dtype == EP_DTYPE_FLOAT8_E4M3 ? (int)a->x_scales.shape[1] : 0,
+        .call_word = ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
                                      a->topk_idx.data ? (int)a->topk_idx.shape[1] : 0, a->num_experts),
         .worst_tokens = a->num_worst_tokens,
         .routing = h->routing,
@@ -285,7 +284,7 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     uint32_t seq = 0;
     ep_status_t st = prepare_handle(group, args, &h);
     if (st == EP_SUCCESS && args->cached_handle == NULL)
-        st = launch_notify(group, args, h, capacity, &seq);
+        st = launch_notify(group, args, h, capacity, num_scales, &seq);
     /* The send goes into the stream before the host waits for the count: it reads the routing the notify
      * kernel wrote (and does nothing if that kernel abandoned the op), so the wait overlaps the transfer. */
     if (st == EP_SUCCESS)

@@ -125,6 +125,8 @@ static ep_ll_dispatch_kargs_t dispatch_kargs(ep_group_t g, const ep_low_latency_
         .use_ue8m0 = a->use_fp8 && a->use_ue8m0,
         .parity = (int)(g->ll_seq & 1),
         .half_bytes = layout_for(g->num_ranks, a->max_tokens, (int)a->x.shape[1], K, a->num_experts).half_bytes,
+        .layout_word = ep_ll_pack_layout(a->max_tokens, (int)a->x.shape[1], K, a->num_experts,
+                                         ep_ll_format(a->use_fp8, a->round_scale, a->use_ue8m0)),
         .x = (const uint16_t *)a->x.data,
         .x_stride = a->x.strides[0],
         .topk_idx = (const int64_t *)a->topk_idx.data,

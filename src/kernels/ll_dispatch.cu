@@ -181,8 +181,7 @@ __device__ __forceinline__ void dispatch_send_block(const ep_dev_group_t &g, con
     /* Block 0 tells every rank this call's sizes; they land before the flag, like the rows. */
     if (t == 0 && tid < R)
         *(volatile uint64_t *)((uint64_t *)(g.window[tid] + EP_CTRL_LL_DISPATCH_LAYOUTS) + p * R + me) =
-            ep_ll_pack_layout(a.max_tokens, a.hidden, K, a.num_experts,
-                              ep_ll_format(a.use_fp8, a.round_scale, a.use_ue8m0));
+            a.layout_word;
     /* The last block to finish tells every rank how many tokens this rank has (and that they landed). */
     __syncthreads();
     if (tid == 0)
@@ -235,18 +234,15 @@ __device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, in
 }
 
 /* Whether source `src` (whose flag for this call has been seen) dispatched with other (T, H, K, E) or row format
- * than this rank:
- * then its rows are not where this rank looks, so it is recorded as EP_DEV_STATUS_MISMATCH naming the source
- * (which fails the group) and its rows are not read. */
+ * than this rank: then its rows are not where this rank looks, so it is recorded as EP_DEV_STATUS_MISMATCH naming
+ * the source (which fails the group) and its rows are not read. */
 __device__ __forceinline__ bool layout_differs(const ep_dev_group_t &g, const ep_ll_dispatch_kargs_t &a, int p,
                                                int src) {
-    const uint64_t mine = ep_ll_pack_layout(a.max_tokens, a.hidden, a.topk, a.num_experts,
-                                            ep_ll_format(a.use_fp8, a.round_scale, a.use_ue8m0));
     const uint64_t *words = (const uint64_t *)(g.window[g.rank] + EP_CTRL_LL_DISPATCH_LAYOUTS);
     const uint64_t theirs = *(volatile const uint64_t *)(words + p * g.num_ranks + src);
-    if (theirs == mine)
+    if (theirs == a.layout_word)
         return false;
-    ep_record_error(g, EP_DEV_STATUS_MISMATCH, EP_STAGE_LL_DISPATCH_RECV, src, theirs, mine);
+    ep_record_error(g, EP_DEV_STATUS_MISMATCH, EP_STAGE_LL_DISPATCH_RECV, src, theirs, a.layout_word);
     return true;
 }
 

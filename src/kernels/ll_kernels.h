@@ -16,7 +16,8 @@ typedef struct {
     int num_tokens, max_tokens, hidden, topk, num_experts;
     int use_fp8, round_scale, use_ue8m0;
     int parity;
-    uint64_t half_bytes; /* ll_layout's half size (the halves start at the data buffer) */
+    uint64_t half_bytes;  /* ll_layout's half size (the halves start at the data buffer) */
+    uint64_t layout_word; /* ep_ll_pack_layout of this call: sent to every peer, compared with every peer's */
     /* send side */
     const uint16_t *x; /* [N, H] bf16 */
     int64_t x_stride;  /* elements */

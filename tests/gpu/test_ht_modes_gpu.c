@@ -300,6 +300,18 @@ static int events_and_async(int rank, int R, const ep_unique_id_t *id, void *arg
     return failures;
 }
 
+/* Whether the last error is a timeout naming rank `peer` and `stage` (printed on rank 0). */
+static int timeout_names(int rank, int peer, const char *stage) {
+    int failures = 0;
+    char want[48];
+    snprintf(want, sizeof(want), "waiting for rank %d", peer);
+    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), stage))
+        MP_FAIL(rank, "timeout message does not name rank %d and the %s stage: %s", peer, stage, ep_last_error());
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    return failures;
+}
+
 /* The last rank never arrives: in the dispatch (arg NULL), or after a dispatch that every rank completed, in the
  * combine (arg non-NULL). The others fail with a timeout naming it and the stage; every rank destroys the group. */
 static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
@@ -330,21 +342,11 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
         ca.handle = done.handle;
         MP_EXPECT_STATUS(rank, ep_combine(g, &ca, NULL), EP_SUCCESS); /* enqueued: combine never waits on the host */
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
-        char want[48];
-        snprintf(want, sizeof(want), "waiting for rank %d", R - 1);
-        if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "combine"))
-            MP_FAIL(rank, "timeout message does not name rank %d and the combine stage: %s", R - 1, ep_last_error());
-        if (rank == 0)
-            printf("     rank 0 saw: %s\n", ep_last_error());
+        failures += timeout_names(rank, R - 1, "combine");
     } else {
         ep_dispatch_result_t res = EP_DISPATCH_RESULT_INIT;
         MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, NULL), EP_ERROR_TIMEOUT);
-        char want[48];
-        snprintf(want, sizeof(want), "waiting for rank %d", R - 1);
-        if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "dispatch"))
-            MP_FAIL(rank, "timeout message does not name rank %d and the dispatch stage: %s", R - 1, ep_last_error());
-        if (rank == 0)
-            printf("     rank 0 saw: %s\n", ep_last_error());
+        failures += timeout_names(rank, R - 1, "dispatch");
         if (res.handle != NULL)
             MP_FAIL(rank, "a failed dispatch returned a handle");
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
@@ -448,8 +450,6 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
     MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, &l), EP_SUCCESS);
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
     failures += check_dispatch(rank, R, &in, &res, 0, "dispatch after errors");
-    /* A cached dispatch asking for another worst-token count than its handle was made with; a group destroyed
-     * while a handle still refers to it. Both refused on the host, with nothing launched or torn down. */
     /* A cached dispatch with topk_idx holding an id out of range (no layout kernel sees these ids): the id is
      * skipped and the dispatch reports it. */
     void *bad_idx = NULL;
@@ -469,6 +469,8 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
         MP_FAIL(rank, "cached bad id message: %s", ep_last_error());
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS); /* reported once; the group goes on */
     mp_free(bad_idx);
+    /* A cached dispatch asking for another worst-token count than its handle was made with; a group destroyed
+     * while a handle still refers to it. Both refused on the host, with nothing launched or torn down. */
     b = a;
     b.cached_handle = res.handle;
     b.num_worst_tokens = 8;

@@ -296,43 +296,51 @@ static float time_busy(float *sink, int sms, cudaStream_t s) {
 
 /* What the two cases with a compute kernel beside the low-latency calls share: a group, the SM count, the
  * busy kernel's output and stream, one pair of calls loaded with inputs drawn from `seed`. */
+/* A group, every rank's inputs and one dispatch/combine pair loaded with this rank's; with `busy`, also what the
+ * busy-kernel tests need (the SM count, a sink and a stream of their own). */
 typedef struct {
     ep_group_t g;
+    inputs_t in;
+    pair_t p;
     int sms;
     float *sink;
     cudaStream_t busy;
-    inputs_t in;
-    pair_t p;
-} busy_fixture_t;
+} fixture_t;
 
-static int busy_fixture_init(busy_fixture_t *f, int rank, int R, const ep_unique_id_t *id, uint64_t seed) {
-    f->g = make_group(rank, R, id, 0);
+static int fixture_init(fixture_t *f, int rank, int R, const ep_unique_id_t *id, int64_t timeout_ms, uint64_t seed,
+                        int busy) {
+    memset(f, 0, sizeof(*f));
+    f->g = make_group(rank, R, id, timeout_ms);
     if (!f->g)
         return 1;
-    f->sms = 0;
-    cudaDeviceGetAttribute(&f->sms, cudaDevAttrMultiProcessorCount, rank);
-    mp_malloc((void **)&f->sink, 4096);
-    cudaStreamCreateWithFlags(&f->busy, cudaStreamNonBlocking);
+    if (busy) {
+        cudaDeviceGetAttribute(&f->sms, cudaDevAttrMultiProcessorCount, rank);
+        mp_malloc((void **)&f->sink, 4096);
+        cudaStreamCreateWithFlags(&f->busy, cudaStreamNonBlocking);
+    }
     make_inputs(&f->in, R, seed);
     pair_init(&f->p, R);
     pair_load(&f->p, &f->in, rank, R);
     return 0;
 }
 
-static int busy_fixture_free(busy_fixture_t *f, int rank, int R) {
+/* Frees what fixture_init made and destroys the group; returns the failures. */
+static int fixture_free(fixture_t *f, int rank, int R) {
     int failures = 0;
     free_inputs(&f->in, R);
     pair_free(&f->p);
-    cudaStreamDestroy(f->busy);
-    mp_free(f->sink);
+    if (f->busy) {
+        cudaStreamDestroy(f->busy);
+        mp_free(f->sink);
+    }
     MP_EXPECT_STATUS(rank, ep_group_destroy(f->g), EP_SUCCESS);
     return failures;
 }
 
 static int hook_frees_sms(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    busy_fixture_t f;
-    if (busy_fixture_init(&f, rank, R, id, 30))
+    fixture_t f;
+    if (fixture_init(&f, rank, R, id, 0, 30, 1))
         return 1;
     f.p.da.return_recv_hook = 1;
     time_busy(f.sink, 2 * f.sms, f.busy); /* warm-up */
@@ -350,13 +358,13 @@ static int hook_frees_sms(int rank, int R, const ep_unique_id_t *id, void *arg) 
     if (rank == 0)
         printf("     busy kernel on all SMs: %.3f ms alone, %.3f ms between a send and its hook\n", alone, between);
     ep_ll_handle_destroy(h);
-    return failures + busy_fixture_free(&f, rank, R);
+    return failures + fixture_free(&f, rank, R);
 }
 
 static int fused_beside_busy_stream(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    busy_fixture_t f;
-    if (busy_fixture_init(&f, rank, R, id, 50))
+    fixture_t f;
+    if (fixture_init(&f, rank, R, id, 0, 50, 1))
         return 1;
     for (int round = 0; round < 3; round++) {
         MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS);
@@ -370,7 +378,7 @@ static int fused_beside_busy_stream(int rank, int R, const ep_unique_id_t *id, v
         failures += check_pair(rank, R, &f.in, &f.p, "fused call beside a busy stream");
         ep_ll_handle_destroy(h);
     }
-    return failures + busy_fixture_free(&f, rank, R);
+    return failures + fixture_free(&f, rank, R);
 }
 
 /* The last rank never arrives: in the dispatch (arg NULL), or after a dispatch that every rank completed, in the
@@ -379,28 +387,23 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     const int in_combine = arg != NULL;
     const int64_t timeout_ms = R > 4 ? 4000 : 1500; /* creation at R=8 takes ~2 s */
-    ep_group_t g = make_group(rank, R, id, timeout_ms);
-    if (!g)
+    fixture_t f;
+    if (fixture_init(&f, rank, R, id, timeout_ms, 40, 0))
         return 1;
-    inputs_t in;
-    make_inputs(&in, R, 40);
-    pair_t p;
-    pair_init(&p, R);
-    pair_load(&p, &in, rank, R);
     ep_ll_handle_t h = NULL;
     if (in_combine) {
-        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
-        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS);
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS);
     }
     if (rank == R - 1) {
         struct timespec nap = {(time_t)(2 * timeout_ms + 1000) / 1000, 0};
         nanosleep(&nap, NULL);
     } else {
         if (in_combine)
-            MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS); /* enqueued */
+            MP_EXPECT_STATUS(rank, ep_low_latency_combine(f.g, &f.p.ca, h, NULL), EP_SUCCESS); /* enqueued */
         else
-            MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS); /* enqueued */
-        MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
+            MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS); /* enqueued */
+        MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_ERROR_TIMEOUT);
         char want[48];
         snprintf(want, sizeof(want), "waiting for rank %d", R - 1);
         const char *stage = in_combine ? "low-latency combine" : "low-latency dispatch";
@@ -410,10 +413,7 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
             printf("     rank 0 saw: %s\n", ep_last_error());
     }
     ep_ll_handle_destroy(h);
-    free_inputs(&in, R);
-    pair_free(&p);
-    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
-    return failures;
+    return failures + fixture_free(&f, rank, R);
 }
 
 /* A rank two calls behind. Every rank dispatches twice with hooks; every rank but 0 receives both, then (after
@@ -467,19 +467,14 @@ static int overrun_is_reported(int rank, int R, const ep_unique_id_t *id, void *
  * own and reports it, naming the peer and both sets of sizes, instead of reading rows that are not where it looks. */
 static int mismatched_sizes_are_reported(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    ep_group_t g = make_group(rank, R, id, R > 4 ? 4000 : 1500);
-    if (!g)
+    fixture_t f;
+    if (fixture_init(&f, rank, R, id, R > 4 ? 4000 : 1500, 70, 0))
         return 1;
-    inputs_t in;
-    make_inputs(&in, R, 70);
-    pair_t p;
-    pair_init(&p, R);
-    pair_load(&p, &in, rank, R);
     if (rank == R - 1)
-        p.da.topk_idx.shape[1] = K - 2; /* rows keep their stride of K */
+        f.p.da.topk_idx.shape[1] = K - 2; /* rows keep their stride of K */
     ep_ll_handle_t h = NULL;
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS); /* enqueued */
-    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_INVALID_ARGUMENT);
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS); /* enqueued */
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_ERROR_INVALID_ARGUMENT);
     char want[160];
     snprintf(want, sizeof(want),
              "num_topk=%d, num_experts=%d, use_fp8=0, round_scale=0, use_ue8m0=0, this rank with %d, %d, %d, %d",
@@ -489,68 +484,57 @@ static int mismatched_sizes_are_reported(int rank, int R, const ep_unique_id_t *
     if (rank == 0)
         printf("     rank 0 saw: %s\n", ep_last_error());
     ep_ll_handle_destroy(h);
-    free_inputs(&in, R);
-    pair_free(&p);
-    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
-    return failures;
+    return failures + fixture_free(&f, rank, R);
 }
 
 static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
-    ep_group_t g = make_group(rank, R, id, 0);
-    if (!g)
+    fixture_t f;
+    if (fixture_init(&f, rank, R, id, 0, 50, 0))
         return 1;
-    inputs_t in;
-    make_inputs(&in, R, 50);
-    pair_t p;
-    pair_init(&p, R);
-    pair_load(&p, &in, rank, R);
     ep_ll_handle_t h = NULL;
-    ep_low_latency_dispatch_args_t a = p.da;
-    a.max_tokens = in.in[rank].num_tokens - 1; /* N > T */
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    ep_low_latency_dispatch_args_t a = f.p.da;
+    a.max_tokens = f.in.in[rank].num_tokens - 1; /* N > T */
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
     if (!strstr(ep_last_error(), "x.shape[0]"))
         MP_FAIL(rank, "N > T message: %s", ep_last_error());
-    a = p.da;
+    a = f.p.da;
     a.x.shape[1] = H - 64;
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
-    a = p.da;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    a = f.p.da;
     a.use_fp8 = 1, a.use_ue8m0 = 1;
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
-    a = p.da;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    a = f.p.da;
     a.topk_idx.shape[1] = 17;
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
-    a = p.da;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &a, &h, NULL), EP_ERROR_INVALID_ARGUMENT);
+    a = f.p.da;
     a.max_tokens = 4 * T; /* a larger T than the buffer was made for */
     a.recv_x.shape[1] = (int64_t)R * 4 * T, a.recv_x.strides[0] = (int64_t)R * 4 * T * H;
     a.src_info.shape[1] = (int64_t)R * 4 * T;
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &a, &h, NULL), EP_ERROR_BUFFER_TOO_SMALL);
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &a, &h, NULL), EP_ERROR_BUFFER_TOO_SMALL);
     if (rank == 0)
         printf("     rank 0 saw: %s\n", ep_last_error());
     if (h != NULL)
         MP_FAIL(rank, "a refused dispatch returned a handle");
     /* Nothing was launched: a good dispatch still works. */
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
-    MP_EXPECT_STATUS(rank, ep_low_latency_combine(g, &p.ca, h, NULL), EP_SUCCESS);
-    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
-    failures += check_pair(rank, R, &in, &p, "after refusals");
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(f.g, &f.p.ca, h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS);
+    failures += check_pair(rank, R, &f.in, &f.p, "after refusals");
     ep_ll_handle_destroy(h);
     /* An expert id out of range (token 0, k = 2): the dispatch skips it and reports it after the call. */
     const int64_t out_of_range = E + 3;
-    cudaMemcpy((int64_t *)p.idx + 2, &out_of_range, 8, cudaMemcpyHostToDevice);
+    cudaMemcpy((int64_t *)f.p.idx + 2, &out_of_range, 8, cudaMemcpyHostToDevice);
     h = NULL;
-    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(g, &p.da, &h, NULL), EP_SUCCESS);
-    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_DEVICE_INPUT);
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_ERROR_DEVICE_INPUT);
     char want[64];
     snprintf(want, sizeof(want), "topk_idx[0, 2] = %d is outside [-1, num_experts)", E + 3);
     if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "low-latency dispatch (send)"))
         MP_FAIL(rank, "bad expert id message: %s (wanted \"%s\")", ep_last_error(), want);
-    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS); /* reported once; the group goes on */
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS); /* reported once; the group goes on */
     ep_ll_handle_destroy(h);
-    free_inputs(&in, R);
-    pair_free(&p);
-    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
-    return failures;
+    return failures + fixture_free(&f, rank, R);
 }
 
 int main(int argc, char **argv) {
