@@ -102,7 +102,7 @@ def _dispatch_combine_worker(rank, world, group, seed, reuse):
     counts = torch.tensor([w["count"] for w in ref_torch.low_latency_dispatch(everyone, rank, E, world)],
                           dtype=torch.int32, device="cuda")
     same("cumulative_local_expert_recv_stats", rank, stats, counts * 4)
-    assert (waits >= 0).all()
+    assert (waits >= 0).all()  # the values are checked in test_low_latency_wait_cost_stats
 
     recv_x, count, handle, _, _ = buffer.low_latency_dispatch(mine["x"], mine["idx"], T, E, use_fp8=False)
     y = expert_outputs(rank, recv_x, count, world)
@@ -216,6 +216,42 @@ def _graph_worker(rank, world, group, seed):
     buffer.destroy()
 
 
+def _wait_stats_worker(rank, world, group, seed):
+    """dispatch_/combine_wait_recv_cost_stats: nanoseconds added per source rank. Rank 0 starts each call about
+    100 ms late (a sleep kernel on its stream, the ranks lined up just before by a synchronized call), so every
+    other rank must have waited most of that for rank 0. Every entry starts at a base that must be kept."""
+    mine, E = ll_inputs(seed, rank, world), experts_for(world)
+    buffer = make_buffer(group, world)
+    base, late_ns, sleep_cycles, most_ns = 1 << 40, 20_000_000, 200_000_000, 60_000_000_000
+
+    def line_up_then_delay_rank0():
+        torch.cuda.current_stream().synchronize()
+        if rank == 0:
+            torch.cuda._sleep(sleep_cycles)  # about 100 ms at 2 GHz
+
+    def check(name, waits):
+        added = (waits - base).tolist()
+        assert all(0 <= a < most_ns for a in added), f"rank {rank}: {name} added {added} ns to a base of {base}"
+        if rank != 0:
+            assert added[0] >= late_ns, (f"rank {rank}: {name}[0] = base + {added[0]} ns, but rank 0 came about "
+                                         f"100 ms late (expected at least {late_ns} ns)")
+
+    buffer.low_latency_dispatch(mine["x"], mine["idx"], T, E, use_fp8=False)  # the first call's setup, untimed
+    waits = torch.full((world,), base, dtype=torch.int64, device="cuda")
+    line_up_then_delay_rank0()
+    recv_x, count, handle, _, _ = buffer.low_latency_dispatch(mine["x"], mine["idx"], T, E, use_fp8=False,
+                                                              dispatch_wait_recv_cost_stats=waits)
+    y = expert_outputs(rank, recv_x, count, world)
+    combine_waits = torch.full((world,), base, dtype=torch.int64, device="cuda")
+    line_up_then_delay_rank0()
+    out, _, _ = buffer.low_latency_combine(y, mine["idx"], mine["w"], handle,
+                                           combine_wait_recv_cost_stats=combine_waits)
+    same("combined_x (rank 0 late)", rank, out, ref_torch.low_latency_combine(mine["x"], mine["idx"], mine["w"]))
+    check("dispatch_wait_recv_cost_stats", waits)
+    check("combine_wait_recv_cost_stats", combine_waits)
+    buffer.destroy()
+
+
 @pytest.mark.parametrize("world", world_sizes())
 @pytest.mark.parametrize("reuse", [False, True], ids=["fresh_outputs", "reused_outputs"])
 def test_low_latency_dispatch_combine(world, reuse):
@@ -230,3 +266,8 @@ def test_low_latency_hooks_and_events(world):
 @pytest.mark.parametrize("world", world_sizes())
 def test_low_latency_cuda_graph(world):
     run_ranks(_graph_worker, world, SEED)
+
+
+@pytest.mark.parametrize("world", world_sizes())
+def test_low_latency_wait_cost_stats(world):
+    run_ranks(_wait_stats_worker, world, SEED)
