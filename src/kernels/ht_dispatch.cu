@@ -22,8 +22,10 @@ __global__ void __launch_bounds__(SEND_WARPS * 32)
 
     for (int64_t t = warp_id; t < a.num_tokens; t += num_warps) {
         int pos[EP_MAX_NVL_RANKS], my_pos;
-        if (!ep_ht_token_positions(a, R, t, lane, pos, &my_pos))
+        if (!ep_ht_token_positions(a, R, t, lane, pos, &my_pos)) {
+            ep_ht_unsent_token(g, a, t, lane);
             continue;
+        }
 
         const uint4 *src = (const uint4 *)(a.x + t * a.x_stride_bytes);
         for (int64_t c0 = lane; c0 < chunks; c0 += 32 * SEND_UNROLL) {

@@ -98,6 +98,8 @@ __global__ void __launch_bounds__(TMA_WARPS * 32)
         }
         if (any)
             ep_ht_token_metadata(g, a, reg, t, pos, my_pos, lane);
+        else
+            ep_ht_unsent_token(g, a, t, lane);
         __syncwarp();
     }
     if (lane == 0)

@@ -23,6 +23,25 @@ __device__ __forceinline__ bool ep_ht_token_positions(const ep_ht_dispatch_args_
     return __ballot_sync(0xffffffffu, *my_pos >= 0) != 0;
 }
 
+/* Token t's expert id in slot k (< topk), -1 when out of range: a cached dispatch reports such ids (no layout
+ * kernel has seen them), else the layout kernel already did. */
+__device__ __forceinline__ int64_t ep_ht_token_expert(const ep_dev_group_t &g, const ep_ht_dispatch_args_t &a,
+                                                      int64_t t, int k) {
+    const int64_t e = a.topk_idx[t * a.idx_stride + k];
+    if (e >= -1 && e < a.num_experts)
+        return e;
+    if (a.report_bad_ids)
+        ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_SEND, EP_INPUT_BAD_EXPERT, t, k, e);
+    return -1;
+}
+
+/* A token that goes to no rank: nothing is sent, but a cached dispatch still reports its bad expert ids. */
+__device__ __forceinline__ void ep_ht_unsent_token(const ep_dev_group_t &g, const ep_ht_dispatch_args_t &a, int64_t t,
+                                                   int lane) {
+    if (a.report_bad_ids && a.topk_idx && lane < a.topk)
+        ep_ht_token_expert(g, a, t, lane);
+}
+
 /* The warp writes token t's scales, local expert ids, weights and source index at each destination. */
 __device__ __forceinline__ void ep_ht_token_metadata(const ep_dev_group_t &g, const ep_ht_dispatch_args_t &a,
                                                      const ep_ht_dispatch_region_t &reg, int64_t t,
@@ -38,13 +57,8 @@ __device__ __forceinline__ void ep_ht_token_metadata(const ep_dev_group_t &g, co
                               reg.scales_off))[(uint64_t)pos[d] * a.num_scales + j] = w;
     }
     if (a.topk_idx && lane < a.topk) { /* cached dispatch without topk sends no metadata */
-        int64_t e = a.topk_idx[t * a.idx_stride + lane];
-        float w = a.weights ? a.weights[t * a.w_stride + lane] : 0.0f;
-        if (e < -1 || e >= a.num_experts) {
-            if (a.report_bad_ids) /* else the layout kernel reported it */
-                ep_record_input_error(g.input_error, EP_STAGE_DISPATCH_SEND, EP_INPUT_BAD_EXPERT, t, lane, e);
-            e = -1;
-        }
+        const int64_t e = ep_ht_token_expert(g, a, t, lane);
+        const float w = a.weights ? a.weights[t * a.w_stride + lane] : 0.0f;
 #pragma unroll
         for (int d = 0; d < EP_MAX_NVL_RANKS; d++) {
             if (d >= R || pos[d] < 0)
