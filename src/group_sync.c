@@ -147,6 +147,33 @@ static ep_status_t fail_call_mismatch(int rank, const char *op, int peer, uint64
                    (long long)h[1], fp8[1] ? "float8_e4m3fn" : "bfloat16", s[1], k[1], x[1]);
 }
 
+/* The message of a cached dispatch or a combine whose sizes differ from a peer's (found at the barrier after the
+ * send, ht_layout.h's EP_HT_SEND_* words): the rows went out, so the results are not valid. */
+static ep_status_t fail_send_mismatch(int rank, const char *op, int peer, uint64_t theirs, uint64_t mine) {
+    const uint64_t tags = EP_HT_SEND_DISPATCH | EP_HT_SEND_COMBINE;
+    if ((theirs & tags) != (mine & tags))
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "rank %d: %s: rank %d was in another call at this point: every rank must make the same "
+                       "calls in the same order; this call's results are not valid",
+                       rank, op, peer);
+    if (mine & EP_HT_SEND_COMBINE)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                       "rank %d: %s: rank %d combined rows of hidden=%lld %s topk_weights, this rank hidden=%lld %s: "
+                       "every rank must pass the same; the combined output is not valid",
+                       rank, op, peer, (long long)(theirs & 0xffffff), (theirs >> 24 & 1) ? "with" : "without",
+                       (long long)(mine & 0xffffff), (mine >> 24 & 1) ? "with" : "without");
+    int64_t h[2];
+    int fp8[2], s[2], k[2], x[2];
+    ep_ht_unpack_call(theirs & ~EP_HT_SEND_DISPATCH, &h[0], &fp8[0], &s[0], &k[0], &x[0]);
+    ep_ht_unpack_call(mine & ~EP_HT_SEND_DISPATCH, &h[1], &fp8[1], &s[1], &k[1], &x[1]);
+    return ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                   "rank %d: %s: rank %d made a cached dispatch with hidden=%lld, x %s with %d scales per token, %s, "
+                   "this rank with %lld, %s, %d, %s: every rank must pass the same; the received rows are not valid",
+                   rank, op, peer, (long long)h[0], fp8[0] ? "float8_e4m3fn" : "bfloat16", s[0],
+                   k[0] ? "with topk_idx" : "without topk_idx", (long long)h[1], fp8[1] ? "float8_e4m3fn" : "bfloat16",
+                   s[1], k[1] ? "with topk_idx" : "without topk_idx");
+}
+
 ep_status_t ep_group_take_input_error(ep_group_t g) {
     volatile ep_dev_input_error_t *e = &g->mapped_host->input_error;
     uint32_t count = e->count;
@@ -164,6 +191,9 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
         break;
     case EP_INPUT_CALL_MISMATCH:
         st = fail_call_mismatch(g->rank, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
+        break;
+    case EP_INPUT_SEND_MISMATCH:
+        st = fail_send_mismatch(g->rank, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
         break;
     case EP_INPUT_WORST_MISMATCH:
         st = ep_fail(EP_ERROR_INVALID_ARGUMENT,
@@ -270,7 +300,7 @@ ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream) {
     cudaGetLastError(); /* a stale error of the caller's must not be taken for our launch's */
     ep_status_t st = ep_group_order(group, user, group->stream);
     if (st == EP_SUCCESS) {
-        cudaError_t err = ep_launch_barrier(&group->dev, EP_STAGE_GROUP_BARRIER, group->stream);
+        cudaError_t err = ep_launch_barrier(&group->dev, EP_STAGE_GROUP_BARRIER, 0, group->stream);
         if (err != cudaSuccess)
             st = ep_cuda_fail(err, "barrier kernel launch", __FILE__, __LINE__);
     }

@@ -59,14 +59,16 @@ static ep_status_t check_combine_args(ep_group_t g, const ep_combine_args_t *a) 
  * (SM kernel or copy engines), barrier, reduce. */
 static cudaError_t launch_combine(ep_group_t g, const ep_combine_args_t *args, const ep_ht_combine_args_t *c) {
     const int ce = ep_ht_combine_ce_wanted(g, args);
+    /* What every rank's combine must agree on, compared at the barrier after the send. */
+    const uint64_t word = ep_ht_combine_word(args->x.shape[1], args->topk_weights.data != NULL);
     if (c->overlap_reduce_warps > 0 && !ce) {
         cudaError_t err = ep_launch_ht_combine_overlap(&g->dev, c, g->stream);
         if (err != cudaErrorCooperativeLaunchTooLarge)
-            return err == cudaSuccess ? ep_launch_barrier(&g->dev, EP_STAGE_COMBINE_SEND, g->stream) : err;
+            return err == cudaSuccess ? ep_launch_barrier(&g->dev, EP_STAGE_COMBINE_SEND, word, g->stream) : err;
     }
     cudaError_t err = ce ? ep_ht_combine_send_ce(g, args) : ep_launch_ht_combine_send(&g->dev, c, g->stream);
     if (err == cudaSuccess)
-        err = ep_launch_barrier(&g->dev, EP_STAGE_COMBINE_SEND, g->stream);
+        err = ep_launch_barrier(&g->dev, EP_STAGE_COMBINE_SEND, word, g->stream);
     return err == cudaSuccess ? ep_launch_ht_combine_reduce(&g->dev, c, g->stream) : err;
 }
 

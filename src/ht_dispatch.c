@@ -196,6 +196,15 @@ static void fill_views(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h,
         r->recv_topk_weights = ep_tensor_2d(region + reg->weights_off, EP_DTYPE_FLOAT32, rows, K);
 }
 
+/* What the barrier after a cached dispatch's send compares across ranks (a dispatch with a count exchange has
+ * compared its sizes there already: 0). */
+static uint64_t send_word(const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {
+    if (a->cached_handle == NULL)
+        return 0;
+    return EP_HT_SEND_DISPATCH | ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
+                                                 a->topk_idx.data ? h->topk : 0, h->num_experts);
+}
+
 static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {
     const ep_tensor_t *idx = a->topk_idx.data ? &a->topk_idx : NULL;
     ep_ht_dispatch_args_t s = {
@@ -222,7 +231,7 @@ static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle
     };
     cudaError_t err = ep_launch_ht_dispatch_send(&g->dev, &s, g->stream);
     if (err == cudaSuccess)
-        err = ep_launch_barrier(&g->dev, EP_STAGE_DISPATCH_SEND, g->stream);
+        err = ep_launch_barrier(&g->dev, EP_STAGE_DISPATCH_SEND, send_word(a, h, num_scales), g->stream);
     if (err == cudaSuccess && h->num_worst_tokens > 0)
         err = ep_launch_ht_dispatch_pad(&g->dev, &s, h->num_rows, g->stream);
     return err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "dispatch send", __FILE__, __LINE__);

@@ -2,12 +2,12 @@
 #include "group_kernels.h"
 #include "sync.cuh"
 
-__global__ void barrier_kernel(const __grid_constant__ ep_dev_group_t g, int stage) {
-    ep_cta_barrier(g, stage);
+__global__ void barrier_kernel(const __grid_constant__ ep_dev_group_t g, int stage, uint64_t word) {
+    ep_cta_barrier(g, stage, word);
 }
 
-extern "C" cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage, cudaStream_t stream) {
-    barrier_kernel<<<1, 32, 0, stream>>>(*group, stage);
+extern "C" cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage, uint64_t word, cudaStream_t stream) {
+    barrier_kernel<<<1, 32, 0, stream>>>(*group, stage, word);
     return cudaGetLastError();
 }
 

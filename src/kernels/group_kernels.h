@@ -11,8 +11,9 @@ extern "C" {
 #endif
 
 /* Every rank signals every peer and waits for all of them (with the group's timeout, recording a timeout
- * in the error record under `stage`). */
-cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage, cudaStream_t stream);
+ * in the error record under `stage`). A non-zero `word` (ht_layout.h, EP_HT_SEND_*) must be every rank's: a difference
+ * is recorded as bad input (EP_INPUT_SEND_MISMATCH). */
+cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage, uint64_t word, cudaStream_t stream);
 
 /* Destroy handshake: writes `vote` (EP_VOTE_OK or EP_VOTE_ABORT) into this rank's slot of every peer's
  * destroy flags; with `wait`, then waits (group timeout) for every peer's vote and writes what it saw to

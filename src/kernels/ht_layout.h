@@ -90,6 +90,17 @@ EP_HD uint64_t ep_ht_pack_call(int64_t hidden, int fp8, int num_scales, int topk
            ((uint64_t)topk & 0x3f) << 38 | ((uint64_t)num_experts & 0x1fff) << 44;
 }
 
+/* The word the closing barrier of a cached dispatch or a combine compares across ranks (neither has a count
+ * exchange before its send): a tag for the op in bit 63 (dispatch) or 62 (combine), then for a cached
+ * dispatch its ep_ht_pack_call word, for a combine the hidden size in bits 0-23 and in bit 24 whether topk
+ * weights are combined. 0: a barrier that compares nothing. The rows already went out when a difference is
+ * seen; it is reported, and the call's results are not valid. */
+#define EP_HT_SEND_DISPATCH (1ull << 63)
+#define EP_HT_SEND_COMBINE  (1ull << 62)
+EP_HD uint64_t ep_ht_combine_word(int64_t hidden, int weights) {
+    return EP_HT_SEND_COMBINE | ((uint64_t)hidden & 0xffffff) | (uint64_t)(weights != 0) << 24;
+}
+
 EP_HD void ep_ht_unpack_call(uint64_t w, int64_t *hidden, int *fp8, int *num_scales, int *topk, int *num_experts) {
     *hidden = (int64_t)(w & 0xffffff);
     *fp8 = (int)(w >> 24 & 1);

@@ -156,8 +156,10 @@ __device__ __forceinline__ void ep_last_block_signal(const ep_dev_group_t &g, ui
  * counts completed barriers; barrier n writes n into this rank's slot of every peer's flag array and waits
  * until every slot of its own array reaches n. Flags only grow, so nothing is ever reset and no two barriers
  * can be confused. Everything this GPU wrote to peers before (in this kernel by any CTA that finished, or in
- * earlier kernels of the stream) lands before the flag. Returns false on timeout (recorded). */
-__device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stage) {
+ * earlier kernels of the stream) lands before the flag. Returns false on timeout (recorded).
+ * Each rank also leaves `word` at every peer (slots by epoch parity: a peer can be at most one barrier ahead);
+ * a non-zero word is compared with every peer's, and a difference recorded as EP_INPUT_SEND_MISMATCH. */
+__device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stage, uint64_t word = 0) {
     __shared__ uint64_t epoch;
     __shared__ int ok;
     int peer = threadIdx.x;
@@ -167,12 +169,20 @@ __device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stag
     }
     __syncthreads();
     if (peer < g.num_ranks) {
+        const int half = (int)(epoch & 1) * g.num_ranks;
+        *((volatile uint64_t *)(g.window[peer] + EP_CTRL_BARRIER_WORDS) + half + g.rank) = word;
         __threadfence_system();
         uint64_t *remote = (uint64_t *)(g.window[peer] + EP_CTRL_BARRIER_FLAGS) + g.rank;
         ep_store_release_sys(remote, epoch);
         const uint64_t *local = (const uint64_t *)(g.window[g.rank] + EP_CTRL_BARRIER_FLAGS) + peer;
-        if (!ep_wait_flag_geq(g, local, epoch, stage, peer))
+        if (!ep_wait_flag_geq(g, local, epoch, stage, peer)) {
             ok = 0;
+        } else if (word != 0) {
+            const uint64_t theirs = *((const volatile uint64_t *)(g.window[g.rank] + EP_CTRL_BARRIER_WORDS) + half + peer);
+            if (theirs != word)
+                ep_record_input_error(g.input_error, stage, EP_INPUT_SEND_MISMATCH, (int64_t)word, peer,
+                                      (int64_t)theirs);
+        }
     }
     __syncthreads();
     if (peer == 0)

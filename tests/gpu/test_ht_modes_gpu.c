@@ -8,7 +8,8 @@
  *  - autotune: every rank gets the same best SM count, one of the candidates;
  *  - argument errors: capture of a host-waiting dispatch, weights without ids, a too-small buffer, a layout
  *    that contradicts is_token_in_rank on rank 0 (found on the device: every rank's dispatch is abandoned), a
- *    cached dispatch with another worst-token count than its handle's, destroying a group a handle still uses.
+ *    cached dispatch with another worst-token count than its handle's, destroying a group a handle still uses;
+ *    a cached dispatch and a combine whose hidden size differs on one rank (reported at the next synchronize).
  * Dispatch outputs are compared with the CPU reference; combine of the received rows must give x times the
  * number of ranks each token reached (exact in float32). */
 #define _DEFAULT_SOURCE
@@ -476,6 +477,40 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
         MP_FAIL(rank, "cached bad id message: %s", ep_last_error());
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS); /* reported once; the group goes on */
     mp_free(bad_idx);
+    /* Sizes that differ across ranks where no count exchange compares them: a cached dispatch, then a combine, in
+     * which the last rank passes half the hidden size. Both go out (no host can tell) and the barrier after the
+     * send finds the difference: every rank is told at its next synchronize, naming a peer. Then the same calls
+     * with equal sizes are right again. */
+    b = a;
+    b.cached_handle = res.handle;
+    if (rank == R - 1)
+        b.x.shape[1] = H / 2;
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res3, &l), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_ERROR_INVALID_ARGUMENT);
+    snprintf(want, sizeof(want), "made a cached dispatch with hidden=%d", rank == R - 1 ? H : H / 2);
+    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "the received rows are not valid"))
+        MP_FAIL(rank, "mismatched cached dispatch message: %s (wanted \"%s\")", ep_last_error(), want);
+    ep_combine_args_t ca = EP_COMBINE_ARGS_INIT;
+    ca.x = res3.recv_x; /* [rows, H / 2] on the last rank */
+    ca.out = ep_tensor_2d(d.out, EP_DTYPE_BFLOAT16, in.n[rank], H);
+    ca.out.shape[1] = ca.x.shape[1];
+    ca.handle = res.handle;
+    MP_EXPECT_STATUS(rank, ep_combine(g, &ca, &l), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_ERROR_INVALID_ARGUMENT);
+    snprintf(want, sizeof(want), "combined rows of hidden=%d without topk_weights, this rank hidden=%d",
+             rank == R - 1 ? H : H / 2, rank == R - 1 ? H / 2 : H);
+    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "the combined output is not valid"))
+        MP_FAIL(rank, "mismatched combine message: %s (wanted \"%s\")", ep_last_error(), want);
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    b.x.shape[1] = H;
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res3, &l), EP_SUCCESS);
+    ca.x = res3.recv_x;
+    ca.out.shape[1] = H;
+    MP_EXPECT_STATUS(rank, ep_combine(g, &ca, &l), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, s), EP_SUCCESS);
+    failures += check_dispatch(rank, R, &in, &res3, 0, "cached dispatch after mismatched sizes");
+    failures += check_combine(rank, R, &in, d.out, "combine after mismatched sizes");
     /* A cached dispatch asking for another worst-token count than its handle was made with; a group destroyed
      * while a handle still refers to it. Both refused on the host, with nothing launched or torn down. */
     b = a;

@@ -169,6 +169,51 @@ static void call_mismatch_names_both_calls(void) {
                                          "num_worst_tokens=4096, this rank with 0: every rank must pass the same");
 }
 
+/* A cached dispatch or a combine whose sizes differ from a peer's (found at the barrier after the send, from the
+ * EP_HT_SEND_* words): bad input naming the peer and both calls; a peer in another call is named as such. */
+static void send_mismatch_names_both_calls(void) {
+    ep_mapped_t mapped;
+    struct ep_group g;
+    fake_group(&g, &mapped);
+    g.rank = 2;
+    const struct {
+        int op;
+        uint64_t theirs, mine;
+        const char *want;
+    } cases[] = {
+        {EP_STAGE_COMBINE_SEND, ep_ht_combine_word(3584, 0), ep_ht_combine_word(7168, 1),
+         "rank 2: combine (send): rank 1 combined rows of hidden=3584 without topk_weights, this rank hidden=7168 "
+         "with: every rank must pass the same; the combined output is not valid"},
+        {EP_STAGE_DISPATCH_SEND, EP_HT_SEND_DISPATCH | ep_ht_pack_call(7168, 1, 56, 8, 256),
+         EP_HT_SEND_DISPATCH | ep_ht_pack_call(7168, 0, 0, 0, 256),
+         "rank 2: dispatch (send): rank 1 made a cached dispatch with hidden=7168, x float8_e4m3fn with 56 scales per "
+         "token, with topk_idx, this rank with 7168, bfloat16, 0, without topk_idx: every rank must pass the same; "
+         "the received rows are not valid"},
+        {EP_STAGE_COMBINE_SEND, 0, ep_ht_combine_word(7168, 1),
+         "rank 2: combine (send): rank 1 was in another call at this point: every rank must make the same calls in "
+         "the same order"},
+        {EP_STAGE_DISPATCH_SEND, ep_ht_combine_word(7168, 1), EP_HT_SEND_DISPATCH | ep_ht_pack_call(7168, 0, 0, 8, 64),
+         "rank 2: dispatch (send): rank 1 was in another call at this point"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        mapped.input_error.op = cases[i].op;
+        mapped.input_error.kind = EP_INPUT_SEND_MISMATCH;
+        mapped.input_error.k = 1;
+        mapped.input_error.value = (int64_t)cases[i].theirs;
+        mapped.input_error.token = (int64_t)cases[i].mine;
+        mapped.input_error.count = 1;
+        TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_INVALID_ARGUMENT);
+        TCHECK_STR_CONTAINS(ep_last_error(), cases[i].want);
+        TCHECK_EQ_INT(g.failed, EP_SUCCESS);
+    }
+    /* The words: the tags keep them apart and non-zero; every compared field changes the word. */
+    TCHECK(ep_ht_combine_word(0, 0) != 0 && (ep_ht_combine_word(0, 0) & EP_HT_SEND_DISPATCH) == 0, "combine tag");
+    TCHECK(ep_ht_combine_word(7168, 0) != ep_ht_combine_word(7168, 1), "weights bit");
+    TCHECK(ep_ht_combine_word(7168, 0) != ep_ht_combine_word(3584, 0), "hidden");
+    TCHECK((ep_ht_pack_call((1 << 24) - 1, 1, 8191, 63, 8191) & (EP_HT_SEND_DISPATCH | EP_HT_SEND_COMBINE)) == 0,
+           "ep_ht_pack_call stays clear of the tags");
+}
+
 static void call_words_round_trip(void) {
     const int64_t hs[] = {16, 7168, (1 << 24) - 1};
     const int ss[] = {0, 56, 4096}, ks[] = {0, 8, 32}, es[] = {2, 288, 6144};
@@ -195,5 +240,6 @@ int main(void) {
     TRUN(layout_words_round_trip);
     TRUN(call_mismatch_names_both_calls);
     TRUN(call_words_round_trip);
+    TRUN(send_mismatch_names_both_calls);
     return TDONE();
 }
