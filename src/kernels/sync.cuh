@@ -109,8 +109,8 @@ __device__ __forceinline__ bool ep_wait_flag_geq(const ep_dev_group_t &g, const 
 /* A low-latency flag, epoch << 32 | value: spins until its epoch has reached `epoch`, in wrap-around order (the
  * epochs are 32-bit counts per buffer half, which wrap after 2^32 calls). Returns true with the flag in *seen;
  * false on a timeout (recorded, naming `peer` and `stage`) or at once if the group already recorded an error. */
-__device__ __forceinline__ bool ep_wait_epoch(const ep_dev_group_t &g, const uint64_t *flag, uint32_t epoch,
-                                              int stage, int peer, uint64_t *seen) {
+__device__ __forceinline__ bool ep_wait_epoch(const ep_dev_group_t &g, const uint64_t *flag, uint32_t epoch, int stage,
+                                              int peer, uint64_t *seen) {
     uint64_t start = ep_globaltimer_ns();
     uint32_t spins = 0;
     for (;;) {
@@ -128,8 +128,8 @@ __device__ __forceinline__ bool ep_wait_epoch(const ep_dev_group_t &g, const uin
  * same buffer half, so this call's data there may be overwritten (more than two low-latency results were alive
  * across the group). Recorded as EP_DEV_STATUS_OVERRUN naming the peer, which fails the group. A best-effort
  * check: made once, when the flag is read; a later call that lands after it is not seen. */
-__device__ __forceinline__ bool ep_flag_overrun(const ep_dev_group_t &g, uint64_t flag_value, uint32_t epoch,
-                                                int stage, int peer) {
+__device__ __forceinline__ bool ep_flag_overrun(const ep_dev_group_t &g, uint64_t flag_value, uint32_t epoch, int stage,
+                                                int peer) {
     if ((uint32_t)(flag_value >> 32) == epoch)
         return false;
     ep_record_error(g, EP_DEV_STATUS_OVERRUN, stage, peer, (flag_value >> 32 << 32) | epoch, 0);
@@ -178,7 +178,8 @@ __device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stag
         if (!ep_wait_flag_geq(g, local, epoch, stage, peer)) {
             ok = 0;
         } else if (word != 0) {
-            const uint64_t theirs = *((const volatile uint64_t *)(g.window[g.rank] + EP_CTRL_BARRIER_WORDS) + half + peer);
+            const uint64_t theirs =
+                *((const volatile uint64_t *)(g.window[g.rank] + EP_CTRL_BARRIER_WORDS) + half + peer);
             if (theirs != word)
                 ep_record_input_error(g.input_error, stage, EP_INPUT_SEND_MISMATCH, (int64_t)word, peer,
                                       (int64_t)theirs);

@@ -158,7 +158,7 @@ static void call_mismatch_names_both_calls(void) {
                                          "num_experts=256, this rank with 7168, float8_e4m3fn, 56, 8, 256");
     TCHECK_EQ_INT(g.failed, EP_SUCCESS);
     TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_SUCCESS); /* taken once */
-    mapped.input_error.op = EP_STAGE_DISPATCH_NOTIFY; /* the record was cleared when taken */
+    mapped.input_error.op = EP_STAGE_DISPATCH_NOTIFY;         /* the record was cleared when taken */
     mapped.input_error.kind = EP_INPUT_WORST_MISMATCH;
     mapped.input_error.k = 0;
     mapped.input_error.value = 4096;
