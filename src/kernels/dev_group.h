@@ -14,23 +14,20 @@
 #define EP_WINDOW_ALIGN 4096
 #define EP_CTRL_BYTES   (128 * 1024)
 /* Control region layout (offsets from the window base). */
-#define EP_CTRL_BARRIER_FLAGS 0 /* uint64_t[num_ranks]: epoch each peer last reached, written by it */
-#define EP_CTRL_BARRIER_WORDS                                                                                          \
-    2048                           /* uint64_t[2][R]: by barrier epoch parity, each rank's word at that barrier        \
-                                      (ep_cta_barrier: what a cached dispatch or a combine compares) */
-#define EP_CTRL_DESTROY_FLAGS 4096 /* uint64_t[num_ranks]: each peer's destroy vote (written once) */
-#define EP_CTRL_HT_COUNTS     8192 /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
-#define EP_CTRL_HT_CALLS                                                                                               \
-    12288                               /* uint64_t[2][R][2]: by dispatch parity, each rank's ep_ht_pack_call word and \
+#define EP_CTRL_BARRIER_FLAGS     0     /* uint64_t[num_ranks]: epoch each peer last reached, written by it */
+#define EP_CTRL_BARRIER_WORDS     2048  /* uint64_t[2][R]: by barrier epoch parity, each rank's word at that barrier
+                                           (ep_cta_barrier: what a cached dispatch or a combine compares) */
+#define EP_CTRL_DESTROY_FLAGS     4096  /* uint64_t[num_ranks]: each peer's destroy vote (written once) */
+#define EP_CTRL_HT_COUNTS         8192  /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
+#define EP_CTRL_HT_CALLS          12288 /* uint64_t[2][R][2]: by dispatch parity, each rank's ep_ht_pack_call word and
                                            num_worst_tokens */
 #define EP_CTRL_HT_EXPERTS        16384 /* int32_t[2][R][L]: by parity, [src][local expert] (token, expert) counts */
 #define EP_CTRL_HT_EXPERT_WORDS   (24 * 1024 / 4) /* per parity: R * L = E <= EP_MAX_EXPERTS */
 #define EP_MAX_TOPK               32              /* normal mode; the low-latency limit is EP_LL_MAX_TOPK */
 #define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
-#define EP_CTRL_LL_DISPATCH_LAYOUTS                                                                                    \
-    67584                              /* uint64_t[2][R]: by parity, each source's (T, H, K, E) (ep_ll_pack_layout) */
-#define EP_CTRL_LL_COMBINE_FLAGS 69632 /* uint64_t[2][R]: by combine parity, epoch << 32, from each expert rank */
+#define EP_CTRL_LL_DISPATCH_LAYOUTS 67584 /* uint64_t[2][R]: by parity, each source's (T, H, K, E) (ep_ll_pack_layout) */
+#define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by combine parity, epoch << 32, from each expert rank */
 /* uint32_t[2][R][EP_HT_COMBINE_MAX_CHUNKS]: by combine parity, for each source's run of rows in this rank's
  * combine region, the rows of each chunk that have landed (overlapped combine; zeroed after each use). */
 #define EP_CTRL_HT_COMBINE_CHUNKS 73728
@@ -53,17 +50,17 @@ typedef enum {
 } ep_stage_t;
 
 /* Written by the device (first error wins), read by the host; lives in host-mapped memory. */
-#define EP_DEV_ERROR_WRITING   (-1) /* status while the first error's details are being written */
-#define EP_DEV_STATUS_TIMEOUT  6    /* EP_ERROR_TIMEOUT (the device code does not include epcomm.h) */
-#define EP_DEV_STATUS_OVERRUN  11   /* EP_ERROR_DEVICE_INPUT, with a peer: a low-latency flag past this call */
-#define EP_DEV_STATUS_MISMATCH 1    /* EP_ERROR_INVALID_ARGUMENT, with a peer: its low-latency (T, H, K, E) differ */
+#define EP_DEV_ERROR_WRITING (-1) /* status while the first error's details are being written */
+#define EP_DEV_STATUS_TIMEOUT 6   /* EP_ERROR_TIMEOUT (the device code does not include epcomm.h) */
+#define EP_DEV_STATUS_OVERRUN 11  /* EP_ERROR_DEVICE_INPUT, with a peer: a low-latency flag past this call */
+#define EP_DEV_STATUS_MISMATCH 1  /* EP_ERROR_INVALID_ARGUMENT, with a peer: its low-latency (T, H, K, E) differ */
 typedef struct {
-    int32_t status;     /* an ep_status_t; 0 while healthy; EP_DEV_ERROR_WRITING until the details are complete */
-    int32_t stage;      /* ep_stage_t */
-    int32_t rank;       /* the rank that recorded it */
-    int32_t peer;       /* the peer waited on, -1 if none */
-    uint64_t detail;    /* stage-specific: for barriers and low-latency timeouts the epoch waited for; for an
-                           overrun the epoch seen << 32 | this call's epoch; for a mismatch the peer's packed layout */
+    int32_t status;  /* an ep_status_t; 0 while healthy; EP_DEV_ERROR_WRITING until the details are complete */
+    int32_t stage;   /* ep_stage_t */
+    int32_t rank;    /* the rank that recorded it */
+    int32_t peer;    /* the peer waited on, -1 if none */
+    uint64_t detail; /* stage-specific: for barriers and low-latency timeouts the epoch waited for; for an
+                        overrun the epoch seen << 32 | this call's epoch; for a mismatch the peer's packed layout */
     uint64_t waited_ns; /* for a timeout; for a mismatch this rank's packed layout */
 } ep_dev_error_t;
 
@@ -108,8 +105,7 @@ typedef struct {
 #ifdef __CUDACC__
 __host__ __device__
 #endif
-    static inline int
-    ep_epoch_reached(uint32_t seen, uint32_t epoch) {
+static inline int ep_epoch_reached(uint32_t seen, uint32_t epoch) {
     return (int32_t)(seen - epoch) >= 0;
 }
 

@@ -22,8 +22,8 @@
 #ifndef TMA_CHUNK
 #define TMA_CHUNK 4096 /* bytes per bulk copy, a multiple of 16 */
 #endif
-#define TMA_AHEAD       (TMA_STAGES - TMA_STORES)
-#define TMA_SMEM        (TMA_WARPS * TMA_STAGES * (TMA_CHUNK + 8))
+#define TMA_AHEAD (TMA_STAGES - TMA_STORES)
+#define TMA_SMEM  (TMA_WARPS * TMA_STAGES * (TMA_CHUNK + 8))
 #define TMA_MAX_DEVICES 64
 
 /* The chunks a warp moves, numbered in order: chunk i is piece i % per_token of the warp's token i / per_token
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(TMA_WARPS * 32)
                                           (uint64_t)pos[d] * reg.x_row_bytes + off,
                                       stages + (size_t)s * TMA_CHUNK, bytes);
                 ep_bulk_commit();
-                if (i + TMA_AHEAD < n) {             /* its stage last held chunk i + TMA_AHEAD - TMA_STAGES */
+                if (i + TMA_AHEAD < n) { /* its stage last held chunk i + TMA_AHEAD - TMA_STAGES */
                     ep_bulk_wait_read<TMA_STORES>(); /* the group of that chunk no longer reads it */
                     load_chunk(c, i + TMA_AHEAD, stages, bars);
                 }
