@@ -68,6 +68,9 @@ typedef enum {
 
 #define EP_MAX_DIMS 4
 
+/* An optional argument is absent when its data is NULL, unless it has a zero extent: a tensor with no elements
+ * (an empty torch tensor's data pointer is 0, as is cudaMalloc(0)'s) is given, and is then checked like any
+ * other (a rank with no tokens passes its topk_idx as [0, K], and gets topk outputs like the others). */
 typedef struct {
     void *data;
     ep_dtype_t dtype;

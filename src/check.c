@@ -103,8 +103,12 @@ ep_status_t ep_check_tensor(const ep_tensor_t *t, const ep_tensor_spec_t *spec) 
     return check_strides(t, spec);
 }
 
+int ep_tensor_given(const ep_tensor_t *t) {
+    return t->data != NULL || (t->ndim > 0 && t->ndim <= EP_MAX_DIMS && tensor_is_empty(t));
+}
+
 ep_status_t ep_check_optional_tensor(const ep_tensor_t *t, const ep_tensor_spec_t *spec) {
-    if (t == NULL || t->data == NULL)
+    if (t == NULL || !ep_tensor_given(t))
         return EP_SUCCESS;
     return ep_check_tensor(t, spec);
 }

@@ -23,7 +23,9 @@ typedef struct {
 } ep_tensor_spec_t;
 
 ep_status_t ep_check_tensor(const ep_tensor_t *t, const ep_tensor_spec_t *spec);
-/* Like ep_check_tensor, but a NULL descriptor or NULL data means "not given" and passes. */
+/* Whether an optional tensor is given: data not NULL, or no elements (an empty tensor's data may be NULL). */
+int ep_tensor_given(const ep_tensor_t *t);
+/* Like ep_check_tensor, but a tensor not given (NULL, or ep_tensor_given false) passes. */
 ep_status_t ep_check_optional_tensor(const ep_tensor_t *t, const ep_tensor_spec_t *spec);
 /* Checks that two tensors agree on a dimension (e.g. topk_weights and topk_idx rows). */
 ep_status_t ep_check_same_extent(const ep_tensor_t *a, int dim_a, const char *name_a, const ep_tensor_t *b, int dim_b,

@@ -31,7 +31,7 @@ static ep_status_t check_combine_args(ep_group_t g, const ep_combine_args_t *a) 
     EP_CHECK(ep_check_optional_tensor(&a->bias1, &b1));
     ep_tensor_spec_t os = {"out", EP_DTYPE_BFLOAT16, 2, {h->num_tokens, H}, 1, 16};
     EP_CHECK(ep_check_tensor(&a->out, &os));
-    if (a->topk_weights.data != NULL) {
+    if (ep_tensor_given(&a->topk_weights)) {
         ep_tensor_spec_t ow = {"out_topk_weights", EP_DTYPE_FLOAT32, 2, {h->num_tokens, h->topk}, 1, 0};
         EP_CHECK(ep_check_tensor(&a->out_topk_weights, &ow));
     }
@@ -60,7 +60,7 @@ static ep_status_t check_combine_args(ep_group_t g, const ep_combine_args_t *a) 
 static cudaError_t launch_combine(ep_group_t g, const ep_combine_args_t *args, const ep_ht_combine_args_t *c) {
     const int ce = ep_ht_combine_ce_wanted(g, args);
     /* What every rank's combine must agree on, compared at the barrier after the send. */
-    const uint64_t word = ep_ht_combine_word(args->x.shape[1], args->topk_weights.data != NULL);
+    const uint64_t word = ep_ht_combine_word(args->x.shape[1], ep_tensor_given(&args->topk_weights));
     if (c->overlap_reduce_warps > 0 && !ce) {
         cudaError_t err = ep_launch_ht_combine_overlap(&g->dev, c, g->stream);
         if (err != cudaErrorCooperativeLaunchTooLarge)
@@ -97,7 +97,7 @@ ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep
         .bias1_stride = args->bias1.strides[0],
         .out = (uint16_t *)args->out.data,
         .out_stride = args->out.strides[0],
-        .out_weights = args->topk_weights.data ? (float *)args->out_topk_weights.data : NULL,
+        .out_weights = ep_tensor_given(&args->topk_weights) ? (float *)args->out_topk_weights.data : NULL,
         .out_w_stride = args->out_topk_weights.strides[0],
         .num_blocks = ep_group_ht_blocks(group, args->num_sms),
         /* The reduction is local and runs after the transfer has finished: it is memory-latency bound, so

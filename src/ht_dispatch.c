@@ -11,6 +11,7 @@
 #include "launch.h"
 #include "log.h"
 
+#include <stdio.h>
 #include <string.h>
 
 size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int elem_bytes, int num_scales,
@@ -40,11 +41,11 @@ static ep_status_t check_x(const ep_dispatch_args_t *a, int *num_scales) {
                        (long long)(a->x.shape[1] * (int64_t)ep_dtype_size(a->x.dtype)));
     *num_scales = 0;
     if (a->x.dtype == EP_DTYPE_BFLOAT16) {
-        if (a->x_scales.data != NULL)
+        if (ep_tensor_given(&a->x_scales))
             return ep_fail(EP_ERROR_INVALID_ARGUMENT, "x_scales: expected none for bfloat16 x");
         return EP_SUCCESS;
     }
-    if (a->x_scales.data == NULL)
+    if (!ep_tensor_given(&a->x_scales))
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "x_scales: float8_e4m3fn x needs its scales [N, H/128]");
     ep_dtype_t sd = a->x_scales.dtype == EP_DTYPE_INT32 ? EP_DTYPE_INT32 : EP_DTYPE_FLOAT32;
     ep_tensor_spec_t ss = {"x_scales", sd, 2, {a->x.shape[0], EP_ANY}, 0, 4};
@@ -56,13 +57,13 @@ static ep_status_t check_x(const ep_dispatch_args_t *a, int *num_scales) {
 
 static ep_status_t check_routing(ep_group_t g, const ep_dispatch_args_t *a) {
     int64_t N = a->x.shape[0];
-    if (a->topk_idx.data != NULL) {
+    if (ep_tensor_given(&a->topk_idx)) {
         ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {N, EP_ANY}, 1, 0};
         EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
         EP_CHECK(ep_check_range(a->topk_idx.shape[1], 1, EP_MAX_TOPK, "topk_idx.shape[1] (num_topk)"));
         ep_tensor_spec_t ws = {"topk_weights", EP_DTYPE_FLOAT32, 2, {N, a->topk_idx.shape[1]}, 1, 0};
         EP_CHECK(ep_check_optional_tensor(&a->topk_weights, &ws));
-    } else if (a->topk_weights.data != NULL) {
+    } else if (ep_tensor_given(&a->topk_weights)) {
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "topk_weights: given without topk_idx");
     }
     EP_CHECK(ep_check_range(a->num_experts, g->num_ranks, EP_MAX_EXPERTS, "num_experts"));
@@ -88,7 +89,7 @@ static ep_status_t check_dispatch_args(ep_group_t g, const ep_dispatch_args_t *a
     EP_CHECK(ep_check_range(a->num_sms, 0, 1024, "num_sms"));
     if (a->cached_handle == NULL)
         return check_routing(g, a);
-    if (a->topk_weights.data != NULL && a->topk_idx.data == NULL)
+    if (ep_tensor_given(&a->topk_weights) && !ep_tensor_given(&a->topk_idx))
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "topk_weights: a cached dispatch that sends weights needs topk_idx "
                                                   "too (to make the expert ids local)");
     ep_handle_t h = a->cached_handle;
@@ -99,7 +100,7 @@ static ep_status_t check_dispatch_args(ep_group_t g, const ep_dispatch_args_t *a
                        (long long)a->x.shape[0]);
     ep_tensor_spec_t ws = {"topk_weights", EP_DTYPE_FLOAT32, 2, {a->x.shape[0], h->topk}, 1, 0};
     EP_CHECK(ep_check_optional_tensor(&a->topk_weights, &ws));
-    if (a->topk_idx.data != NULL) {
+    if (ep_tensor_given(&a->topk_idx)) {
         ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {a->x.shape[0], h->topk}, 1, 0};
         EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
     }
@@ -142,7 +143,7 @@ static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_h
         .parity = (int)(g->dispatch_seq & 1),
         .capacity_rows = capacity_rows,
         .call_word = ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
-                                     a->topk_idx.data ? (int)a->topk_idx.shape[1] : 0, a->num_experts),
+                                     ep_tensor_given(&a->topk_idx) ? (int)a->topk_idx.shape[1] : 0, a->num_experts),
         .worst_tokens = a->num_worst_tokens,
         .routing = h->routing,
         .host = &g->mapped_dev->notify,
@@ -189,10 +190,10 @@ static void fill_views(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h,
         r->recv_x_scales = ep_tensor_2d(region + reg->scales_off, a->x_scales.dtype, rows, num_scales);
     memset(&r->recv_topk_idx, 0, sizeof(ep_tensor_t));
     memset(&r->recv_topk_weights, 0, sizeof(ep_tensor_t));
-    if (a->topk_idx.data == NULL) /* cached dispatch without topk: no topk outputs, as in DeepEP */
+    if (!ep_tensor_given(&a->topk_idx)) /* cached dispatch without topk: no topk outputs, as in DeepEP */
         return;
     r->recv_topk_idx = ep_tensor_2d(region + reg->idx_off, EP_DTYPE_INT64, rows, K);
-    if (a->topk_weights.data != NULL)
+    if (ep_tensor_given(&a->topk_weights))
         r->recv_topk_weights = ep_tensor_2d(region + reg->weights_off, EP_DTYPE_FLOAT32, rows, K);
 }
 
@@ -202,11 +203,11 @@ static uint64_t send_word(const ep_dispatch_args_t *a, ep_handle_t h, int num_sc
     if (a->cached_handle == NULL)
         return 0;
     return EP_HT_SEND_DISPATCH | ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
-                                                 a->topk_idx.data ? h->topk : 0, h->num_experts);
+                                                 ep_tensor_given(&a->topk_idx) ? h->topk : 0, h->num_experts);
 }
 
 static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {
-    const ep_tensor_t *idx = a->topk_idx.data ? &a->topk_idx : NULL;
+    const ep_tensor_t *idx = ep_tensor_given(&a->topk_idx) ? &a->topk_idx : NULL;
     ep_ht_dispatch_args_t s = {
         .x = (const uint8_t *)a->x.data,
         .x_stride_bytes = a->x.strides[0] * (int64_t)ep_dtype_size(a->x.dtype),
@@ -237,6 +238,35 @@ static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle
     return err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "dispatch send", __FILE__, __LINE__);
 }
 
+/* A cached dispatch sends the handle's rows at this call's row size, which may be larger than the handle's
+ * dispatch had (another hidden size or dtype): the rows into every rank must still fit its receive region. The
+ * rows are known on the host (the counts, or num_worst_tokens, which bounds them on every rank). */
+static ep_status_t check_cached_capacity(ep_group_t g, const ep_dispatch_args_t *a, const ep_ht_dispatch_region_t *reg,
+                                         int num_scales) {
+    ep_handle_t h = a->cached_handle;
+    const int R = g->num_ranks;
+    int64_t rows = h->num_worst_tokens;
+    int most = -1;
+    for (int d = 0; d < R && h->num_worst_tokens == 0 && h->num_recv >= 0; d++) {
+        int64_t into = 0;
+        for (int s = 0; s < R; s++)
+            into += h->counts[s * R + d];
+        if (most < 0 || into > rows)
+            rows = into, most = d;
+    }
+    if (rows <= (int64_t)reg->rows)
+        return EP_SUCCESS;
+    char who[48];
+    snprintf(who, sizeof(who), most >= 0 ? "rank %d" : "every rank (num_worst_tokens)", most);
+    return ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
+                   "x: the cached handle sends %s %lld rows, but at hidden=%lld %s the dispatch buffer holds %llu; "
+                   "num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)",
+                   who, (long long)rows, (long long)a->x.shape[1], ep_dtype_name(a->x.dtype),
+                   (unsigned long long)reg->rows,
+                   ep_normal_buffer_bytes(1, (int)rows, (int)a->x.shape[1], (int)ep_dtype_size(a->x.dtype), num_scales,
+                                          h->topk));
+}
+
 /* The cached handle (checked against this call), or a new one; a new handle's row count is num_worst_tokens,
  * or in the default mode set later from the notify kernel's answer. */
 static ep_status_t prepare_handle(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t *out) {
@@ -250,7 +280,7 @@ static ep_status_t prepare_handle(ep_group_t g, const ep_dispatch_args_t *a, ep_
     }
     ep_handle_t h;
     EP_CHECK(ep_handle_create(g, (int)a->x.shape[0], &h));
-    h->topk = a->topk_idx.data ? (int)a->topk_idx.shape[1] : 0;
+    h->topk = ep_tensor_given(&a->topk_idx) ? (int)a->topk_idx.shape[1] : 0;
     h->num_experts = a->num_experts;
     h->num_worst_tokens = a->num_worst_tokens;
     h->num_rows = a->num_worst_tokens;
@@ -265,7 +295,7 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     EP_CHECK(ep_group_check_usable(group));
     int num_scales = 0;
     EP_CHECK(check_dispatch_args(group, args, result, &num_scales));
-    int topk = args->cached_handle ? args->cached_handle->topk : args->topk_idx.data ? (int)args->topk_idx.shape[1] : 0;
+    int topk = args->cached_handle ? args->cached_handle->topk : ep_tensor_given(&args->topk_idx) ? (int)args->topk_idx.shape[1] : 0;
     ep_ht_dispatch_region_t reg = ep_ht_dispatch_region(
         group->config.num_nvl_bytes, (uint64_t)(args->x.shape[1] * (int64_t)ep_dtype_size(args->x.dtype)),
         (uint64_t)num_scales * 4, (uint64_t)topk);
@@ -280,6 +310,8 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
                                                   (int)ep_dtype_size(args->x.dtype), num_scales, topk));
         capacity = args->num_worst_tokens;
     }
+    if (args->cached_handle != NULL)
+        EP_CHECK(check_cached_capacity(group, args, &reg, num_scales));
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(group, launch, &frame));
     if (args->cached_handle == NULL && args->num_worst_tokens == 0 && ep_launch_is_capturing(&frame))

@@ -18,7 +18,7 @@ static ep_status_t check_layout_args(ep_group_t g, const ep_tensor_t *topk_idx, 
     EP_CHECK(ep_check_tensor(per_expert, &expert_spec));
     ep_tensor_spec_t in_rank_spec = {"is_token_in_rank", EP_DTYPE_BOOL, 2, {topk_idx->shape[0], g->num_ranks}, 1, 0};
     EP_CHECK(ep_check_tensor(in_rank, &in_rank_spec));
-    if (per_rdma_rank != NULL && per_rdma_rank->data != NULL)
+    if (per_rdma_rank != NULL && ep_tensor_given(per_rdma_rank))
         return ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_tokens_per_rdma_rank: expected none (NULL) inside one "
                                                   "NVLink domain");
     return EP_SUCCESS;

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(NOTIFY_THREADS, 1)
     }
     __syncthreads();
     /* A peer that never arrives: the timeout is recorded; abandon without reading its (stale) counts. */
-    if (!ep_cta_barrier(g, EP_STAGE_DISPATCH_NOTIFY)) {
+    if (!ep_cta_barrier(g, EP_STAGE_DISPATCH_NOTIFY, 0)) {
         if (tid == 0) {
             *a.routing.num_recv = -1;
             a.host->num_recv = -1;

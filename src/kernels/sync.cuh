@@ -158,8 +158,9 @@ __device__ __forceinline__ void ep_last_block_signal(const ep_dev_group_t &g, ui
  * can be confused. Everything this GPU wrote to peers before (in this kernel by any CTA that finished, or in
  * earlier kernels of the stream) lands before the flag. Returns false on timeout (recorded).
  * Each rank also leaves `word` at every peer (slots by epoch parity: a peer can be at most one barrier ahead);
- * a non-zero word is compared with every peer's, and a difference recorded as EP_INPUT_SEND_MISMATCH. */
-__device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stage, uint64_t word = 0) {
+ * a non-zero word is compared with every peer's, and a difference recorded as EP_INPUT_SEND_MISMATCH. Plain
+ * barriers pass 0 (they still write it, so that a peer comparing at the same barrier sees no stale word). */
+__device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stage, uint64_t word) {
     __shared__ uint64_t epoch;
     __shared__ int ok;
     int peer = threadIdx.x;
@@ -177,7 +178,10 @@ __device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stag
         const uint64_t *local = (const uint64_t *)(g.window[g.rank] + EP_CTRL_BARRIER_FLAGS) + peer;
         if (!ep_wait_flag_geq(g, local, epoch, stage, peer)) {
             ok = 0;
-        } else if (word != 0) {
+        } else if (word != 0 && ep_load_acquire_sys(local) <= epoch + 1) {
+            /* A healthy peer is at most one barrier further, and writes the other slot there; one two or more
+             * further (its waits return at once after a device error) may have overwritten this one: not compared
+             * (best effort: the group has failed then anyway). */
             const uint64_t theirs =
                 *((const volatile uint64_t *)(g.window[g.rank] + EP_CTRL_BARRIER_WORDS) + half + peer);
             if (theirs != word)

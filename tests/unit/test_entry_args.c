@@ -4,6 +4,7 @@
  * a message naming the argument and what was expected. Every call also carries a launch that is refused after the
  * argument checks (async_finish without an event): the control case shows that the unchanged arguments get that
  * far, so a case passes only through its own check. */
+#include "check.h"
 #include "error.h"
 #include "group.h"
 #include "handle.h"
@@ -123,6 +124,17 @@ static void cached_dispatch_bad_inputs(void) {
     a = good_dispatch(), a.cached_handle = &f.h, a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, K + 1);
     a.topk_weights = (ep_tensor_t){0};
     expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_idx: expected shape");
+    /* The handle's rows at this call's row size must fit every receiver: with its counts (rank 1 receives the
+     * most), and with num_worst_tokens (which bounds every rank's). */
+    f.g.config.num_nvl_bytes = ep_normal_buffer_bytes(1, 3 * N, H, 2, 0, K);
+    f.h.num_recv = N;
+    f.h.counts[0 * R + 1] = 2 * N, f.h.counts[1 * R + 1] = N, f.h.counts[0] = N;
+    a = good_dispatch(), a.cached_handle = &f.h;
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, LATE); /* 3N rows of H fit */
+    a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 2 * H);
+    expect_dispatch(&f, &a, EP_ERROR_BUFFER_TOO_SMALL, "x: the cached handle sends rank 1 24 rows, but at hidden=512");
+    f.h.num_recv = -1, f.h.num_worst_tokens = 3 * N;
+    expect_dispatch(&f, &a, EP_ERROR_BUFFER_TOO_SMALL, "sends every rank (num_worst_tokens) 24 rows");
 }
 
 /* ---- ep_combine ---- */
@@ -241,10 +253,45 @@ static void low_latency_dispatch_bad_inputs(void) {
     TCHECK_STR_CONTAINS(ep_last_error(), "(ep_low_latency_buffer_bytes)");
 }
 
+/* A tensor with no elements is given even with data NULL (an empty torch tensor's data pointer is 0): a rank
+ * with no tokens passes [0, K] topk ids and [0, S] scales, and a rank that received no rows [0, K] weights; each
+ * is checked as given (only NULL data with elements to read means "absent"). */
+static void empty_tensors_are_given(void) {
+    fake_t f;
+    fake(&f);
+    ep_dispatch_args_t a = good_dispatch();
+    a.x = ep_tensor_2d(NULL, EP_DTYPE_BFLOAT16, 0, H);
+    a.topk_idx = ep_tensor_2d(NULL, EP_DTYPE_INT64, 0, K);
+    a.topk_weights = ep_tensor_2d(NULL, EP_DTYPE_FLOAT32, 0, K);
+    a.is_token_in_rank = ep_tensor_2d(NULL, EP_DTYPE_BOOL, 0, R);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, LATE); /* every check passed */
+    ep_dispatch_args_t b = a;
+    b.topk_idx = ep_tensor_2d(NULL, EP_DTYPE_INT64, 0, 33); /* given, so its top-k is checked */
+    b.topk_weights = ep_tensor_2d(NULL, EP_DTYPE_FLOAT32, 0, 33);
+    expect_dispatch(&f, &b, EP_ERROR_INVALID_ARGUMENT, "topk_idx.shape[1] (num_topk): expected a value in [1, 32]");
+    b = a, b.topk_idx = (ep_tensor_t){0};
+    expect_dispatch(&f, &b, EP_ERROR_INVALID_ARGUMENT, "topk_weights: given without topk_idx");
+    b = a, b.x_scales = ep_tensor_2d(NULL, EP_DTYPE_FLOAT32, 0, H / 128);
+    expect_dispatch(&f, &b, EP_ERROR_INVALID_ARGUMENT, "x_scales: expected none for bfloat16 x");
+    b.x.dtype = EP_DTYPE_FLOAT8_E4M3;
+    expect_dispatch(&f, &b, EP_ERROR_INVALID_ARGUMENT, LATE);
+
+    f.h.num_rows = 0; /* a handle of a dispatch that brought this rank no rows */
+    ep_combine_args_t c = good_combine(&f);
+    c.x = ep_tensor_2d(NULL, EP_DTYPE_BFLOAT16, 0, H);
+    c.topk_weights = ep_tensor_2d(NULL, EP_DTYPE_FLOAT32, 0, K);
+    expect_combine(&f, &c, EP_ERROR_INVALID_ARGUMENT, LATE);
+    c.out_topk_weights = (ep_tensor_t){0}; /* the weights are given: their sums must have somewhere to go */
+    expect_combine(&f, &c, EP_ERROR_INVALID_ARGUMENT, "out_topk_weights: expected dtype float32");
+    TCHECK(!ep_tensor_given(&(ep_tensor_t){0}), "a zeroed descriptor is absent");
+    TCHECK(!ep_tensor_given(&(ep_tensor_t){.ndim = 2, .shape = {N, K}}), "NULL data with elements is absent");
+}
+
 int main(void) {
     TRUN(dispatch_bad_inputs);
     TRUN(cached_dispatch_bad_inputs);
     TRUN(combine_bad_inputs);
     TRUN(low_latency_dispatch_bad_inputs);
+    TRUN(empty_tensors_are_given);
     return TDONE();
 }

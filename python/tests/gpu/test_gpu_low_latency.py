@@ -235,6 +235,8 @@ def _wait_stats_worker(rank, world, group, seed):
         if rank != 0:
             assert added[0] >= late_ns, (f"rank {rank}: {name}[0] = base + {added[0]} ns, but rank 0 came about "
                                          f"100 ms late (expected at least {late_ns} ns)")
+            assert all(a < added[0] // 2 for a in added[1:]), (f"rank {rank}: {name} added {added} ns: only rank 0 "
+                                                               f"came late, so only its entry should be large")
 
     buffer.low_latency_dispatch(mine["x"], mine["idx"], T, E, use_fp8=False)  # the first call's setup, untimed
     waits = torch.full((world,), base, dtype=torch.int64, device="cuda")
