@@ -184,6 +184,50 @@ def _events_worker(rank, world, group, seed):
         buffer.get_dispatch_layout(mine["idx"], E)
 
 
+def zero_token_inputs(seed, world, fp8):
+    """Rank 0 has no tokens (fresh empty tensors: data pointer 0), and no token goes to the last rank's experts
+    (it receives no rows)."""
+    L = experts_for(world) // world
+    everyone = []
+    for s in range(world):
+        inp = inputs_of(seed, s, world, fp8=fp8)
+        inp["idx"] = torch.where(inp["idx"] // L == world - 1, -1, inp["idx"])
+        if s == 0:
+            inp = {k: torch.empty((0,) + tuple(v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in inp.items()}
+        everyone.append(inp)
+    return everyone
+
+
+def _zero_tokens_worker(rank, world, group, seed):
+    """A rank with no tokens and a rank that receives no rows take part like the others: topk outputs, FP8
+    scales, combined weights (an empty tensor is given, not absent, though its data pointer is 0)."""
+    E = experts_for(world)
+    buffer = make_buffer(group, world)
+    for fp8 in (False, True):
+        everyone = zero_token_inputs(seed, world, fp8)
+        mine = everyone[rank]
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(mine["idx"], E)
+        recv, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+            (mine["x"], mine["scales"]) if fp8 else mine["x"], num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=mine["idx"], topk_weights=mine["w"])
+        want = ref_torch.dispatch(everyone, rank, E, world)
+        recv_x = recv[0] if fp8 else recv
+        assert recv_idx is not None and recv_w is not None, f"rank {rank}: no topk outputs"
+        assert rank != world - 1 or recv_x.size(0) == 0
+        same("recv_x", rank, recv_x, want["x"])
+        if fp8:
+            same("recv_x_scales", rank, recv[1], want["scales"])
+        same("recv_topk_idx", rank, recv_idx, want["idx"])
+        same("recv_topk_weights", rank, recv_w, want["w"])
+        assert counts == want["per_expert"]
+        if not fp8:
+            out, out_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+            same("combined_x", rank, out, ref_torch.combine(mine["x"], in_rank, lambda d: 1))
+            same("combined_topk_weights", rank, out_w, torch.where(mine["idx"] >= 0, mine["w"], 0.0))
+        del handle
+    buffer.destroy()
+
+
 @pytest.mark.parametrize("world", world_sizes())
 def test_layout_dispatch_combine_bf16(world):
     run_ranks(_bf16_worker, world, SEED)
@@ -202,3 +246,8 @@ def test_worst_token_mode(world):
 @pytest.mark.parametrize("world", world_sizes())
 def test_events_streams_and_handle_lifetime(world):
     run_ranks(_events_worker, world, SEED)
+
+
+@pytest.mark.parametrize("world", world_sizes())
+def test_rank_without_tokens_or_rows(world):
+    run_ranks(_zero_tokens_worker, world, SEED)
