@@ -258,13 +258,12 @@ static ep_status_t check_cached_capacity(ep_group_t g, const ep_dispatch_args_t 
         return EP_SUCCESS;
     char who[48];
     snprintf(who, sizeof(who), most >= 0 ? "rank %d" : "every rank (num_worst_tokens)", most);
-    return ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
-                   "x: the cached handle sends %s %lld rows, but at hidden=%lld %s the dispatch buffer holds %llu; "
-                   "num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)",
-                   who, (long long)rows, (long long)a->x.shape[1], ep_dtype_name(a->x.dtype),
-                   (unsigned long long)reg->rows,
-                   ep_normal_buffer_bytes(1, (int)rows, (int)a->x.shape[1], (int)ep_dtype_size(a->x.dtype), num_scales,
-                                          h->topk));
+    return ep_fail(
+        EP_ERROR_BUFFER_TOO_SMALL,
+        "x: the cached handle sends %s %lld rows, but at hidden=%lld %s the dispatch buffer holds %llu; "
+        "num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)",
+        who, (long long)rows, (long long)a->x.shape[1], ep_dtype_name(a->x.dtype), (unsigned long long)reg->rows,
+        ep_normal_buffer_bytes(1, (int)rows, (int)a->x.shape[1], (int)ep_dtype_size(a->x.dtype), num_scales, h->topk));
 }
 
 /* The cached handle (checked against this call), or a new one; a new handle's row count is num_worst_tokens,
@@ -295,7 +294,8 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     EP_CHECK(ep_group_check_usable(group));
     int num_scales = 0;
     EP_CHECK(check_dispatch_args(group, args, result, &num_scales));
-    int topk = args->cached_handle ? args->cached_handle->topk : ep_tensor_given(&args->topk_idx) ? (int)args->topk_idx.shape[1] : 0;
+    const int given_topk = ep_tensor_given(&args->topk_idx) ? (int)args->topk_idx.shape[1] : 0;
+    int topk = args->cached_handle ? args->cached_handle->topk : given_topk;
     ep_ht_dispatch_region_t reg = ep_ht_dispatch_region(
         group->config.num_nvl_bytes, (uint64_t)(args->x.shape[1] * (int64_t)ep_dtype_size(args->x.dtype)),
         (uint64_t)num_scales * 4, (uint64_t)topk);
