@@ -130,6 +130,13 @@ static ep_status_t wait_notify(ep_group_t g, uint32_t seq) {
     return EP_SUCCESS;
 }
 
+/* The dispatch's sizes in the word every rank's must equal (ep_ht_pack_call); topk 0 without topk_idx. The handle
+ * gives topk and the expert count (a new one was made from this call). */
+static uint64_t call_word(const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {
+    return ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
+                           ep_tensor_given(&a->topk_idx) ? h->topk : 0, h->num_experts);
+}
+
 static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int64_t capacity_rows,
                                  int num_scales, uint32_t *seq) {
     ep_ht_notify_args_t n = {
@@ -142,8 +149,7 @@ static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_h
         .expert_alignment = a->expert_alignment,
         .parity = (int)(g->dispatch_seq & 1),
         .capacity_rows = capacity_rows,
-        .call_word = ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
-                                     ep_tensor_given(&a->topk_idx) ? (int)a->topk_idx.shape[1] : 0, a->num_experts),
+        .call_word = call_word(a, h, num_scales),
         .worst_tokens = a->num_worst_tokens,
         .routing = h->routing,
         .host = &g->mapped_dev->notify,
@@ -200,10 +206,7 @@ static void fill_views(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h,
 /* What the barrier after a cached dispatch's send compares across ranks (a dispatch with a count exchange has
  * compared its sizes there already: 0). */
 static uint64_t send_word(const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {
-    if (a->cached_handle == NULL)
-        return 0;
-    return EP_HT_SEND_DISPATCH | ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
-                                                 ep_tensor_given(&a->topk_idx) ? h->topk : 0, h->num_experts);
+    return a->cached_handle ? EP_HT_SEND_DISPATCH | call_word(a, h, num_scales) : 0;
 }
 
 static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {
@@ -238,6 +241,11 @@ static ep_status_t run_send(ep_group_t g, const ep_dispatch_args_t *a, ep_handle
     return err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "dispatch send", __FILE__, __LINE__);
 }
 
+/* The topk of a call's topk_idx, 0 without one. */
+static int given_topk(const ep_dispatch_args_t *a) {
+    return ep_tensor_given(&a->topk_idx) ? (int)a->topk_idx.shape[1] : 0;
+}
+
 /* A cached dispatch sends the handle's rows at this call's row size, which may be larger than the handle's
  * dispatch had (another hidden size or dtype): the rows into every rank must still fit its receive region. The
  * rows are known on the host (the counts, or num_worst_tokens, which bounds them on every rank). */
@@ -246,12 +254,13 @@ static ep_status_t check_cached_capacity(ep_group_t g, const ep_dispatch_args_t 
     ep_handle_t h = a->cached_handle;
     const int R = g->num_ranks;
     int64_t rows = h->num_worst_tokens;
-    int most = -1;
-    for (int d = 0; d < R && h->num_worst_tokens == 0 && h->num_recv >= 0; d++) {
+    int most = -1;                                     /* the rank receiving the most rows, when the counts are known */
+    const int counted = rows == 0 && h->num_recv >= 0; /* else num_worst_tokens bounds every rank's rows */
+    for (int d = 0; d < R && counted; d++) {
         int64_t into = 0;
         for (int s = 0; s < R; s++)
             into += h->counts[s * R + d];
-        if (most < 0 || into > rows)
+        if (into > rows)
             rows = into, most = d;
     }
     if (rows <= (int64_t)reg->rows)
@@ -279,7 +288,7 @@ static ep_status_t prepare_handle(ep_group_t g, const ep_dispatch_args_t *a, ep_
     }
     ep_handle_t h;
     EP_CHECK(ep_handle_create(g, (int)a->x.shape[0], &h));
-    h->topk = ep_tensor_given(&a->topk_idx) ? (int)a->topk_idx.shape[1] : 0;
+    h->topk = given_topk(a);
     h->num_experts = a->num_experts;
     h->num_worst_tokens = a->num_worst_tokens;
     h->num_rows = a->num_worst_tokens;
@@ -294,8 +303,7 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     EP_CHECK(ep_group_check_usable(group));
     int num_scales = 0;
     EP_CHECK(check_dispatch_args(group, args, result, &num_scales));
-    const int given_topk = ep_tensor_given(&args->topk_idx) ? (int)args->topk_idx.shape[1] : 0;
-    int topk = args->cached_handle ? args->cached_handle->topk : given_topk;
+    int topk = args->cached_handle ? args->cached_handle->topk : given_topk(args);
     ep_ht_dispatch_region_t reg = ep_ht_dispatch_region(
         group->config.num_nvl_bytes, (uint64_t)(args->x.shape[1] * (int64_t)ep_dtype_size(args->x.dtype)),
         (uint64_t)num_scales * 4, (uint64_t)topk);

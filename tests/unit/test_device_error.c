@@ -26,6 +26,26 @@ static void fake_group(struct ep_group *g, ep_mapped_t *mapped) {
     g->mapped_host = mapped;
 }
 
+/* A device error record as rank 0's kernel leaves it (status last). */
+static void fake_error(ep_mapped_t *mapped, int stage, int peer, uint64_t detail, uint64_t waited_ns, int32_t status) {
+    mapped->error.stage = stage;
+    mapped->error.rank = 0;
+    mapped->error.peer = peer;
+    mapped->error.detail = detail;
+    mapped->error.waited_ns = waited_ns;
+    mapped->error.status = status;
+}
+
+/* A bad-input record of one entry, as a kernel leaves it. */
+static void fake_input_error(ep_mapped_t *mapped, int op, int kind, int k, int64_t value, int64_t token) {
+    mapped->input_error.op = op;
+    mapped->input_error.kind = kind;
+    mapped->input_error.k = k;
+    mapped->input_error.value = value;
+    mapped->input_error.token = token;
+    mapped->input_error.count = 1;
+}
+
 static void published_record_is_reported(void) {
     ep_mapped_t mapped;
     struct ep_group g;
@@ -74,21 +94,14 @@ static void overrun_record_is_reported_as_such(void) {
     ep_mapped_t mapped;
     struct ep_group g;
     fake_group(&g, &mapped);
-    mapped.error.stage = EP_STAGE_LL_DISPATCH_RECV;
-    mapped.error.rank = 0;
-    mapped.error.peer = 2;
-    mapped.error.detail = (9ull << 32) | 8;
-    mapped.error.status = EP_ERROR_DEVICE_INPUT;
+    fake_error(&mapped, EP_STAGE_LL_DISPATCH_RECV, 2, (9ull << 32) | 8, 0, EP_ERROR_DEVICE_INPUT);
     TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_DEVICE_INPUT);
     TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency dispatch (receive)': rank 2 had already sent a later "
                                          "call's data (epoch 9, this call's 8)");
     TCHECK(strstr(ep_last_error(), "timed out") == NULL, "not a timeout: %s", ep_last_error());
     TCHECK_EQ_INT(g.failed, EP_ERROR_DEVICE_INPUT); /* unlike bad expert ids, this one fails the group */
     fake_group(&g, &mapped);
-    mapped.error.stage = EP_STAGE_LL_COMBINE_RECV;
-    mapped.error.peer = 1;
-    mapped.error.detail = (5ull << 32) | 4;
-    mapped.error.status = EP_ERROR_DEVICE_INPUT;
+    fake_error(&mapped, EP_STAGE_LL_COMBINE_RECV, 1, (5ull << 32) | 4, 0, EP_ERROR_DEVICE_INPUT);
     TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_DEVICE_INPUT);
     TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency combine (receive)': rank 1 had already sent");
 }
@@ -99,12 +112,8 @@ static void layout_mismatch_names_both_layouts(void) {
     ep_mapped_t mapped;
     struct ep_group g;
     fake_group(&g, &mapped);
-    mapped.error.stage = EP_STAGE_LL_DISPATCH_RECV;
-    mapped.error.rank = 0;
-    mapped.error.peer = 1;
-    mapped.error.detail = ep_ll_pack_layout(256, 7168, 8, 288, ep_ll_format(1, 1, 1));
-    mapped.error.waited_ns = ep_ll_pack_layout(128, 7168, 8, 288, ep_ll_format(0, 1, 1));
-    mapped.error.status = EP_DEV_STATUS_MISMATCH;
+    fake_error(&mapped, EP_STAGE_LL_DISPATCH_RECV, 1, ep_ll_pack_layout(256, 7168, 8, 288, ep_ll_format(1, 1, 1)),
+               ep_ll_pack_layout(128, 7168, 8, 288, ep_ll_format(0, 1, 1)), EP_DEV_STATUS_MISMATCH);
     TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "rank 0: stage 'low-latency dispatch (receive)': rank 1 called the "
                                          "low-latency dispatch with num_max_dispatch_tokens_per_rank=256, "
@@ -146,24 +155,16 @@ static void call_mismatch_names_both_calls(void) {
     struct ep_group g;
     fake_group(&g, &mapped);
     g.rank = 1;
-    mapped.input_error.op = EP_STAGE_DISPATCH_NOTIFY;
-    mapped.input_error.kind = EP_INPUT_CALL_MISMATCH;
-    mapped.input_error.k = 3;
-    mapped.input_error.value = (int64_t)ep_ht_pack_call(3584, 0, 0, 8, 256);
-    mapped.input_error.token = (int64_t)ep_ht_pack_call(7168, 1, 56, 8, 256);
-    mapped.input_error.count = 1;
+    fake_input_error(&mapped, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CALL_MISMATCH, 3,
+                     (int64_t)ep_ht_pack_call(3584, 0, 0, 8, 256), (int64_t)ep_ht_pack_call(7168, 1, 56, 8, 256));
     TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "rank 1: dispatch (count exchange): rank 3 called dispatch with "
                                          "hidden=3584, x bfloat16 with 0 scales per token, num_topk=8, "
                                          "num_experts=256, this rank with 7168, float8_e4m3fn, 56, 8, 256");
     TCHECK_EQ_INT(g.failed, EP_SUCCESS);
     TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_SUCCESS); /* taken once */
-    mapped.input_error.op = EP_STAGE_DISPATCH_NOTIFY;         /* the record was cleared when taken */
-    mapped.input_error.kind = EP_INPUT_WORST_MISMATCH;
-    mapped.input_error.k = 0;
-    mapped.input_error.value = 4096;
-    mapped.input_error.token = 0;
-    mapped.input_error.count = 1;
+    /* the record was cleared when taken */
+    fake_input_error(&mapped, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_WORST_MISMATCH, 0, 4096, 0);
     TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "rank 1: dispatch (count exchange): rank 0 called dispatch with "
                                          "num_worst_tokens=4096, this rank with 0: every rank must pass the same");
@@ -196,12 +197,8 @@ static void send_mismatch_names_both_calls(void) {
          "rank 2: dispatch (send): rank 1 was in another call at this point"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        mapped.input_error.op = cases[i].op;
-        mapped.input_error.kind = EP_INPUT_SEND_MISMATCH;
-        mapped.input_error.k = 1;
-        mapped.input_error.value = (int64_t)cases[i].theirs;
-        mapped.input_error.token = (int64_t)cases[i].mine;
-        mapped.input_error.count = 1;
+        fake_input_error(&mapped, cases[i].op, EP_INPUT_SEND_MISMATCH, 1, (int64_t)cases[i].theirs,
+                         (int64_t)cases[i].mine);
         TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_INVALID_ARGUMENT);
         TCHECK_STR_CONTAINS(ep_last_error(), cases[i].want);
         TCHECK_EQ_INT(g.failed, EP_SUCCESS);
