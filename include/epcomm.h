@@ -138,7 +138,9 @@ EP_API ep_status_t ep_group_create_from_comm(struct ncclComm *comm, int cuda_dev
 /* Releases everything the group holds. Collective when the group is healthy. Returns EP_ERROR_IN_PROGRESS
  * (and destroys nothing) while work is in flight on the group's stream; low-latency work that ran on the
  * caller's stream must be finished first (ep_group_synchronize with that stream). A group whose peer failed is torn
- * down locally (its communicator aborted) so that destroy never hangs. NULL is a no-op. */
+ * down locally (its communicator aborted) so that destroy never hangs. A healthy group whose peer does not reach
+ * destroy within the timeout is torn down locally too, and destroy returns EP_ERROR_TIMEOUT naming that peer;
+ * any status other than EP_ERROR_IN_PROGRESS means the group was freed. NULL is a no-op. */
 EP_API ep_status_t ep_group_destroy(ep_group_t group);
 
 EP_API ep_status_t ep_group_rank(ep_group_t group, int *rank);

@@ -1,6 +1,7 @@
 /* Group destruction. A healthy group tears down collectively (window deregistration, communicator
- * finalize) after a handshake in which every rank votes; if any rank votes to abort, or does not vote in
- * time, every rank tears down locally instead, so destroy never hangs on a failed peer. */
+ * finalize) after a handshake in which every rank votes; a rank that sees a vote to abort, or a peer that does
+ * not vote in time (then destroy returns the timeout), tears down locally instead, so destroy never hangs on a
+ * failed peer. */
 #define _POSIX_C_SOURCE 200809L
 #include "check.h"
 #include "error.h"
@@ -12,23 +13,31 @@
 
 #include <stdlib.h>
 
-/* Returns 1 when every rank voted OK. */
-static int handshake_all_ok(ep_group_t g) {
+/* Votes OK and collects every rank's vote: *all_ok = 1 when every rank voted OK. A peer that voted to abort is
+ * not an error (it tore down locally, so this rank does too); a peer that did not vote in time is: the vote
+ * kernel recorded which rank and stage, and that error is returned. Peers that saw this rank's OK vote tear
+ * down collectively and report their own timeout. */
+static ep_status_t handshake(ep_group_t g, int *all_ok) {
     int32_t *votes = g->mapped_host->destroy_votes;
+    *all_ok = 0;
     for (int r = 0; r < g->num_ranks; r++)
         votes[r] = 0;
-    if (ep_launch_destroy_vote(&g->dev, EP_VOTE_OK, 1, g->mapped_dev->destroy_votes, g->stream) != cudaSuccess)
-        return 0;
-    if (ep_group_wait_stream(g, g->stream, "destroy handshake") != EP_SUCCESS)
-        return 0;
+    cudaError_t err = ep_launch_destroy_vote(&g->dev, EP_VOTE_OK, 1, g->mapped_dev->destroy_votes, g->stream);
+    if (err != cudaSuccess) {
+        ep_cuda_fail(err, "launching the destroy handshake", __FILE__, __LINE__);
+        return ep_group_mark_failed(g, EP_ERROR_CUDA);
+    }
+    EP_CHECK(ep_group_wait_stream(g, g->stream, "destroy handshake"));
+    EP_CHECK(ep_group_take_device_error(g));
     for (int r = 0; r < g->num_ranks; r++) {
         if (((volatile int32_t *)votes)[r] != EP_VOTE_OK) {
             ep_log(EP_LOG_WARN, g->rank, g->device, "destroy: rank %d voted %d; tearing down locally", r,
                    (int)votes[r]);
-            return 0;
+            return EP_SUCCESS;
         }
     }
-    return 1;
+    *all_ok = 1;
+    return EP_SUCCESS;
 }
 
 /* Best effort: tell peers not to wait for us, then give the stream a bounded time to drain. */
@@ -122,7 +131,10 @@ ep_status_t ep_group_destroy(ep_group_t group) {
     }
     ep_group_take_device_error(group);
     ep_status_t st = EP_SUCCESS;
-    if (group->failed == EP_SUCCESS && handshake_all_ok(group)) {
+    int all_ok = 0;
+    if (group->failed == EP_SUCCESS)
+        st = handshake(group, &all_ok);
+    if (all_ok) {
         st = teardown_collective(group);
     } else {
         ep_log(EP_LOG_WARN, group->rank, group->device,

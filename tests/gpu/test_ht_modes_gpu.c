@@ -143,7 +143,7 @@ static int check_dispatch(int rank, int R, const inputs_t *in, const ep_dispatch
     return failures;
 }
 
-/* Combine of the received rows: token t comes back as bf16(x_t * copies_t). */
+/* Combine of the received rows: token t comes back as bf16(x_t * copies_t), or +0 when it went nowhere. */
 static int check_combine(int rank, int R, const inputs_t *in, const void *dout, const char *what) {
     int failures = 0, n = in->n[rank];
     uint16_t *got = malloc((size_t)n * H * 2 + 16);
@@ -155,7 +155,9 @@ static int check_combine(int rank, int R, const inputs_t *in, const void *dout, 
         for (int d = 0; d < R; d++)
             copies += in_rank[(size_t)t * R + d];
         for (int h = 0; h < H && !failures; h++) {
-            uint16_t want = epref_float_to_bf16(epref_bf16_to_float(in->x[rank][(size_t)t * H + h]) * (float)copies);
+            /* a token sent nowhere sums nothing: +0 (x * 0 would be -0 for a negative x) */
+            uint16_t want =
+                copies ? epref_float_to_bf16(epref_bf16_to_float(in->x[rank][(size_t)t * H + h]) * (float)copies) : 0;
             if (got[(size_t)t * H + h] != want)
                 MP_FAIL(rank, "%s: out[%d, %d] = 0x%04x, want 0x%04x", what, t, h, got[(size_t)t * H + h], want);
         }

@@ -72,7 +72,9 @@ def _both_modes_worker(rank, world, group, seed):
         buffer.low_latency_combine(y, ll_in[rank]["idx"], ll_in[rank]["w"], handle)
     buffer.clean_low_latency_buffer(ll.T, ll.HIDDEN, E)
     low_latency_round(rank, world, buffer, ll_in, "low-latency again")
-    torch.cuda.synchronize()
+    # This rank's stream only: with ranks as threads sharing a GPU, a device-wide synchronize may also wait for a
+    # rank that already entered destroy, whose handshake waits for this rank (until it times out).
+    torch.cuda.current_stream().synchronize()
     buffer.destroy()
 
 
