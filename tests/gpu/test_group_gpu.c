@@ -142,6 +142,40 @@ static int missing_peer(int rank, int num_ranks, const ep_unique_id_t *id, void 
     return failures;
 }
 
+/* A healthy group whose last rank reaches destroy late: the others' handshake times out and destroy says so
+ * (naming that rank and the stage) after tearing down locally; the late rank then sees their abort votes and
+ * tears down locally without an error. */
+static int late_destroy(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    const int64_t timeout_ms = num_ranks > 4 ? 4000 : 1500;
+    const int late = num_ranks - 1;
+    ep_group_t g = NULL;
+    if (create(rank, num_ranks, id, 1 << 20, timeout_ms, &g) != EP_SUCCESS) {
+        MP_FAIL(rank, "create: %s", ep_last_error());
+        return 1;
+    }
+    MP_EXPECT_STATUS(rank, ep_group_barrier(g, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_SUCCESS);
+    if (rank == late) {
+        struct timespec nap = {(time_t)(2 * timeout_ms + 1000) / 1000, 0};
+        nanosleep(&nap, NULL);
+        MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_SUCCESS);
+        return failures;
+    }
+    double t0 = now_ms();
+    MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_ERROR_TIMEOUT);
+    double waited = now_ms() - t0;
+    char want[64];
+    snprintf(want, sizeof(want), "waiting for rank %d", late);
+    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "destroy handshake"))
+        MP_FAIL(rank, "destroy's message does not name rank %d and the stage: %s", late, ep_last_error());
+    if (waited < (double)timeout_ms * 0.9 || waited > (double)timeout_ms + 4000)
+        MP_FAIL(rank, "destroy returned after %.0f ms, expected about %lld", waited, (long long)timeout_ms);
+    if (rank == 0)
+        printf("     rank 0 saw after %.0f ms: %s\n", waited, ep_last_error());
+    return failures;
+}
+
 static int foreign_stream_is_rejected(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     ep_group_t g = NULL;
@@ -220,6 +254,12 @@ int main(int argc, char **argv) {
     failed += mp_run("group.barrier_loop", ranks, barrier_loop, NULL, 60) != 0;
     failed += mp_run("group.missing_peer_times_out", ranks, missing_peer, NULL, 60) != 0;
     int skipped = 0;
+    if (ranks >= 2) {
+        failed += mp_run("group.late_destroy_is_reported", ranks, late_destroy, NULL, 60) != 0;
+    } else {
+        printf("SKIP group.late_destroy_is_reported R=1 (needs 2 ranks)\n");
+        skipped++;
+    }
     if (ranks >= 2 && mp_device(1) != mp_device(0)) { /* a stream on another rank's GPU */
         failed += mp_run("group.foreign_stream_is_rejected", ranks, foreign_stream_is_rejected, NULL, 60) != 0;
     } else {
@@ -238,6 +278,6 @@ int main(int argc, char **argv) {
         printf("SKIP group.from_existing_comm (an NCCL communicator needs one process per GPU)\n");
         skipped++;
     }
-    printf("%d passed, %d failed\n", 6 - skipped - failed, failed);
+    printf("%d passed, %d failed\n", 7 - skipped - failed, failed);
     return failed ? 1 : 0;
 }
