@@ -42,6 +42,6 @@ def test_wheel_builds_installs_and_imports(tmp_path):
              "assert epcomm.__file__.startswith(%r), epcomm.__file__; "
              "print(c.lib().ep_status_string(0).decode())" % str(target))
     env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=str(tmp_path), check=True,
-                         capture_output=True, text=True).stdout
-    assert out.strip(), "the installed package did not reach the library"
+    run = subprocess.run([sys.executable, "-c", probe], env=env, cwd=str(tmp_path), capture_output=True, text=True)
+    assert run.returncode == 0, f"the installed package failed (exit {run.returncode}):\n{run.stderr}"
+    assert run.stdout.strip(), "the installed package did not reach the library"
