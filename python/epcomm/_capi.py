@@ -194,12 +194,13 @@ def _needs_asan(path):
 
 
 def candidate_paths():
-    """Where the library is looked for, in order (see README: EPCOMM_LIBRARY, the package, build folders)."""
-    found = []
+    """Where the library is looked for, in order (see README: EPCOMM_LIBRARY, the package, build folders).
+    EPCOMM_LIBRARY, when set, is the only candidate: a path that does not load is an error, not a reason to
+    load some other build."""
     env = os.environ.get("EPCOMM_LIBRARY")
     if env:
-        found.append(env)
-    found += sorted(glob.glob(os.path.join(_PACKAGE_DIR, "lib", "libepcomm.so*")), key=len)
+        return [env]
+    found = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "lib", "libepcomm.so*")), key=len)
     builds = glob.glob(os.path.join(_REPO_ROOT, "build*", "src", "libepcomm.so"))
     builds.sort(key=os.path.getmtime, reverse=True)  # the newest build first
     found += [p for p in builds if not _needs_asan(p)]
@@ -214,31 +215,37 @@ def _declare(lib):
     return lib
 
 
+def _load_first(names, tried):
+    """The first of `names` that loads (declared), or None; each failure is appended to `tried`."""
+    global _lib
+    for name in names:
+        if not name:
+            continue
+        try:
+            _lib = _declare(ctypes.CDLL(name))
+            _lib._epcomm_path = name
+            return _lib
+        except OSError as e:
+            tried.append(f"{name}: {e}")
+    return None
+
+
 def load_library(path=None):
     """Loads libepcomm (once per process) and declares every function. `path` overrides the search."""
-    global _lib
     with _lib_lock:
         if _lib is not None and path is None:
             return _lib
         tried = []
-        paths = [path] if path else candidate_paths()
-        for p in paths:
-            try:
-                _lib = _declare(ctypes.CDLL(p))
-                _lib._epcomm_path = p
-                return _lib
-            except OSError as e:
-                tried.append(f"{p}: {e}")
-        if path is None:  # last: the system loader (LD_LIBRARY_PATH, ldconfig, cmake --install prefix)
-            for name in ("libepcomm.so", "libepcomm.so.0", ctypes.util.find_library("epcomm")):
-                if not name:
-                    continue
-                try:
-                    _lib = _declare(ctypes.CDLL(name))
-                    _lib._epcomm_path = name
-                    return _lib
-                except OSError as e:
-                    tried.append(f"{name}: {e}")
+        if _load_first([path] if path else candidate_paths(), tried) is not None:
+            return _lib
+        explicit = os.environ.get("EPCOMM_LIBRARY") if path is None else None
+        if explicit:
+            raise OSError(f"epcomm: EPCOMM_LIBRARY={explicit} does not load (unset it to search the package and the "
+                          f"build folders): {tried[0]}")
+        # last: the system loader (LD_LIBRARY_PATH, ldconfig, cmake --install prefix)
+        if path is None and _load_first(("libepcomm.so", "libepcomm.so.0", ctypes.util.find_library("epcomm")),
+                                        tried) is not None:
+            return _lib
         raise OSError("epcomm: could not load libepcomm.so; set EPCOMM_LIBRARY to its path, copy it into "
                       f"{os.path.join(_PACKAGE_DIR, 'lib')}, or put it on LD_LIBRARY_PATH. Tried:\n  " +
                       "\n  ".join(tried or ["(no candidates)"]))

@@ -211,9 +211,14 @@ def test_unique_ids_are_fresh_128_byte_strings(capi):
         capi.unique_id_from_bytes(b"short")
 
 
-def test_library_search_honours_epcomm_library_first(capi, monkeypatch, tmp_path):
-    monkeypatch.setenv("EPCOMM_LIBRARY", str(tmp_path / "libepcomm.so"))
-    assert capi.candidate_paths()[0] == str(tmp_path / "libepcomm.so")
+def test_library_search_honours_epcomm_library_alone(capi, monkeypatch, tmp_path):
+    missing = str(tmp_path / "libepcomm.so")
+    monkeypatch.setenv("EPCOMM_LIBRARY", missing)
+    assert capi.candidate_paths() == [missing]  # no fallback to another build
+    monkeypatch.setattr(capi, "_lib", None)  # as if not loaded yet (restored after the test)
+    with pytest.raises(OSError, match="EPCOMM_LIBRARY=.*does not load") as e:
+        capi.load_library()
+    assert missing in str(e.value) and "libepcomm.so.0" not in str(e.value), "the system loader was tried"
     with pytest.raises(OSError, match="EPCOMM_LIBRARY"):
         capi.load_library(str(tmp_path / "missing.so"))
 
