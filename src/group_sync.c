@@ -133,18 +133,29 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
     return ep_group_mark_failed(g, (ep_status_t)status);
 }
 
-/* The message of a dispatch whose sizes differ from a peer's (ht_notify.cu). */
+/* One side of a dispatch mismatch, as "hidden=7168, x float8_e4m3fn with 56 float32 scales per token,
+ * num_topk=8, with topk_weights, num_experts=256". */
+static void describe_call(uint64_t word, char *out, size_t size) {
+    const ep_ht_call_t c = ep_ht_unpack_call(word);
+    char x[64] = "x bfloat16", topk[32] = "no topk_idx";
+    if (c.fp8)
+        snprintf(x, sizeof(x), "x float8_e4m3fn with %d %s scales per token", c.num_scales,
+                 c.int_scales ? "int32 (packed UE8M0)" : "float32");
+    if (c.topk)
+        snprintf(topk, sizeof(topk), "num_topk=%d", c.topk);
+    snprintf(out, size, "hidden=%lld, %s, %s, %s topk_weights, num_experts=%d", (long long)c.hidden, x, topk,
+             c.weights ? "with" : "without", c.num_experts);
+}
+
+/* The message of a dispatch whose call differs from a peer's (ht_notify.cu). */
 static ep_status_t fail_call_mismatch(int rank, const char *op, int peer, uint64_t theirs, uint64_t mine) {
-    int64_t h[2];
-    int fp8[2], s[2], k[2], x[2];
-    ep_ht_unpack_call(theirs, &h[0], &fp8[0], &s[0], &k[0], &x[0]);
-    ep_ht_unpack_call(mine, &h[1], &fp8[1], &s[1], &k[1], &x[1]);
+    char a[160], b[160];
+    describe_call(theirs, a, sizeof(a));
+    describe_call(mine, b, sizeof(b));
     return ep_fail(EP_ERROR_INVALID_ARGUMENT,
-                   "rank %d: %s: rank %d called dispatch with hidden=%lld, x %s with %d scales per token, num_topk=%d, "
-                   "num_experts=%d, this rank with %lld, %s, %d, %d, %d: every rank must pass the same; nothing was "
-                   "sent",
-                   rank, op, peer, (long long)h[0], fp8[0] ? "float8_e4m3fn" : "bfloat16", s[0], k[0], x[0],
-                   (long long)h[1], fp8[1] ? "float8_e4m3fn" : "bfloat16", s[1], k[1], x[1]);
+                   "rank %d: %s: rank %d called dispatch with %s; this rank with %s: every rank must pass the same; "
+                   "nothing was sent",
+                   rank, op, peer, a, b);
 }
 
 /* The message of a cached dispatch or a combine whose sizes differ from a peer's (found at the barrier after the
@@ -162,16 +173,13 @@ static ep_status_t fail_send_mismatch(int rank, const char *op, int peer, uint64
                        "every rank must pass the same; the combined output is not valid",
                        rank, op, peer, (long long)(theirs & 0xffffff), (theirs >> 24 & 1) ? "with" : "without",
                        (long long)(mine & 0xffffff), (mine >> 24 & 1) ? "with" : "without");
-    int64_t h[2];
-    int fp8[2], s[2], k[2], x[2];
-    ep_ht_unpack_call(theirs & ~EP_HT_SEND_DISPATCH, &h[0], &fp8[0], &s[0], &k[0], &x[0]);
-    ep_ht_unpack_call(mine & ~EP_HT_SEND_DISPATCH, &h[1], &fp8[1], &s[1], &k[1], &x[1]);
+    char a[160], b[160];
+    describe_call(theirs & ~EP_HT_SEND_DISPATCH, a, sizeof(a));
+    describe_call(mine & ~EP_HT_SEND_DISPATCH, b, sizeof(b));
     return ep_fail(EP_ERROR_INVALID_ARGUMENT,
-                   "rank %d: %s: rank %d made a cached dispatch with hidden=%lld, x %s with %d scales per token, %s, "
-                   "this rank with %lld, %s, %d, %s: every rank must pass the same; the received rows are not valid",
-                   rank, op, peer, (long long)h[0], fp8[0] ? "float8_e4m3fn" : "bfloat16", s[0],
-                   k[0] ? "with topk_idx" : "without topk_idx", (long long)h[1], fp8[1] ? "float8_e4m3fn" : "bfloat16",
-                   s[1], k[1] ? "with topk_idx" : "without topk_idx");
+                   "rank %d: %s: rank %d made a cached dispatch with %s; this rank with %s: every rank must pass the "
+                   "same; the received rows are not valid",
+                   rank, op, peer, a, b);
 }
 
 ep_status_t ep_group_take_input_error(ep_group_t g) {

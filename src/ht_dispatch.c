@@ -133,8 +133,17 @@ static ep_status_t wait_notify(ep_group_t g, uint32_t seq) {
 /* The dispatch's sizes in the word every rank's must equal (ep_ht_pack_call); topk 0 without topk_idx. The handle
  * gives topk and the expert count (a new one was made from this call). */
 static uint64_t call_word(const ep_dispatch_args_t *a, ep_handle_t h, int num_scales) {
-    return ep_ht_pack_call(a->x.shape[1], a->x.dtype == EP_DTYPE_FLOAT8_E4M3, num_scales,
-                           ep_tensor_given(&a->topk_idx) ? h->topk : 0, h->num_experts);
+    const int fp8 = a->x.dtype == EP_DTYPE_FLOAT8_E4M3;
+    const ep_ht_call_t c = {
+        .hidden = a->x.shape[1],
+        .fp8 = fp8,
+        .num_scales = num_scales,
+        .int_scales = fp8 && a->x_scales.dtype == EP_DTYPE_INT32,
+        .topk = ep_tensor_given(&a->topk_idx) ? h->topk : 0,
+        .weights = ep_tensor_given(&a->topk_weights),
+        .num_experts = h->num_experts,
+    };
+    return ep_ht_pack_call(&c);
 }
 
 static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t h, int64_t capacity_rows,

@@ -82,12 +82,38 @@ EP_HD uint64_t ep_ht_combine_base(uint64_t data_bytes, int parity) {
     return (uint64_t)(2 + parity) * ep_ht_quarter_bytes(data_bytes);
 }
 
-/* A dispatch's sizes in one word, which the count exchange compares across ranks (a rank that called with other
- * sizes would write its rows at other offsets): hidden in bits 0-23, FP8 in 24, scales per token in 25-37, topk
- * in 38-43 (0: no topk_idx), experts in 44-56. */
-EP_HD uint64_t ep_ht_pack_call(int64_t hidden, int fp8, int num_scales, int topk, int num_experts) {
-    return ((uint64_t)hidden & 0xffffff) | (uint64_t)(fp8 != 0) << 24 | ((uint64_t)num_scales & 0x1fff) << 25 |
-           ((uint64_t)topk & 0x3f) << 38 | ((uint64_t)num_experts & 0x1fff) << 44;
+/* What a dispatch must agree on across ranks (a rank that called with other sizes would write its rows at other
+ * offsets, or with other fields). */
+typedef struct {
+    int64_t hidden;
+    int fp8;         /* x is float8_e4m3fn (else bfloat16) */
+    int num_scales;  /* FP8 scales per token */
+    int int_scales;  /* the scales are int32 words (packed UE8M0), else float32 */
+    int topk;        /* 0: no topk_idx sent */
+    int weights;     /* topk_weights sent */
+    int num_experts;
+} ep_ht_call_t;
+
+/* A dispatch's call in one word, which the count exchange compares across ranks: hidden in bits 0-23, FP8 in
+ * 24, scales per token in 25-37, topk in 38-43, experts in 44-56, weights in 57, int32 scales in 58 (62 and 63
+ * are the EP_HT_SEND_* tags). */
+EP_HD uint64_t ep_ht_pack_call(const ep_ht_call_t *c) {
+    return ((uint64_t)c->hidden & 0xffffff) | (uint64_t)(c->fp8 != 0) << 24 |
+           ((uint64_t)c->num_scales & 0x1fff) << 25 | ((uint64_t)c->topk & 0x3f) << 38 |
+           ((uint64_t)c->num_experts & 0x1fff) << 44 | (uint64_t)(c->weights != 0) << 57 |
+           (uint64_t)(c->int_scales != 0) << 58;
+}
+
+EP_HD ep_ht_call_t ep_ht_unpack_call(uint64_t w) {
+    ep_ht_call_t c;
+    c.hidden = (int64_t)(w & 0xffffff);
+    c.fp8 = (int)(w >> 24 & 1);
+    c.num_scales = (int)(w >> 25 & 0x1fff);
+    c.topk = (int)(w >> 38 & 0x3f);
+    c.num_experts = (int)(w >> 44 & 0x1fff);
+    c.weights = (int)(w >> 57 & 1);
+    c.int_scales = (int)(w >> 58 & 1);
+    return c;
 }
 
 /* The word the closing barrier of a cached dispatch or a combine compares across ranks (neither has a count
@@ -99,14 +125,6 @@ EP_HD uint64_t ep_ht_pack_call(int64_t hidden, int fp8, int num_scales, int topk
 #define EP_HT_SEND_COMBINE  (1ull << 62)
 EP_HD uint64_t ep_ht_combine_word(int64_t hidden, int weights) {
     return EP_HT_SEND_COMBINE | ((uint64_t)hidden & 0xffffff) | (uint64_t)(weights != 0) << 24;
-}
-
-EP_HD void ep_ht_unpack_call(uint64_t w, int64_t *hidden, int *fp8, int *num_scales, int *topk, int *num_experts) {
-    *hidden = (int64_t)(w & 0xffffff);
-    *fp8 = (int)(w >> 24 & 1);
-    *num_scales = (int)(w >> 25 & 0x1fff);
-    *topk = (int)(w >> 38 & 0x3f);
-    *num_experts = (int)(w >> 44 & 0x1fff);
 }
 
 #endif

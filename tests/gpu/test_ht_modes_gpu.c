@@ -437,6 +437,15 @@ static int autotune_and_errors(int rank, int R, const ep_unique_id_t *id, void *
         MP_FAIL(rank, "mismatched sizes message: %s (wanted \"%s\")", ep_last_error(), want);
     if (rank == 0)
         printf("     rank 0 saw: %s\n", ep_last_error());
+    /* The last rank without topk_weights (its peers would receive weights 0.0 from it): also compared. */
+    b = a;
+    if (rank == R - 1)
+        memset(&b.topk_weights, 0, sizeof(b.topk_weights));
+    MP_EXPECT_STATUS(rank, ep_dispatch(g, &b, &res, &l), EP_ERROR_INVALID_ARGUMENT);
+    snprintf(want, sizeof(want), "%s topk_weights, num_experts=%d; this rank with", rank == R - 1 ? "with" : "without",
+             a.num_experts);
+    if (!strstr(ep_last_error(), want))
+        MP_FAIL(rank, "mismatched weights message: %s (wanted \"%s\")", ep_last_error(), want);
     /* Worst-token mode with another row count on the last rank: no host waits, so every call returns, and the
      * abandon is reported when the group is synchronised, on every rank. */
     b = a;

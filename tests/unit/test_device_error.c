@@ -155,12 +155,16 @@ static void call_mismatch_names_both_calls(void) {
     struct ep_group g;
     fake_group(&g, &mapped);
     g.rank = 1;
-    fake_input_error(&mapped, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CALL_MISMATCH, 3,
-                     (int64_t)ep_ht_pack_call(3584, 0, 0, 8, 256), (int64_t)ep_ht_pack_call(7168, 1, 56, 8, 256));
+    const ep_ht_call_t bf16 = {.hidden = 3584, .topk = 8, .weights = 1, .num_experts = 256};
+    const ep_ht_call_t fp8 = {.hidden = 7168, .fp8 = 1, .num_scales = 56, .topk = 8, .num_experts = 256};
+    fake_input_error(&mapped, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CALL_MISMATCH, 3, (int64_t)ep_ht_pack_call(&bf16),
+                     (int64_t)ep_ht_pack_call(&fp8));
     TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "rank 1: dispatch (count exchange): rank 3 called dispatch with "
-                                         "hidden=3584, x bfloat16 with 0 scales per token, num_topk=8, "
-                                         "num_experts=256, this rank with 7168, float8_e4m3fn, 56, 8, 256");
+                                         "hidden=3584, x bfloat16, num_topk=8, with topk_weights, num_experts=256; "
+                                         "this rank with hidden=7168, x float8_e4m3fn with 56 float32 scales per "
+                                         "token, num_topk=8, without topk_weights, num_experts=256: every rank must "
+                                         "pass the same; nothing was sent");
     TCHECK_EQ_INT(g.failed, EP_SUCCESS);
     TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_SUCCESS); /* taken once */
     /* the record was cleared when taken */
@@ -177,6 +181,9 @@ static void send_mismatch_names_both_calls(void) {
     struct ep_group g;
     fake_group(&g, &mapped);
     g.rank = 2;
+    const ep_ht_call_t ue8m0 = {
+        .hidden = 7168, .fp8 = 1, .num_scales = 56, .int_scales = 1, .topk = 8, .weights = 1, .num_experts = 256};
+    const ep_ht_call_t bf16 = {.hidden = 7168, .num_experts = 256};
     const struct {
         int op;
         uint64_t theirs, mine;
@@ -185,15 +192,16 @@ static void send_mismatch_names_both_calls(void) {
         {EP_STAGE_COMBINE_SEND, ep_ht_combine_word(3584, 0), ep_ht_combine_word(7168, 1),
          "rank 2: combine (send): rank 1 combined rows of hidden=3584 without topk_weights, this rank hidden=7168 "
          "with: every rank must pass the same; the combined output is not valid"},
-        {EP_STAGE_DISPATCH_SEND, EP_HT_SEND_DISPATCH | ep_ht_pack_call(7168, 1, 56, 8, 256),
-         EP_HT_SEND_DISPATCH | ep_ht_pack_call(7168, 0, 0, 0, 256),
-         "rank 2: dispatch (send): rank 1 made a cached dispatch with hidden=7168, x float8_e4m3fn with 56 scales per "
-         "token, with topk_idx, this rank with 7168, bfloat16, 0, without topk_idx: every rank must pass the same; "
-         "the received rows are not valid"},
+        {EP_STAGE_DISPATCH_SEND, EP_HT_SEND_DISPATCH | ep_ht_pack_call(&ue8m0),
+         EP_HT_SEND_DISPATCH | ep_ht_pack_call(&bf16),
+         "rank 2: dispatch (send): rank 1 made a cached dispatch with hidden=7168, x float8_e4m3fn with 56 int32 "
+         "(packed UE8M0) scales per token, num_topk=8, with topk_weights, num_experts=256; this rank with "
+         "hidden=7168, x bfloat16, no topk_idx, without topk_weights, num_experts=256: every rank must pass the "
+         "same; the received rows are not valid"},
         {EP_STAGE_COMBINE_SEND, 0, ep_ht_combine_word(7168, 1),
          "rank 2: combine (send): rank 1 was in another call at this point: every rank must make the same calls in "
          "the same order"},
-        {EP_STAGE_DISPATCH_SEND, ep_ht_combine_word(7168, 1), EP_HT_SEND_DISPATCH | ep_ht_pack_call(7168, 0, 0, 8, 64),
+        {EP_STAGE_DISPATCH_SEND, ep_ht_combine_word(7168, 1), EP_HT_SEND_DISPATCH | ep_ht_pack_call(&bf16),
          "rank 2: dispatch (send): rank 1 was in another call at this point"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -207,24 +215,41 @@ static void send_mismatch_names_both_calls(void) {
     TCHECK(ep_ht_combine_word(0, 0) != 0 && (ep_ht_combine_word(0, 0) & EP_HT_SEND_DISPATCH) == 0, "combine tag");
     TCHECK(ep_ht_combine_word(7168, 0) != ep_ht_combine_word(7168, 1), "weights bit");
     TCHECK(ep_ht_combine_word(7168, 0) != ep_ht_combine_word(3584, 0), "hidden");
-    TCHECK((ep_ht_pack_call((1 << 24) - 1, 1, 8191, 63, 8191) & (EP_HT_SEND_DISPATCH | EP_HT_SEND_COMBINE)) == 0,
+    const ep_ht_call_t full = {(1 << 24) - 1, 1, 8191, 1, 63, 1, 8191};
+    TCHECK((ep_ht_pack_call(&full) & (EP_HT_SEND_DISPATCH | EP_HT_SEND_COMBINE)) == 0,
            "ep_ht_pack_call stays clear of the tags");
 }
 
+static int same_call(const ep_ht_call_t *a, const ep_ht_call_t *b) {
+    return a->hidden == b->hidden && a->fp8 == b->fp8 && a->num_scales == b->num_scales &&
+           a->int_scales == b->int_scales && a->topk == b->topk && a->weights == b->weights &&
+           a->num_experts == b->num_experts;
+}
+
+/* Every field comes back, and every field changes the word. */
 static void call_words_round_trip(void) {
     const int64_t hs[] = {16, 7168, (1 << 24) - 1};
     const int ss[] = {0, 56, 4096}, ks[] = {0, 8, 32}, es[] = {2, 288, 6144};
     for (int a = 0; a < 3; a++)
-        for (int f = 0; f < 2; f++)
-            for (int c = 0; c < 3; c++)
-                for (int d = 0; d < 3; d++)
-                    for (int e = 0; e < 3; e++) {
-                        int64_t h;
-                        int fp8, ns, k, x;
-                        ep_ht_unpack_call(ep_ht_pack_call(hs[a], f, ss[c], ks[d], es[e]), &h, &fp8, &ns, &k, &x);
-                        TCHECK(h == hs[a] && fp8 == f && ns == ss[c] && k == ks[d] && x == es[e],
-                               "(%lld, %d, %d, %d, %d) came back (%lld, %d, %d, %d, %d)", (long long)hs[a], f, ss[c],
-                               ks[d], es[e], (long long)h, fp8, ns, k, x);
+        for (int c = 0; c < 3; c++)
+            for (int d = 0; d < 3; d++)
+                for (int e = 0; e < 3; e++)
+                    for (int flags = 0; flags < 8; flags++) {
+                        const ep_ht_call_t in = {hs[a], flags & 1, ss[c], flags >> 1 & 1, ks[d], flags >> 2 & 1, es[e]};
+                        const uint64_t w = ep_ht_pack_call(&in);
+                        const ep_ht_call_t out = ep_ht_unpack_call(w);
+                        TCHECK(same_call(&in, &out),
+                               "(%lld, %d, %d, %d, %d, %d, %d) came back (%lld, %d, %d, %d, %d, "
+                               "%d, %d)",
+                               (long long)in.hidden, in.fp8, in.num_scales, in.int_scales, in.topk, in.weights,
+                               in.num_experts, (long long)out.hidden, out.fp8, out.num_scales, out.int_scales, out.topk,
+                               out.weights, out.num_experts);
+                        for (int f = 0; f < 3; f++) { /* each flag alone */
+                            ep_ht_call_t other = in;
+                            int *field = f == 0 ? &other.fp8 : f == 1 ? &other.int_scales : &other.weights;
+                            *field = !*field;
+                            TCHECK(ep_ht_pack_call(&other) != w, "flag %d does not change the word", f);
+                        }
                     }
 }
 
