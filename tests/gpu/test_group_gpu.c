@@ -102,6 +102,20 @@ static int barrier_loop(int rank, int num_ranks, const ep_unique_id_t *id, void 
     return failures;
 }
 
+/* The last error is a timeout after about timeout_ms naming `peer` and `stage`; rank 0 prints it. */
+static int check_timeout(int rank, int peer, const char *stage, double waited, int64_t timeout_ms) {
+    int failures = 0;
+    char want[64];
+    snprintf(want, sizeof(want), "waiting for rank %d", peer);
+    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), stage))
+        MP_FAIL(rank, "timeout message does not name rank %d and stage '%s': %s", peer, stage, ep_last_error());
+    if (waited < (double)timeout_ms * 0.9 || waited > (double)timeout_ms + 4000)
+        MP_FAIL(rank, "timed out after %.0f ms, expected about %lld", waited, (long long)timeout_ms);
+    if (rank == 0)
+        printf("     rank 0 saw after %.0f ms: %s\n", waited, ep_last_error());
+    return failures;
+}
+
 static int missing_peer(int rank, int num_ranks, const ep_unique_id_t *id, void *arg) {
     int failures = 0;
     const int64_t timeout_ms = num_ranks > 4 ? 4000 : 1500; /* creation at R=8 takes ~2 s */
@@ -126,15 +140,7 @@ static int missing_peer(int rank, int num_ranks, const ep_unique_id_t *id, void 
     if (!strstr(ep_last_error(), "in flight"))
         MP_FAIL(rank, "destroy message does not say work is in flight: %s", ep_last_error());
     MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
-    double waited = now_ms() - t0;
-    char want[64];
-    snprintf(want, sizeof(want), "waiting for rank %d", absent);
-    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "group barrier"))
-        MP_FAIL(rank, "timeout message does not name rank %d and the stage: %s", absent, ep_last_error());
-    if (waited < (double)timeout_ms * 0.9 || waited > (double)timeout_ms + 4000)
-        MP_FAIL(rank, "timed out after %.0f ms, expected about %lld", waited, (long long)timeout_ms);
-    if (rank == 0)
-        printf("     rank 0 saw after %.0f ms: %s\n", waited, ep_last_error());
+    failures += check_timeout(rank, absent, "group barrier", now_ms() - t0, timeout_ms);
     MP_EXPECT_STATUS(rank, ep_group_barrier(g, NULL), EP_ERROR_TIMEOUT); /* sticky */
     if (!strstr(ep_last_error(), "failed earlier"))
         MP_FAIL(rank, "sticky error message: %s", ep_last_error());
@@ -164,15 +170,7 @@ static int late_destroy(int rank, int num_ranks, const ep_unique_id_t *id, void 
     }
     double t0 = now_ms();
     MP_EXPECT_STATUS(rank, ep_group_destroy(g), EP_ERROR_TIMEOUT);
-    double waited = now_ms() - t0;
-    char want[64];
-    snprintf(want, sizeof(want), "waiting for rank %d", late);
-    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), "destroy handshake"))
-        MP_FAIL(rank, "destroy's message does not name rank %d and the stage: %s", late, ep_last_error());
-    if (waited < (double)timeout_ms * 0.9 || waited > (double)timeout_ms + 4000)
-        MP_FAIL(rank, "destroy returned after %.0f ms, expected about %lld", waited, (long long)timeout_ms);
-    if (rank == 0)
-        printf("     rank 0 saw after %.0f ms: %s\n", waited, ep_last_error());
+    failures += check_timeout(rank, late, "destroy handshake", now_ms() - t0, timeout_ms);
     return failures;
 }
 
