@@ -49,6 +49,24 @@ static ep_status_t check_shape(const ep_tensor_t *t, const ep_tensor_spec_t *spe
     return EP_SUCCESS;
 }
 
+/* Row-major strides (a dimension of one element may have any stride: it is never used). */
+static ep_status_t check_contiguous(const ep_tensor_t *t, const ep_tensor_spec_t *spec) {
+    int64_t want[EP_MAX_DIMS], inner = 1;
+    int ok = 1;
+    for (int i = t->ndim - 1; i >= 0; i--) {
+        want[i] = inner;
+        ok &= t->shape[i] <= 1 || t->strides[i] == inner;
+        inner *= t->shape[i];
+    }
+    if (ok)
+        return EP_SUCCESS;
+    char w[128], g[128];
+    ep_format_shape(want, t->ndim, w, sizeof(w));
+    ep_format_shape(t->strides, t->ndim, g, sizeof(g));
+    return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: expected a contiguous tensor (strides %s), got strides %s",
+                   spec->name, w, g);
+}
+
 /* Strides must be non-negative and the highest address reachable must not overflow. */
 static ep_status_t check_strides(const ep_tensor_t *t, const ep_tensor_spec_t *spec) {
     size_t elem = ep_dtype_size(t->dtype);
@@ -64,6 +82,8 @@ static ep_status_t check_strides(const ep_tensor_t *t, const ep_tensor_spec_t *s
             return ep_fail(EP_ERROR_INVALID_ARGUMENT, "%s: shape and strides overflow", spec->name);
         last += span * (uint64_t)t->strides[i];
     }
+    if (spec->inner_contiguous == EP_CONTIGUOUS)
+        EP_CHECK(check_contiguous(t, spec));
     if (spec->inner_contiguous && t->ndim > 0 && t->shape[t->ndim - 1] > 1 && t->strides[t->ndim - 1] != 1)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
                        "%s: expected the last dimension to be contiguous (stride 1), "

@@ -11,14 +11,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define EP_ANY (-1)
+#define EP_ANY        (-1)
+#define EP_CONTIGUOUS 2
 
 typedef struct {
     const char *name; /* the argument's name in messages */
     ep_dtype_t dtype;
     int ndim;
     int64_t shape[EP_MAX_DIMS]; /* EP_ANY for a free extent */
-    int inner_contiguous;       /* the last dimension must have stride 1 */
+    int inner_contiguous;       /* 1: the last dimension must have stride 1; EP_CONTIGUOUS: every dimension
+                                   row-major contiguous (outputs a kernel writes without strides) */
     size_t align_bytes;         /* data pointer and every outer stride (in bytes) multiple of this; 0: none */
 } ep_tensor_spec_t;
 

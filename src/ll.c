@@ -41,24 +41,24 @@ static ep_status_t check_dispatch(ep_group_t g, const ep_low_latency_dispatch_ar
     EP_CHECK(ep_check_range(a->num_experts, R, 4096, "num_experts"));
     EP_CHECK(ep_check_multiple(a->num_experts, R, "num_experts (must divide evenly over the ranks)"));
     const int64_t L = a->num_experts / R, RT = (int64_t)R * a->max_tokens;
-    ep_tensor_spec_t rx = {"recv_x", a->use_fp8 ? EP_DTYPE_FLOAT8_E4M3 : EP_DTYPE_BFLOAT16, 3, {L, RT, H}, 1, 16};
+    /* The outputs are written at fixed offsets (no strides): each must be contiguous. */
+    ep_tensor_spec_t rx = {
+        "recv_x", a->use_fp8 ? EP_DTYPE_FLOAT8_E4M3 : EP_DTYPE_BFLOAT16, 3, {L, RT, H}, EP_CONTIGUOUS, 16};
     EP_CHECK(ep_check_tensor(&a->recv_x, &rx));
-    if (a->recv_x.strides[1] != H || a->recv_x.strides[0] != RT * H)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "recv_x: expected a contiguous tensor");
     if (a->use_fp8) {
         ep_tensor_spec_t sc = {"recv_x_scales",
                                a->use_ue8m0 ? EP_DTYPE_INT32 : EP_DTYPE_FLOAT32,
                                3,
                                {L, H / (a->use_ue8m0 ? 512 : 128), RT},
-                               1,
+                               EP_CONTIGUOUS,
                                4};
         EP_CHECK(ep_check_tensor(&a->recv_x_scales, &sc));
     }
-    ep_tensor_spec_t rc = {"recv_count", EP_DTYPE_INT32, 1, {L}, 1, 0};
+    ep_tensor_spec_t rc = {"recv_count", EP_DTYPE_INT32, 1, {L}, EP_CONTIGUOUS, 0};
     EP_CHECK(ep_check_tensor(&a->recv_count, &rc));
-    ep_tensor_spec_t si = {"src_info", EP_DTYPE_INT32, 2, {L, RT}, 1, 0};
+    ep_tensor_spec_t si = {"src_info", EP_DTYPE_INT32, 2, {L, RT}, EP_CONTIGUOUS, 0};
     EP_CHECK(ep_check_tensor(&a->src_info, &si));
-    ep_tensor_spec_t lr = {"layout_range", EP_DTYPE_INT64, 2, {L, R}, 1, 0};
+    ep_tensor_spec_t lr = {"layout_range", EP_DTYPE_INT64, 2, {L, R}, EP_CONTIGUOUS, 0};
     EP_CHECK(ep_check_tensor(&a->layout_range, &lr));
     ep_tensor_spec_t cs = {"cumulative_local_expert_recv_stats", EP_DTYPE_INT32, 1, {L}, 1, 0};
     EP_CHECK(ep_check_optional_tensor(&a->cumulative_local_expert_recv_stats, &cs));

@@ -204,8 +204,7 @@ static ep_low_latency_dispatch_args_t good_ll(void) {
     a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, K);
     a.max_tokens = T, a.num_experts = E, a.use_fp8 = 1, a.round_scale = 1, a.use_ue8m0 = 1;
     a.recv_x = ep_tensor_3d(mem, EP_DTYPE_FLOAT8_E4M3, L, R * T, LL_H);
-    a.recv_x_scales = ep_tensor_3d(mem, EP_DTYPE_INT32, L, LL_H / 512, R * T);
-    a.recv_x_scales.strides[1] = 1, a.recv_x_scales.strides[2] = LL_H / 512; /* column-major last two dims */
+    a.recv_x_scales = ep_tensor_3d(mem, EP_DTYPE_INT32, L, LL_H / 512, R * T); /* DeepEP's [L, R*T, S] transposed */
     a.recv_count = ep_tensor_1d(mem, EP_DTYPE_INT32, L);
     a.src_info = ep_tensor_2d(mem, EP_DTYPE_INT32, L, R * T);
     a.layout_range = ep_tensor_2d(mem, EP_DTYPE_INT64, L, R);
@@ -247,6 +246,22 @@ static void low_latency_dispatch_bad_inputs(void) {
     expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "recv_x_scales:");
     a = good_ll(), a.src_info = ep_tensor_2d(mem, EP_DTYPE_INT32, L, T);
     expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "src_info: expected shape");
+    /* The outputs are written without strides: any other layout is refused (a broadcast one would be written
+     * past its memory). */
+    a = good_ll(), a.src_info.strides[0] = 0;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT,
+              "src_info: expected a contiguous tensor (strides [32, 1]), got "
+              "strides [0, 1]");
+    a = good_ll(), a.layout_range.strides[0] = R + 2;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "layout_range: expected a contiguous tensor");
+    a = good_ll(), a.recv_count.strides[0] = 2;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "recv_count: expected a contiguous tensor");
+    a = good_ll(), a.recv_x.strides[0] = (int64_t)(R * T + 1) * LL_H;
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "recv_x: expected a contiguous tensor");
+    a = good_ll(), a.use_ue8m0 = 0, a.recv_x_scales = ep_tensor_3d(mem, EP_DTYPE_FLOAT32, L, LL_H / 128, R * T);
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, LATE);                      /* float32 scales, contiguous */
+    a.recv_x_scales.strides[1] = 1, a.recv_x_scales.strides[2] = LL_H / 128; /* DeepEP's [L, R*T, S] as given */
+    expect_ll(&f, &a, EP_ERROR_INVALID_ARGUMENT, "recv_x_scales: expected a contiguous tensor");
     f.g.config.num_nvl_bytes = ep_low_latency_buffer_bytes(R, T, LL_H, K, E) - 1;
     a = good_ll();
     expect_ll(&f, &a, EP_ERROR_BUFFER_TOO_SMALL, "low-latency buffer:");
