@@ -510,7 +510,7 @@ static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg)
     a = f.p.da;
     a.max_tokens = 4 * T; /* a larger T than the buffer was made for */
     a.recv_x.shape[1] = (int64_t)R * 4 * T, a.recv_x.strides[0] = (int64_t)R * 4 * T * H;
-    a.src_info.shape[1] = (int64_t)R * 4 * T;
+    a.src_info.shape[1] = (int64_t)R * 4 * T, a.src_info.strides[0] = (int64_t)R * 4 * T;
     MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &a, &h, NULL), EP_ERROR_BUFFER_TOO_SMALL);
     if (rank == 0)
         printf("     rank 0 saw: %s\n", ep_last_error());
