@@ -284,15 +284,20 @@ static ep_status_t check_cached_capacity(ep_group_t g, const ep_dispatch_args_t 
         ep_normal_buffer_bytes(1, (int)rows, (int)a->x.shape[1], (int)ep_dtype_size(a->x.dtype), num_scales, h->topk));
 }
 
-/* The cached handle (checked against this call), or a new one; a new handle's row count is num_worst_tokens,
- * or in the default mode set later from the notify kernel's answer. */
+/* A cached dispatch in worst-token mode keeps its handle's row count. */
+static ep_status_t check_cached_worst(const ep_dispatch_args_t *a) {
+    const ep_handle_t h = a->cached_handle;
+    if (a->num_worst_tokens > 0 && h->num_worst_tokens != a->num_worst_tokens)
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the cached handle was made with %d, got %d",
+                       h->num_worst_tokens, a->num_worst_tokens);
+    return EP_SUCCESS;
+}
+
+/* The cached handle (checked against this call before anything started: check_cached_worst), or a new one; a
+ * new handle's row count is num_worst_tokens, or in the default mode set later from the notify kernel's answer. */
 static ep_status_t prepare_handle(ep_group_t g, const ep_dispatch_args_t *a, ep_handle_t *out) {
     if (a->cached_handle != NULL) {
-        ep_handle_t h = a->cached_handle;
-        if (a->num_worst_tokens > 0 && h->num_worst_tokens != a->num_worst_tokens)
-            return ep_fail(EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the cached handle was made with %d, got %d",
-                           h->num_worst_tokens, a->num_worst_tokens);
-        *out = h;
+        *out = a->cached_handle;
         return EP_SUCCESS;
     }
     ep_handle_t h;
@@ -327,8 +332,10 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
                                                   (int)ep_dtype_size(args->x.dtype), num_scales, topk));
         capacity = args->num_worst_tokens;
     }
-    if (args->cached_handle != NULL)
+    if (args->cached_handle != NULL) {
+        EP_CHECK(check_cached_worst(args));
         EP_CHECK(check_cached_capacity(group, args, &reg, num_scales));
+    }
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(group, launch, &frame));
     if (args->cached_handle == NULL && args->num_worst_tokens == 0 && ep_launch_is_capturing(&frame))

@@ -55,6 +55,8 @@ static void expect_dispatch(fake_t *f, const ep_dispatch_args_t *a, ep_status_t 
     TCHECK_EQ_INT(ep_dispatch(&f->g, a, &r, &f->late_refusal), status);
     TCHECK_STR_CONTAINS(ep_last_error(), message);
     TCHECK(r.handle == NULL, "a refused dispatch returned a handle");
+    /* refused before it began: low-latency handles are still current */
+    TCHECK_EQ_INT((int)f->g.ll_window_gen, 0);
 }
 
 static void dispatch_bad_inputs(void) {
@@ -121,6 +123,8 @@ static void cached_dispatch_bad_inputs(void) {
     expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: the cached handle routes 8 tokens, got 7");
     a = good_dispatch(), a.cached_handle = &f.h, a.topk_idx = (ep_tensor_t){0};
     expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_weights: a cached dispatch that sends weights needs");
+    a = good_dispatch(), a.cached_handle = &f.h, a.num_worst_tokens = 2 * N; /* the handle has 0 */
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "num_worst_tokens: the cached handle was made with 0, got 16");
     a = good_dispatch(), a.cached_handle = &f.h, a.topk_idx = ep_tensor_2d(mem, EP_DTYPE_INT64, N, K + 1);
     a.topk_weights = (ep_tensor_t){0};
     expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "topk_idx: expected shape");
