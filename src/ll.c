@@ -22,6 +22,17 @@ size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens, int hidden, in
     return (size_t)(2 * layout_for(num_ranks, max_tokens, hidden, topk, num_experts).half_bytes);
 }
 
+/* The sizes a low-latency buffer is laid out for (dispatch and clean_low_latency_buffer). */
+static ep_status_t check_sizes(int num_ranks, int64_t max_tokens, int64_t hidden, int hidden_multiple, int64_t topk,
+                               int64_t num_experts, const char *hidden_name, const char *topk_name) {
+    EP_CHECK(ep_check_range(max_tokens, 1, 1 << 16, "num_max_dispatch_tokens_per_rank"));
+    EP_CHECK(ep_check_multiple(hidden, hidden_multiple, hidden_name));
+    EP_CHECK(ep_check_range(hidden, 128, 1 << 16, hidden_name));
+    EP_CHECK(ep_check_range(topk, 1, EP_LL_MAX_TOPK, topk_name));
+    EP_CHECK(ep_check_range(num_experts, num_ranks, 4096, "num_experts"));
+    return ep_check_multiple(num_experts, num_ranks, "num_experts (must divide evenly over the ranks)");
+}
+
 static ep_status_t check_dispatch(ep_group_t g, const ep_low_latency_dispatch_args_t *a) {
     EP_CHECK(ep_check_not_null(a, "args"));
     EP_CHECK(ep_check_struct_size(a->size, sizeof(*a), sizeof(*a), "ep_low_latency_dispatch_args_t"));
@@ -31,15 +42,12 @@ static ep_status_t check_dispatch(ep_group_t g, const ep_low_latency_dispatch_ar
     EP_CHECK(ep_check_tensor(&a->x, &xs));
     const int64_t N = a->x.shape[0], H = a->x.shape[1];
     EP_CHECK(ep_check_range(N, 0, a->max_tokens, "x.shape[0] (num_tokens, at most num_max_dispatch_tokens_per_rank)"));
-    EP_CHECK(ep_check_multiple(H, a->use_fp8 && a->use_ue8m0 ? 512 : 128, "x.shape[1] (hidden)"));
-    EP_CHECK(ep_check_range(H, 128, 1 << 16, "x.shape[1] (hidden)"));
     if (a->use_ue8m0 && !a->round_scale && a->use_fp8)
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "use_ue8m0: needs round_scale");
+        return ep_fail(EP_ERROR_INVALID_ARGUMENT, "use_ue8m0: needs round_scale (packed UE8M0 scales are powers of 2)");
     ep_tensor_spec_t is = {"topk_idx", EP_DTYPE_INT64, 2, {N, EP_ANY}, 1, 0};
     EP_CHECK(ep_check_tensor(&a->topk_idx, &is));
-    EP_CHECK(ep_check_range(a->topk_idx.shape[1], 1, EP_LL_MAX_TOPK, "topk_idx.shape[1] (num_topk)"));
-    EP_CHECK(ep_check_range(a->num_experts, R, 4096, "num_experts"));
-    EP_CHECK(ep_check_multiple(a->num_experts, R, "num_experts (must divide evenly over the ranks)"));
+    EP_CHECK(check_sizes(R, a->max_tokens, H, a->use_fp8 && a->use_ue8m0 ? 512 : 128, a->topk_idx.shape[1],
+                         a->num_experts, "x.shape[1] (hidden)", "topk_idx.shape[1] (num_topk)"));
     const int64_t L = a->num_experts / R, RT = (int64_t)R * a->max_tokens;
     /* The outputs are written at fixed offsets (no strides): each must be contiguous. */
     ep_tensor_spec_t rx = {
@@ -328,10 +336,15 @@ ep_status_t ep_clean_low_latency_buffer(ep_group_t g, int max_tokens, int hidden
                                         void *cuda_stream) {
     ep_clear_error();
     EP_CHECK(ep_check_not_null(g, "group"));
+    EP_CHECK(ep_group_check_usable(g));
+    EP_CHECK(ep_group_check_stream(g, (cudaStream_t)cuda_stream, "cuda_stream"));
+    EP_CHECK(check_sizes(g->num_ranks, max_tokens, hidden, 128, topk, num_experts, "hidden", "num_topk"));
     size_t bytes = ep_low_latency_buffer_bytes(g->num_ranks, max_tokens, hidden, topk, num_experts);
-    if (bytes == 0 || bytes > g->config.num_nvl_bytes)
-        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL, "clean_low_latency_buffer: %zu bytes needed, the group has %zu",
-                       bytes, g->config.num_nvl_bytes);
+    if (bytes > g->config.num_nvl_bytes)
+        return ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
+                       "clean_low_latency_buffer: %zu bytes needed for T=%d, H=%d, K=%d, E=%d, the group has "
+                       "num_nvl_bytes = %zu (ep_low_latency_buffer_bytes)",
+                       bytes, max_tokens, hidden, topk, num_experts, g->config.num_nvl_bytes);
     int previous;
     EP_CHECK(ep_device_enter(g->device, &previous));
     g->ll_window_gen++; /* low-latency handles from before refer to what is wiped here */

@@ -272,6 +272,27 @@ static void low_latency_dispatch_bad_inputs(void) {
     TCHECK_STR_CONTAINS(ep_last_error(), "(ep_low_latency_buffer_bytes)");
 }
 
+/* clean_low_latency_buffer checks its sizes (the same as a dispatch's) and the group before it wipes anything. */
+static void expect_clean(fake_t *f, int T_, int H_, int K_, int E_, ep_status_t status, const char *message) {
+    TCHECK_EQ_INT(ep_clean_low_latency_buffer(&f->g, T_, H_, K_, E_, NULL), status);
+    TCHECK_STR_CONTAINS(ep_last_error(), message);
+    TCHECK_EQ_INT((int)f->g.ll_window_gen, 0); /* nothing was wiped: handles are still current */
+}
+
+static void clean_low_latency_buffer_bad_inputs(void) {
+    fake_t f;
+    fake(&f);
+    expect_clean(&f, 0, LL_H, K, E, EP_ERROR_INVALID_ARGUMENT, "num_max_dispatch_tokens_per_rank: expected a value");
+    expect_clean(&f, T, 100, K, E, EP_ERROR_INVALID_ARGUMENT, "hidden: expected a multiple of 128, got 100");
+    expect_clean(&f, T, LL_H, 17, E, EP_ERROR_INVALID_ARGUMENT, "num_topk: expected a value in [1, 16], got 17");
+    expect_clean(&f, T, LL_H, K, 9, EP_ERROR_INVALID_ARGUMENT, "num_experts (must divide evenly over the ranks)");
+    f.g.config.num_nvl_bytes = ep_low_latency_buffer_bytes(R, T, LL_H, K, E) - 1;
+    expect_clean(&f, T, LL_H, K, E, EP_ERROR_BUFFER_TOO_SMALL, "bytes needed for T=16, H=512, K=4, E=8, the group has");
+    f.g.failed = EP_ERROR_TIMEOUT;
+    snprintf(f.g.failed_message, sizeof(f.g.failed_message), "rank 0: timed out");
+    expect_clean(&f, T, LL_H, K, E, EP_ERROR_TIMEOUT, "the group failed earlier");
+}
+
 /* A tensor with no elements is given even with data NULL (an empty torch tensor's data pointer is 0): a rank
  * with no tokens passes [0, K] topk ids and [0, S] scales, and a rank that received no rows [0, K] weights; each
  * is checked as given (only NULL data with elements to read means "absent"). */
@@ -311,6 +332,7 @@ int main(void) {
     TRUN(cached_dispatch_bad_inputs);
     TRUN(combine_bad_inputs);
     TRUN(low_latency_dispatch_bad_inputs);
+    TRUN(clean_low_latency_buffer_bad_inputs);
     TRUN(empty_tensors_are_given);
     return TDONE();
 }
