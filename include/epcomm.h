@@ -202,7 +202,9 @@ typedef struct ep_handle *ep_handle_t;
 
 /* Bytes of symmetric NVLink buffer (config.num_nvl_bytes) that normal mode needs so that up to
  * max_tokens_per_rank tokens of `hidden` elements of `elem_bytes` bytes (2: bf16, 1: fp8), with num_scales
- * 4-byte scales per token and `topk` experts per token, can be dispatched and combined in one group. */
+ * 4-byte scales per token and `topk` experts per token, can be dispatched and combined in one group.
+ * 0 for sizes no dispatch accepts (num_ranks outside [1, 8], hidden outside [0, 2^24), elem_bytes outside
+ * [1, 8], num_scales above 4096, topk above 32, any negative). */
 EP_API size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int elem_bytes, int num_scales,
                                      int topk);
 
@@ -289,7 +291,9 @@ EP_API ep_status_t ep_handle_destroy(ep_handle_t handle);
  * ------------------------------------------------------------------------------------------------------- */
 typedef struct ep_ll_handle *ep_ll_handle_t;
 
-/* Bytes of symmetric buffer (config.num_nvl_bytes) the low-latency mode needs for these sizes. */
+/* Bytes of symmetric buffer (config.num_nvl_bytes) the low-latency mode needs for these sizes; 0 for sizes no
+ * low-latency dispatch accepts (num_ranks in [1, 8], max_tokens_per_rank in [1, 65536], hidden a multiple of 128
+ * in [128, 65536], topk in [1, 16], num_experts a multiple of num_ranks up to 4096). */
 EP_API size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int topk,
                                           int num_experts);
 

@@ -252,14 +252,19 @@ static ep_status_t create_local_state(ep_group_t g) {
     return EP_SUCCESS;
 }
 
+static ep_status_t check_rank_count(int num_ranks) {
+    if (num_ranks > EP_MAX_NVL_RANKS)
+        return ep_fail(EP_ERROR_UNSUPPORTED,
+                       "num_ranks: at most %d ranks in one NVLink domain are supported, got %d (scale-out is not "
+                       "supported yet)",
+                       EP_MAX_NVL_RANKS, num_ranks);
+    return EP_SUCCESS;
+}
+
 /* The steps after the communicator exists. No peer may write into our flags before we zeroed them, so the
  * last step is a collective that every rank enters only after its own setup finished. */
 static ep_status_t group_setup(ep_group_t g) {
-    if (g->num_ranks > EP_MAX_NVL_RANKS)
-        return ep_fail(EP_ERROR_UNSUPPORTED,
-                       "num_ranks: at most %d ranks in one NVLink domain are supported, "
-                       "got %d (scale-out is not supported yet)",
-                       EP_MAX_NVL_RANKS, g->num_ranks);
+    EP_CHECK(check_rank_count(g->num_ranks)); /* a caller's communicator: known only now */
     EP_CHECK(create_local_state(g));
     EP_CHECK(check_peers_reachable(g));
     EP_CHECK(check_same_config(g));
@@ -314,6 +319,7 @@ static ep_status_t check_create_args(const ep_unique_id_t *id, int num_ranks, in
     EP_CHECK(ep_check_not_null(id, "id"));
     EP_CHECK(ep_check_range(num_ranks, 1, 1 << 20, "num_ranks"));
     EP_CHECK(ep_check_range(rank, 0, num_ranks - 1, "rank"));
+    EP_CHECK(check_rank_count(num_ranks)); /* before any rank enters the communicator's creation */
     EP_CHECK(ep_check_range(cuda_device, 0, 1 << 16, "cuda_device"));
     return check_config(config);
 }

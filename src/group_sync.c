@@ -182,6 +182,21 @@ static ep_status_t fail_send_mismatch(int rank, const char *op, int peer, uint64
                    rank, op, peer, a, b);
 }
 
+/* A dispatch (count exchange) or combine that would overflow a receiver's region; for a dispatch, the bytes its
+ * rows need (from the call word, as ep_normal_buffer_bytes counts them). */
+static ep_status_t fail_capacity(ep_group_t g, int stage, const char *op, int peer, int64_t rows, int64_t have) {
+    char need[96] = "";
+    if (stage == EP_STAGE_DISPATCH_NOTIFY && rows <= INT32_MAX) {
+        const ep_ht_call_t c = ep_ht_unpack_call(g->notify_call_word);
+        snprintf(need, sizeof(need), "; num_nvl_bytes must be at least %zu (ep_normal_buffer_bytes)",
+                 ep_normal_buffer_bytes(1, (int)rows, (int)c.hidden, c.fp8 ? 1 : 2, c.num_scales, c.topk));
+    }
+    return ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
+                   "rank %d: %s: rank %d must receive %lld rows but its buffer holds %lld%s; nothing was sent (use a "
+                   "larger num_nvl_bytes, see the size hints, or a larger num_worst_tokens)",
+                   g->rank, op, peer, (long long)rows, (long long)have, need);
+}
+
 ep_status_t ep_group_take_input_error(ep_group_t g) {
     volatile ep_dev_input_error_t *e = &g->mapped_host->input_error;
     uint32_t count = e->count;
@@ -190,13 +205,7 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
     ep_status_t st = EP_ERROR_DEVICE_INPUT;
     const char *op = ep_stage_name(e->op);
     switch (e->kind) {
-    case EP_INPUT_CAPACITY:
-        st = ep_fail(EP_ERROR_BUFFER_TOO_SMALL,
-                     "rank %d: %s: rank %d must receive %lld rows but its buffer holds "
-                     "%lld; nothing was sent (use a larger num_nvl_bytes, see the size hints, or a larger "
-                     "num_worst_tokens)",
-                     g->rank, op, (int)e->k, (long long)e->value, (long long)e->token);
-        break;
+    case EP_INPUT_CAPACITY: st = fail_capacity(g, e->op, op, (int)e->k, e->value, e->token); break;
     case EP_INPUT_CALL_MISMATCH:
         st = fail_call_mismatch(g->rank, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
         break;

@@ -16,7 +16,10 @@
 
 size_t ep_normal_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int elem_bytes, int num_scales,
                               int topk) {
-    if (num_ranks < 1 || max_tokens_per_rank < 0 || hidden < 0 || elem_bytes < 1 || num_scales < 0 || topk < 0)
+    /* Bounded so that the result fits in 64 bits (below 2^64 / 4 with every bound at its largest). */
+    if (num_ranks < 1 || num_ranks > EP_MAX_NVL_RANKS || max_tokens_per_rank < 0 || hidden < 0 ||
+        hidden >= EP_HT_MAX_HIDDEN || elem_bytes < 1 || elem_bytes > 8 || num_scales < 0 || num_scales > 4096 ||
+        topk < 0 || topk > EP_MAX_TOPK)
         return 0;
     uint64_t rows = (uint64_t)num_ranks * (uint64_t)max_tokens_per_rank;
     uint64_t dispatch_row =
@@ -33,6 +36,7 @@ static ep_status_t check_x(const ep_dispatch_args_t *a, int *num_scales) {
                        ep_dtype_name(a->x.dtype));
     ep_tensor_spec_t xs = {"x", a->x.dtype, 2, {EP_ANY, EP_ANY}, 1, 16};
     EP_CHECK(ep_check_tensor(&a->x, &xs));
+    EP_CHECK(ep_check_range(a->x.shape[1], 1, EP_HT_MAX_HIDDEN - 1, "x.shape[1] (hidden)"));
     if ((a->x.shape[1] * (int64_t)ep_dtype_size(a->x.dtype)) % 16 != 0)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
                        "x: rows must be a multiple of 16 bytes; hidden %lld of %s is %lld "
@@ -158,7 +162,7 @@ static ep_status_t launch_notify(ep_group_t g, const ep_dispatch_args_t *a, ep_h
         .expert_alignment = a->expert_alignment,
         .parity = (int)(g->dispatch_seq & 1),
         .capacity_rows = capacity_rows,
-        .call_word = call_word(a, h, num_scales),
+        .call_word = g->notify_call_word = call_word(a, h, num_scales),
         .worst_tokens = a->num_worst_tokens,
         .routing = h->routing,
         .host = &g->mapped_dev->notify,

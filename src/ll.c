@@ -16,8 +16,14 @@ static ep_ll_layout_t layout_for(int R, int T, int H, int K, int E) {
     return ep_ll_layout(R, T, H, K, E / R);
 }
 
+/* The sizes a low-latency dispatch accepts (check_sizes says which one is not). */
+static int sizes_valid(int R, int T, int H, int K, int E) {
+    return R >= 1 && R <= EP_MAX_NVL_RANKS && T >= 1 && T <= 1 << 16 && H >= 128 && H <= 1 << 16 && H % 128 == 0 &&
+           K >= 1 && K <= EP_LL_MAX_TOPK && E >= R && E <= 4096 && E % R == 0;
+}
+
 size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens, int hidden, int topk, int num_experts) {
-    if (num_ranks < 1 || max_tokens < 1 || hidden < 1 || topk < 1 || num_experts < num_ranks)
+    if (!sizes_valid(num_ranks, max_tokens, hidden, topk, num_experts))
         return 0;
     return (size_t)(2 * layout_for(num_ranks, max_tokens, hidden, topk, num_experts).half_bytes);
 }

@@ -45,6 +45,8 @@ class Buffer(NormalModeMixin, LowLatencyMixin):
         buffer_bytes = _config.symmetric_buffer_bytes(num_nvl_bytes, num_rdma_bytes, low_latency_mode,
                                                       num_qps_per_rank, allow_nvlink_for_low_latency_mode,
                                                       allow_mnnvl, use_fabric, enable_shrink)
+        if group is not None or comm is not None:  # (neither: the exchange below says so)
+            _config.check_group_size(bootstrap.group_rank_and_size(group, comm)[1])
         if not torch.cuda.is_available():
             raise RuntimeError("epcomm.Buffer needs a CUDA device (torch.cuda.is_available() is False)")
         self._lib = _capi.lib()
@@ -228,9 +230,9 @@ class Buffer(NormalModeMixin, LowLatencyMixin):
 
     @staticmethod
     def _config_for(num_ranks):
-        if not 1 <= num_ranks <= _config.NUM_MAX_NVL_PEERS:
-            raise NotImplementedError(f"num_ranks: {num_ranks} ranks need scale-out across nodes, which epcomm does "
-                                      f"not support yet (1 to {_config.NUM_MAX_NVL_PEERS} ranks in one NVLink domain)")
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks: expected at least 1, got {num_ranks}")
+        _config.check_group_size(num_ranks, "num_ranks")
         return Config(Buffer.num_sms)
 
     @staticmethod

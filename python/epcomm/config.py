@@ -15,6 +15,13 @@ MAX_TOPK_LOW_LATENCY = 16
 DEFAULT_MAX_TOKENS_PER_RANK = 4096
 
 
+def check_group_size(num_ranks, what="epcomm.Buffer"):
+    """More ranks than one NVLink domain holds need scale-out, which epcomm does not have yet."""
+    if num_ranks > NUM_MAX_NVL_PEERS:
+        raise NotImplementedError(f"{what}: {num_ranks} ranks need scale-out across nodes, which epcomm does not "
+                                  f"support yet (at most {NUM_MAX_NVL_PEERS} ranks in one NVLink domain)")
+
+
 def default_max_tokens_per_rank():
     value = os.environ.get("EPCOMM_MAX_TOKENS_PER_RANK")
     if value is None:
@@ -67,15 +74,14 @@ class Config:
 
     def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
         """Bytes of NVLink buffer for tokens of `hidden_bytes` (DeepEP passes hidden * max(elem size, 2))."""
+        check_group_size(num_ranks, "get_nvl_buffer_size_hint")
         tokens = self.num_max_tokens_per_rank or default_max_tokens_per_rank()
         return normal_buffer_size_hint(tokens, max(1, int(hidden_bytes) // 2), num_ranks)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
         """0 inside one NVLink domain, as in DeepEP; epcomm has no scale-out buffer yet."""
-        if num_ranks <= NUM_MAX_NVL_PEERS:
-            return 0
-        raise NotImplementedError(f"get_rdma_buffer_size_hint: {num_ranks} ranks need scale-out across nodes, "
-                                  "which epcomm does not support yet (at most 8 ranks in one NVLink domain)")
+        check_group_size(num_ranks, "get_rdma_buffer_size_hint")
+        return 0
 
     def __repr__(self):
         return (f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens="

@@ -89,6 +89,13 @@ def test_normal_buffer_bytes_is_zero_for_invalid_sizes(capi):
     assert capi.normal_buffer_bytes(0, 128, 2048, 2, 0, 8) == 0
     assert capi.normal_buffer_bytes(2, -1, 2048, 2, 0, 8) == 0
     assert capi.normal_buffer_bytes(2, 128, 2048, 0, 0, 8) == 0
+    # sizes no dispatch accepts, some of which used to wrap around 2^64 into a small number
+    assert capi.normal_buffer_bytes(8, 2**31 - 1, 2**31 - 1, 2, 0, 32) == 0
+    assert capi.normal_buffer_bytes(9, 128, 2048, 2, 0, 8) == 0
+    assert capi.normal_buffer_bytes(2, 128, 1 << 24, 2, 0, 8) == 0
+    assert capi.normal_buffer_bytes(2, 128, 2048, 2, 4097, 8) == 0
+    assert capi.normal_buffer_bytes(2, 128, 2048, 2, 0, 33) == 0
+    assert capi.normal_buffer_bytes(8, 2**31 - 1, (1 << 24) - 1, 8, 4096, 32) > 0  # the largest: no wrap
 
 
 def expected_low_latency_bytes(R, T, H, K, E):
@@ -114,6 +121,14 @@ def test_low_latency_buffer_bytes(capi, R, T, H, K, E):
 def test_low_latency_buffer_bytes_is_zero_for_invalid_sizes(capi):
     assert capi.low_latency_buffer_bytes(4, 0, 2048, 8, 32) == 0
     assert capi.low_latency_buffer_bytes(4, 128, 2048, 8, 2) == 0  # fewer experts than ranks
+    # what a low-latency dispatch refuses: hidden not a multiple of 128, top-k above 16, experts not a multiple
+    # of the ranks or above 4096, more than 8 ranks
+    assert capi.low_latency_buffer_bytes(2, 16, 100, 4, 8) == 0
+    assert capi.low_latency_buffer_bytes(2, 16, 7000, 4, 8) == 0
+    assert capi.low_latency_buffer_bytes(2, 16, 512, 17, 8) == 0
+    assert capi.low_latency_buffer_bytes(2, 16, 512, 4, 3) == 0
+    assert capi.low_latency_buffer_bytes(8, 128, 7168, 8, 6144) == 0
+    assert capi.low_latency_buffer_bytes(9, 128, 7168, 8, 288) == 0
 
 
 def expect_error(call, status, *words):

@@ -57,11 +57,26 @@ def test_event_overlap_without_an_event():
         cuda_event_of(object())
 
 
+class _Group:
+    """Enough of a ProcessGroup for the constructor's checks before any exchange."""
+
+    def __init__(self, size):
+        self._size = size
+
+    def rank(self):
+        return 0
+
+    def size(self):
+        return self._size
+
+
 def test_constructor_refuses_unsupported_arguments_before_touching_a_device():
     with pytest.raises(ValueError, match="allow_mnnvl"):
         Buffer(None, 1 << 20, allow_mnnvl=True)
     with pytest.raises(ValueError, match="num_rdma_bytes"):
         Buffer(None, 1 << 20, 1 << 20)
+    with pytest.raises(NotImplementedError, match="16 ranks need scale-out"):
+        Buffer(_Group(16), 1 << 20)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -76,6 +91,12 @@ def test_static_helpers_follow_deepep():
     assert Buffer.get_combine_config(8).num_sms == Buffer.num_sms
     with pytest.raises(NotImplementedError, match="scale-out"):
         Buffer.get_dispatch_config(16)
+    with pytest.raises(NotImplementedError, match="scale-out"):
+        epcomm.Config().get_nvl_buffer_size_hint(14336, 9)
+    with pytest.raises(ValueError, match="invalid sizes"):  # E above the low-latency limit of 4096
+        Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 6144)
+    with pytest.raises(ValueError, match="invalid sizes"):  # hidden not a multiple of 128
+        Buffer.get_low_latency_rdma_size_hint(128, 7000, 8, 256)
     assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) == \
         _capi.low_latency_buffer_bytes(8, 128, 7168, 16, 256)
     assert Buffer.get_normal_buffer_size_hint(4096, 7168, 8, 8) == _capi.normal_buffer_bytes(8, 4096, 7168, 2, 0, 8)

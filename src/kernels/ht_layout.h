@@ -82,6 +82,8 @@ EP_HD uint64_t ep_ht_combine_base(uint64_t data_bytes, int parity) {
     return (uint64_t)(2 + parity) * ep_ht_quarter_bytes(data_bytes);
 }
 
+#define EP_HT_MAX_HIDDEN (1 << 24) /* hidden sizes below it: the call word holds 24 bits of it */
+
 /* What a dispatch must agree on across ranks (a rank that called with other sizes would write its rows at other
  * offsets, or with other fields). */
 typedef struct {

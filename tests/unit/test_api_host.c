@@ -42,6 +42,8 @@ static void group_create_rejects_bad_arguments_without_side_effects(void) {
 
     TCHECK_EQ_INT(ep_group_create(&id, 0, 0, 0, &cfg, &g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "num_ranks: expected a value in [1,");
+    TCHECK_EQ_INT(ep_group_create(&id, 9, 0, 0, &cfg, &g), EP_ERROR_UNSUPPORTED); /* before NCCL is entered */
+    TCHECK_STR_CONTAINS(ep_last_error(), "num_ranks: at most 8 ranks in one NVLink domain are supported, got 9");
     TCHECK_EQ_INT(ep_group_create(&id, 4, 4, 0, &cfg, &g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "rank: expected a value in [0, 3], got 4");
     TCHECK_EQ_INT(ep_group_create(&id, 4, 0, -1, &cfg, &g), EP_ERROR_INVALID_ARGUMENT);

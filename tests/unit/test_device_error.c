@@ -220,6 +220,27 @@ static void send_mismatch_names_both_calls(void) {
            "ep_ht_pack_call stays clear of the tags");
 }
 
+/* A dispatch that would overflow a receiver: the rows, and for the count exchange the bytes they need at the
+ * call's row size (the last count exchange's word); a combine's report names rows only. */
+static void capacity_names_rows_and_bytes(void) {
+    ep_mapped_t mapped;
+    struct ep_group g;
+    fake_group(&g, &mapped);
+    const ep_ht_call_t c = {.hidden = 7168, .fp8 = 1, .num_scales = 56, .topk = 8, .num_experts = 256};
+    g.notify_call_word = ep_ht_pack_call(&c);
+    fake_input_error(&mapped, EP_STAGE_DISPATCH_NOTIFY, EP_INPUT_CAPACITY, 1, 5000, 4096);
+    TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_BUFFER_TOO_SMALL);
+    char want[160];
+    snprintf(want, sizeof(want),
+             "rank 1 must receive 5000 rows but its buffer holds 4096; num_nvl_bytes must be at "
+             "least %zu (ep_normal_buffer_bytes); nothing was sent",
+             ep_normal_buffer_bytes(1, 5000, 7168, 1, 56, 8));
+    TCHECK_STR_CONTAINS(ep_last_error(), want);
+    fake_input_error(&mapped, EP_STAGE_COMBINE_SEND, EP_INPUT_CAPACITY, 0, 300, 200);
+    TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_BUFFER_TOO_SMALL);
+    TCHECK_STR_CONTAINS(ep_last_error(), "rank 0 must receive 300 rows but its buffer holds 200; nothing was sent");
+}
+
 static int same_call(const ep_ht_call_t *a, const ep_ht_call_t *b) {
     return a->hidden == b->hidden && a->fp8 == b->fp8 && a->num_scales == b->num_scales &&
            a->int_scales == b->int_scales && a->topk == b->topk && a->weights == b->weights &&
@@ -263,5 +284,6 @@ int main(void) {
     TRUN(call_mismatch_names_both_calls);
     TRUN(call_words_round_trip);
     TRUN(send_mismatch_names_both_calls);
+    TRUN(capacity_names_rows_and_bytes);
     return TDONE();
 }
