@@ -58,8 +58,9 @@ struct ep_group {
     uint64_t dispatch_seq; /* high-throughput ops so far: their parity picks the buffer half */
     uint64_t combine_seq;
     uint32_t notify_seq;
+    int data_mode; /* EP_DATA_*: which mode's calls last used the window's data region (ep_launch_enter_mode) */
     uint64_t notify_call_word; /* the last count exchange's ep_ht_pack_call word (for a capacity error's bytes) */
-    int live_handles; /* the group may not be destroyed while handles refer to it */
+    int live_handles;          /* the group may not be destroyed while handles refer to it */
     /* In-process groups: memory of handles made during graph capture, freed with the group. A cudaFree waits
      * for every kernel on the device, including a peer rank's kernel that waits for this rank. */
     struct ep_deferred_free *deferred;

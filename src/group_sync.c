@@ -46,6 +46,7 @@ const char *ep_stage_name(int stage) {
     case EP_STAGE_LL_DISPATCH_RECV: return "low-latency dispatch (receive)";
     case EP_STAGE_LL_COMBINE_RECV: return "low-latency combine (receive)";
     case EP_STAGE_LL_DISPATCH_SEND: return "low-latency dispatch (send)";
+    case EP_STAGE_MODE_SWITCH: return "switch between high-throughput and low-latency mode";
     default: return "unknown stage";
     }
 }

@@ -2,6 +2,7 @@
 
 #include "check.h"
 #include "error.h"
+#include "kernels/group_kernels.h"
 
 #define EP_DEFAULT_HT_SMS 24
 
@@ -52,6 +53,20 @@ ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame) {
     if (st != EP_SUCCESS)
         ep_device_restore(frame->previous_device);
     return st;
+}
+
+ep_status_t ep_launch_enter_mode(ep_group_t g, const ep_launch_frame_t *frame, int mode) {
+    if (g->data_mode == mode)
+        return EP_SUCCESS;
+    if (g->data_mode != EP_DATA_NONE) {
+        EP_CHECK(ep_group_order(g, g->stream, frame->stream));
+        EP_CHECK(ep_group_order(g, (cudaStream_t)frame->opts.stream, frame->stream));
+        cudaError_t err = ep_launch_barrier(&g->dev, EP_STAGE_MODE_SWITCH, 0, frame->stream);
+        if (err != cudaSuccess)
+            return ep_cuda_fail(err, "mode switch barrier", __FILE__, __LINE__);
+    }
+    g->data_mode = mode;
+    return EP_SUCCESS;
 }
 
 ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t status) {

@@ -94,8 +94,11 @@ static ep_status_t run(ep_group_t g, const ep_launch_t *launch,
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(g, launch, &frame));
     EP_CHECK(ep_launch_begin_direct(g, &frame));
-    cudaError_t err = fn(&g->dev, kargs, frame.stream);
-    ep_status_t st = err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, what, __FILE__, __LINE__);
+    ep_status_t st = ep_launch_enter_mode(g, &frame, EP_DATA_LL);
+    if (st == EP_SUCCESS) {
+        cudaError_t err = fn(&g->dev, kargs, frame.stream);
+        st = err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, what, __FILE__, __LINE__);
+    }
     return ep_launch_end(g, &frame, st);
 }
 
@@ -354,9 +357,16 @@ ep_status_t ep_clean_low_latency_buffer(ep_group_t g, int max_tokens, int hidden
     int previous;
     EP_CHECK(ep_device_enter(g->device, &previous));
     g->ll_window_gen++; /* low-latency handles from before refer to what is wiped here */
-    cudaError_t err = cudaMemsetAsync((char *)g->window_mem + EP_CTRL_BYTES, 0, bytes, (cudaStream_t)cuda_stream);
+    /* after this rank's last high-throughput reads, which may still run on the group's stream */
+    ep_status_t st = ep_group_order(g, g->stream, (cudaStream_t)cuda_stream);
+    cudaError_t err = cudaSuccess;
+    if (st == EP_SUCCESS)
+        err = cudaMemsetAsync((char *)g->window_mem + EP_CTRL_BYTES, 0, bytes, (cudaStream_t)cuda_stream);
     ep_device_restore(previous);
+    EP_CHECK(st);
     if (err != cudaSuccess)
         return ep_cuda_fail(err, "cudaMemsetAsync (clean_low_latency_buffer)", __FILE__, __LINE__);
-    return ep_group_barrier(g, cuda_stream);
+    EP_CHECK(ep_group_barrier(g, cuda_stream)); /* no rank writes into a wiped half before every rank wiped */
+    g->data_mode = EP_DATA_LL;                  /* that barrier also ends high-throughput use (ep_launch_enter_mode) */
+    return EP_SUCCESS;
 }

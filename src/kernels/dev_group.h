@@ -46,6 +46,7 @@ typedef enum {
     EP_STAGE_LL_DISPATCH_RECV = 7,
     EP_STAGE_LL_COMBINE_RECV = 8,
     EP_STAGE_LL_DISPATCH_SEND = 9, /* bad input found while sending (no waits there) */
+    EP_STAGE_MODE_SWITCH = 10,     /* the barrier between high-throughput and low-latency use of the window */
     EP_STAGE_COUNT
 } ep_stage_t;
 

@@ -155,8 +155,9 @@ __device__ __forceinline__ void ep_last_block_signal(const ep_dev_group_t &g, ui
 /* A cross-rank barrier run by one CTA (threads 0..R-1 talk to rank p = threadIdx.x), by epochs: each rank
  * counts completed barriers; barrier n writes n into this rank's slot of every peer's flag array and waits
  * until every slot of its own array reaches n. Flags only grow, so nothing is ever reset and no two barriers
- * can be confused. Everything this GPU wrote to peers before (in this kernel by any CTA that finished, or in
- * earlier kernels of the stream) lands before the flag. Returns false on timeout (recorded).
+ * can be confused. What this CTA wrote to peers before the call, and what earlier kernels of the stream wrote,
+ * lands before the flag (other CTAs of the same kernel are not covered: callers run one CTA). Returns false on
+ * timeout (recorded).
  * Each rank also leaves `word` at every peer (slots by epoch parity: a peer can be at most one barrier ahead);
  * a non-zero word is compared with every peer's, and a difference recorded as EP_INPUT_SEND_MISMATCH. Plain
  * barriers pass 0 (they still write it, so that a peer comparing at the same barrier sees no stale word). */

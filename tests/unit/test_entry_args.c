@@ -8,6 +8,7 @@
 #include "error.h"
 #include "group.h"
 #include "handle.h"
+#include "launch.h"
 #include "tcheck.h"
 
 enum { R = 2, N = 8, H = 256, K = 4, E = 8 };
@@ -293,6 +294,19 @@ static void clean_low_latency_buffer_bad_inputs(void) {
     expect_clean(&f, T, LL_H, K, E, EP_ERROR_TIMEOUT, "the group failed earlier");
 }
 
+/* The mode switch barrier (ep_launch_enter_mode) comes only between the modes: a group's first call and further
+ * calls of the same mode launch nothing (this fake group has no device: any launch would fail). */
+static void first_call_of_a_mode_needs_no_barrier(void) {
+    fake_t f;
+    fake(&f);
+    ep_launch_frame_t frame = {.opts = EP_LAUNCH_INIT};
+    TCHECK_EQ_INT(f.g.data_mode, EP_DATA_NONE);
+    TCHECK_EQ_INT(ep_launch_enter_mode(&f.g, &frame, EP_DATA_LL), EP_SUCCESS);
+    TCHECK_EQ_INT(f.g.data_mode, EP_DATA_LL);
+    TCHECK_EQ_INT(ep_launch_enter_mode(&f.g, &frame, EP_DATA_LL), EP_SUCCESS);
+    TCHECK_EQ_INT(f.g.data_mode, EP_DATA_LL);
+}
+
 /* A tensor with no elements is given even with data NULL (an empty torch tensor's data pointer is 0): a rank
  * with no tokens passes [0, K] topk ids and [0, S] scales, and a rank that received no rows [0, K] weights; each
  * is checked as given (only NULL data with elements to read means "absent"). */
@@ -333,6 +347,7 @@ int main(void) {
     TRUN(combine_bad_inputs);
     TRUN(low_latency_dispatch_bad_inputs);
     TRUN(clean_low_latency_buffer_bad_inputs);
+    TRUN(first_call_of_a_mode_needs_no_barrier);
     TRUN(empty_tensors_are_given);
     return TDONE();
 }

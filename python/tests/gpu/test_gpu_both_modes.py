@@ -1,6 +1,6 @@
 """Normal and low-latency mode on one Buffer (issue 4, item 5): a normal dispatch and combine, then
-clean_low_latency_buffer and a low-latency dispatch and combine, then normal mode again, each checked against
-ref_torch; a low-latency handle from before a normal call is refused as stale; get_local_buffer_tensor's views.
+clean_low_latency_buffer and a low-latency dispatch and combine, then normal mode again, and both modes once more
+without clean_low_latency_buffer, each checked against ref_torch; a low-latency handle from before a normal call is refused as stale; get_local_buffer_tensor's views.
 And a Buffer without explicitly_destroy: destroy() refused as in DeepEP, released by its destructor."""
 import os
 import random
@@ -72,6 +72,10 @@ def _both_modes_worker(rank, world, group, seed):
         buffer.low_latency_combine(y, ll_in[rank]["idx"], ll_in[rank]["w"], handle)
     buffer.clean_low_latency_buffer(ll.T, ll.HIDDEN, E)
     low_latency_round(rank, world, buffer, ll_in, "low-latency again")
+    # Without clean_low_latency_buffer between the modes: the first call of each mode starts with the barrier
+    # that keeps a rank from writing into a peer still reading the other mode's rows.
+    normal_round(rank, world, buffer, normal_in, "normal right after low-latency")
+    low_latency_round(rank, world, buffer, ll_in, "low-latency right after normal")
     # This rank's stream only: with ranks as threads sharing a GPU, a device-wide synchronize may also wait for a
     # rank that already entered destroy, whose handshake waits for this rank (until it times out).
     torch.cuda.current_stream().synchronize()
