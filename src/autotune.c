@@ -53,6 +53,33 @@ static ep_status_t max_over_ranks(ep_group_t g, float *times, int n) {
     return EP_SUCCESS;
 }
 
+/* The first dispatch (its handle is what every candidate's cached dispatch reuses), then every candidate. Once
+ * the first dispatch went through, this rank stopping early would leave its peers waiting in the next call:
+ * a failure then fails the group. */
+static ep_status_t tune(ep_group_t g, const ep_dispatch_args_t *args, const ep_launch_t *launch, const int *candidates,
+                        int num_candidates, cudaStream_t s, void *out, cudaEvent_t ev[2], int *best_num_sms,
+                        float *best_time_us) {
+    ep_dispatch_result_t first = EP_DISPATCH_RESULT_INIT;
+    EP_CHECK(ep_dispatch(g, args, &first, launch));
+    ep_handle_t h = first.handle;
+    float times[64];
+    ep_status_t st = EP_SUCCESS;
+    for (int i = 0; st == EP_SUCCESS && i < num_candidates; i++)
+        st = time_candidate(g, args, h, candidates[i], s, out, ev, &times[i]);
+    if (st == EP_SUCCESS)
+        st = max_over_ranks(g, times, num_candidates);
+    ep_handle_release(h);
+    if (st != EP_SUCCESS)
+        return ep_group_mark_failed(g, st);
+    int best = 0;
+    for (int i = 1; i < num_candidates; i++)
+        best = times[i] < times[best] ? i : best;
+    *best_num_sms = candidates[best];
+    if (best_time_us)
+        *best_time_us = times[best];
+    return EP_SUCCESS;
+}
+
 ep_status_t ep_autotune_normal(ep_group_t group, const ep_dispatch_args_t *args, const int *candidates,
                                int num_candidates, int *best_num_sms, float *best_time_us, const ep_launch_t *launch) {
     ep_clear_error();
@@ -69,35 +96,24 @@ ep_status_t ep_autotune_normal(ep_group_t group, const ep_dispatch_args_t *args,
     ep_launch_frame_t frame;
     EP_CHECK(ep_launch_check(group, launch, &frame));
     cudaStream_t s = (cudaStream_t)frame.opts.stream;
-    ep_dispatch_result_t first = EP_DISPATCH_RESULT_INIT;
-    EP_CHECK(ep_dispatch(group, args, &first, launch));
-    ep_handle_t h = first.handle;
-    float times[64];
+    int previous;
+    EP_CHECK(ep_device_enter(group->device, &previous));
+    /* What may fail on this rank alone comes before the first collective call. Stream-ordered scratch: a plain
+     * cudaFree would wait for the whole device, peers' kernels included. */
     void *out = NULL;
     cudaEvent_t ev[2] = {NULL, NULL};
     ep_status_t st = EP_SUCCESS;
-    /* Stream-ordered scratch: a plain cudaFree would wait for the whole device, peers' kernels included. */
-    if (cudaMallocAsync(&out, (size_t)h->num_tokens * (size_t)args->x.shape[1] * 2 + 16, s) != cudaSuccess ||
+    if (cudaMallocAsync(&out, (size_t)args->x.shape[0] * (size_t)args->x.shape[1] * 2 + 16, s) != cudaSuccess ||
         cudaEventCreate(&ev[0]) != cudaSuccess || cudaEventCreate(&ev[1]) != cudaSuccess)
         st = ep_fail(EP_ERROR_OUT_OF_MEMORY, "autotune: could not allocate its scratch output or events");
-    for (int i = 0; st == EP_SUCCESS && i < num_candidates; i++)
-        st = time_candidate(group, args, h, candidates[i], s, out, ev, &times[i]);
     if (st == EP_SUCCESS)
-        st = max_over_ranks(group, times, num_candidates);
-    if (st == EP_SUCCESS) {
-        int best = 0;
-        for (int i = 1; i < num_candidates; i++)
-            best = times[i] < times[best] ? i : best;
-        *best_num_sms = candidates[best];
-        if (best_time_us)
-            *best_time_us = times[best];
-    }
+        st = tune(group, args, launch, candidates, num_candidates, s, out, ev, best_num_sms, best_time_us);
     if (out)
         cudaFreeAsync(out, s);
     if (ev[0])
         cudaEventDestroy(ev[0]);
     if (ev[1])
         cudaEventDestroy(ev[1]);
-    ep_handle_release(h);
+    ep_device_restore(previous);
     return st;
 }

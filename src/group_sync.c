@@ -160,14 +160,18 @@ static ep_status_t fail_call_mismatch(int rank, const char *op, int peer, uint64
 }
 
 /* The message of a cached dispatch or a combine whose sizes differ from a peer's (found at the barrier after the
- * send, ht_layout.h's EP_HT_SEND_* words): the rows went out, so the results are not valid. */
-static ep_status_t fail_send_mismatch(int rank, const char *op, int peer, uint64_t theirs, uint64_t mine) {
-    const uint64_t tags = EP_HT_SEND_DISPATCH | EP_HT_SEND_COMBINE;
-    if ((theirs & tags) != (mine & tags))
-        return ep_fail(EP_ERROR_INVALID_ARGUMENT,
-                       "rank %d: %s: rank %d was in another call at this point: every rank must make the same "
-                       "calls in the same order; this call's results are not valid",
-                       rank, op, peer);
+ * send, ht_layout.h's EP_HT_SEND_* words): the rows went out, so the results are not valid. A peer at another
+ * barrier is out of step with this rank (one made a call the other did not): the group fails. */
+static ep_status_t fail_send_mismatch(ep_group_t g, const char *op, int peer, uint64_t theirs, uint64_t mine) {
+    const int rank = g->rank;
+    const uint64_t tags = EP_HT_SEND_DISPATCH | EP_HT_SEND_COMBINE | EP_BARRIER_PLAIN;
+    if ((theirs & tags) != (mine & tags) || (mine & EP_BARRIER_PLAIN)) {
+        ep_fail(EP_ERROR_INVALID_ARGUMENT,
+                "rank %d: %s: rank %d was in another call at this point: every rank must make the same calls in the "
+                "same order; this call's results are not valid, and the ranks are out of step",
+                rank, op, peer);
+        return ep_group_mark_failed(g, EP_ERROR_INVALID_ARGUMENT);
+    }
     if (mine & EP_HT_SEND_COMBINE)
         return ep_fail(EP_ERROR_INVALID_ARGUMENT,
                        "rank %d: %s: rank %d combined rows of hidden=%lld %s topk_weights, this rank hidden=%lld %s: "
@@ -211,7 +215,7 @@ ep_status_t ep_group_take_input_error(ep_group_t g) {
         st = fail_call_mismatch(g->rank, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
         break;
     case EP_INPUT_SEND_MISMATCH:
-        st = fail_send_mismatch(g->rank, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
+        st = fail_send_mismatch(g, op, (int)e->k, (uint64_t)e->value, (uint64_t)e->token);
         break;
     case EP_INPUT_WORST_MISMATCH:
         st = ep_fail(EP_ERROR_INVALID_ARGUMENT,
@@ -318,14 +322,15 @@ ep_status_t ep_group_barrier(ep_group_t group, void *cuda_stream) {
     cudaGetLastError(); /* a stale error of the caller's must not be taken for our launch's */
     ep_status_t st = ep_group_order(group, user, group->stream);
     if (st == EP_SUCCESS) {
-        cudaError_t err = ep_launch_barrier(&group->dev, EP_STAGE_GROUP_BARRIER, 0, group->stream);
+        cudaError_t err = ep_launch_barrier(&group->dev, EP_STAGE_GROUP_BARRIER,
+                                            ep_plain_barrier_word(EP_STAGE_GROUP_BARRIER), group->stream);
         if (err != cudaSuccess)
             st = ep_cuda_fail(err, "barrier kernel launch", __FILE__, __LINE__);
     }
     if (st == EP_SUCCESS)
         st = ep_group_order(group, group->stream, user);
     ep_device_restore(previous);
-    return st;
+    return st == EP_SUCCESS ? st : ep_group_mark_failed(group, st); /* the barrier may be enqueued: out of step */
 }
 
 /* A failed group's stream still drains (bounded: its kernels stop waiting once the device has recorded an error,

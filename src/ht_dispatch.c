@@ -348,12 +348,13 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
                        "receive count and cannot be captured in a CUDA graph; pass num_worst_tokens > 0 or a "
                        "cached handle");
     EP_CHECK(ep_launch_begin(group, &frame));
-    group->ll_window_gen++; /* the window's data region is the low-latency halves' too */
     ep_handle_t h = NULL;
     uint32_t seq = 0;
-    ep_status_t st = ep_launch_enter_mode(group, &frame, EP_DATA_HT);
+    ep_status_t st = prepare_handle(group, args, &h); /* may fail (memory) on this rank alone: before any launch */
     if (st == EP_SUCCESS)
-        st = prepare_handle(group, args, &h);
+        st = ep_launch_enter_mode(group, &frame, EP_DATA_HT);
+    if (st == EP_SUCCESS)
+        group->ll_window_gen++; /* the window's data region is the low-latency halves' too */
     if (st == EP_SUCCESS && args->cached_handle == NULL)
         st = launch_notify(group, args, h, capacity, num_scales, &seq);
     /* The send goes into the stream before the host waits for the count: it reads the routing the notify
@@ -376,5 +377,10 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     }
     if (enqueued)
         group->dispatch_seq++;
-    return ep_launch_end(group, &frame, st);
+    st = ep_launch_end(group, &frame, st);
+    if (st != EP_SUCCESS && result->handle != NULL) { /* failed at the end (the group has failed): no handle */
+        ep_handle_release(result->handle);
+        result->handle = NULL;
+    }
+    return st;
 }

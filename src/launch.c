@@ -3,6 +3,7 @@
 #include "check.h"
 #include "error.h"
 #include "kernels/group_kernels.h"
+#include "kernels/ht_layout.h"
 
 #define EP_DEFAULT_HT_SMS 24
 
@@ -61,7 +62,8 @@ ep_status_t ep_launch_enter_mode(ep_group_t g, const ep_launch_frame_t *frame, i
     if (g->data_mode != EP_DATA_NONE) {
         EP_CHECK(ep_group_order(g, g->stream, frame->stream));
         EP_CHECK(ep_group_order(g, (cudaStream_t)frame->opts.stream, frame->stream));
-        cudaError_t err = ep_launch_barrier(&g->dev, EP_STAGE_MODE_SWITCH, 0, frame->stream);
+        cudaError_t err = ep_launch_barrier(&g->dev, EP_STAGE_MODE_SWITCH, ep_plain_barrier_word(EP_STAGE_MODE_SWITCH),
+                                            frame->stream);
         if (err != cudaSuccess)
             return ep_cuda_fail(err, "mode switch barrier", __FILE__, __LINE__);
     }
@@ -78,6 +80,10 @@ ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t st
     if (status == EP_SUCCESS && !frame->opts.async_finish)
         status = ep_group_order(g, frame->stream, (cudaStream_t)frame->opts.stream); /* nothing if direct */
     ep_device_restore(frame->previous_device);
+    /* Part of the op may be enqueued (its peers' parts pair with it): this rank can no longer tell where it
+     * stands in the group's sequence of calls, so the group fails rather than run out of step. */
+    if (status == EP_ERROR_CUDA)
+        ep_group_mark_failed(g, status);
     return status;
 }
 

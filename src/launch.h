@@ -31,7 +31,8 @@ enum { EP_DATA_NONE = 0, EP_DATA_HT = 1, EP_DATA_LL = 2 };
  * after ep_launch_begin*, before the op's first kernel. */
 ep_status_t ep_launch_enter_mode(ep_group_t g, const ep_launch_frame_t *frame, int mode);
 /* Orders the caller's stream after the op (unless async_finish), records finish_event, restores the device.
- * `status` is the op's status so far: on failure the device is restored and the status returned. */
+ * `status` is the op's status so far: on failure the device is restored and the status returned. A CUDA error
+ * (EP_ERROR_CUDA: a launch, an event or a stream order failed once the op began) fails the group. */
 ep_status_t ep_launch_end(ep_group_t g, ep_launch_frame_t *frame, ep_status_t status);
 
 #endif

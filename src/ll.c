@@ -356,7 +356,6 @@ ep_status_t ep_clean_low_latency_buffer(ep_group_t g, int max_tokens, int hidden
                        bytes, max_tokens, hidden, topk, num_experts, g->config.num_nvl_bytes);
     int previous;
     EP_CHECK(ep_device_enter(g->device, &previous));
-    g->ll_window_gen++; /* low-latency handles from before refer to what is wiped here */
     /* after this rank's last high-throughput reads, which may still run on the group's stream */
     ep_status_t st = ep_group_order(g, g->stream, (cudaStream_t)cuda_stream);
     cudaError_t err = cudaSuccess;
@@ -366,6 +365,7 @@ ep_status_t ep_clean_low_latency_buffer(ep_group_t g, int max_tokens, int hidden
     EP_CHECK(st);
     if (err != cudaSuccess)
         return ep_cuda_fail(err, "cudaMemsetAsync (clean_low_latency_buffer)", __FILE__, __LINE__);
+    g->ll_window_gen++;                         /* low-latency handles from before refer to what is wiped here */
     EP_CHECK(ep_group_barrier(g, cuda_stream)); /* no rank writes into a wiped half before every rank wiped */
     g->data_mode = EP_DATA_LL;                  /* that barrier also ends high-throughput use (ep_launch_enter_mode) */
     return EP_SUCCESS;

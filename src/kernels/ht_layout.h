@@ -125,6 +125,12 @@ EP_HD ep_ht_call_t ep_ht_unpack_call(uint64_t w) {
  * seen; it is reported, and the call's results are not valid. */
 #define EP_HT_SEND_DISPATCH (1ull << 63)
 #define EP_HT_SEND_COMBINE  (1ull << 62)
+/* A barrier that belongs to no op's send (the group barrier, the mode switch) leaves its stage under bit 61, so
+ * that ranks at different barriers (out of step: one made a call the others did not) are told so. */
+#define EP_BARRIER_PLAIN (1ull << 61)
+EP_HD uint64_t ep_plain_barrier_word(int stage) {
+    return EP_BARRIER_PLAIN | (uint64_t)stage;
+}
 EP_HD uint64_t ep_ht_combine_word(int64_t hidden, int weights) {
     return EP_HT_SEND_COMBINE | ((uint64_t)hidden & 0xffffff) | (uint64_t)(weights != 0) << 24;
 }

@@ -188,29 +188,43 @@ static void send_mismatch_names_both_calls(void) {
         int op;
         uint64_t theirs, mine;
         const char *want;
+        int out_of_step; /* the ranks were at different barriers: the group fails */
     } cases[] = {
         {EP_STAGE_COMBINE_SEND, ep_ht_combine_word(3584, 0), ep_ht_combine_word(7168, 1),
          "rank 2: combine (send): rank 1 combined rows of hidden=3584 without topk_weights, this rank hidden=7168 "
-         "with: every rank must pass the same; the combined output is not valid"},
+         "with: every rank must pass the same; the combined output is not valid",
+         0},
         {EP_STAGE_DISPATCH_SEND, EP_HT_SEND_DISPATCH | ep_ht_pack_call(&ue8m0),
          EP_HT_SEND_DISPATCH | ep_ht_pack_call(&bf16),
          "rank 2: dispatch (send): rank 1 made a cached dispatch with hidden=7168, x float8_e4m3fn with 56 int32 "
          "(packed UE8M0) scales per token, num_topk=8, with topk_weights, num_experts=256; this rank with "
          "hidden=7168, x bfloat16, no topk_idx, without topk_weights, num_experts=256: every rank must pass the "
-         "same; the received rows are not valid"},
+         "same; the received rows are not valid",
+         0},
         {EP_STAGE_COMBINE_SEND, 0, ep_ht_combine_word(7168, 1),
          "rank 2: combine (send): rank 1 was in another call at this point: every rank must make the same calls in "
-         "the same order"},
+         "the same order",
+         1},
         {EP_STAGE_DISPATCH_SEND, ep_ht_combine_word(7168, 1), EP_HT_SEND_DISPATCH | ep_ht_pack_call(&bf16),
-         "rank 2: dispatch (send): rank 1 was in another call at this point"},
+         "rank 2: dispatch (send): rank 1 was in another call at this point", 1},
+        /* plain barriers: the group barrier against a count exchange's barrier (word 0), or a mode switch */
+        {EP_STAGE_GROUP_BARRIER, 0, ep_plain_barrier_word(EP_STAGE_GROUP_BARRIER),
+         "rank 2: group barrier: rank 1 was in another call at this point", 1},
+        {EP_STAGE_MODE_SWITCH, ep_plain_barrier_word(EP_STAGE_GROUP_BARRIER),
+         ep_plain_barrier_word(EP_STAGE_MODE_SWITCH),
+         "rank 2: switch between high-throughput and low-latency mode: rank 1 was in another call", 1},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        g.failed = EP_SUCCESS;
         fake_input_error(&mapped, cases[i].op, EP_INPUT_SEND_MISMATCH, 1, (int64_t)cases[i].theirs,
                          (int64_t)cases[i].mine);
         TCHECK_EQ_INT(ep_group_take_input_error(&g), EP_ERROR_INVALID_ARGUMENT);
         TCHECK_STR_CONTAINS(ep_last_error(), cases[i].want);
-        TCHECK_EQ_INT(g.failed, EP_SUCCESS);
+        TCHECK_EQ_INT(g.failed, cases[i].out_of_step ? EP_ERROR_INVALID_ARGUMENT : EP_SUCCESS);
     }
+    TCHECK(ep_plain_barrier_word(EP_STAGE_GROUP_BARRIER) != ep_plain_barrier_word(EP_STAGE_MODE_SWITCH) &&
+               (ep_plain_barrier_word(EP_STAGE_GROUP_BARRIER) & (EP_HT_SEND_DISPATCH | EP_HT_SEND_COMBINE)) == 0,
+           "plain barrier words");
     /* The words: the tags keep them apart and non-zero; every compared field changes the word. */
     TCHECK(ep_ht_combine_word(0, 0) != 0 && (ep_ht_combine_word(0, 0) & EP_HT_SEND_DISPATCH) == 0, "combine tag");
     TCHECK(ep_ht_combine_word(7168, 0) != ep_ht_combine_word(7168, 1), "weights bit");

@@ -307,6 +307,21 @@ static void first_call_of_a_mode_needs_no_barrier(void) {
     TCHECK_EQ_INT(f.g.data_mode, EP_DATA_LL);
 }
 
+/* A CUDA error once an op began (part of it may be enqueued, and peers pair with that part) fails the group;
+ * other statuses at the end of an op (e.g. an abandoned dispatch, the same on every rank) do not. */
+static void cuda_error_after_begin_fails_the_group(void) {
+    fake_t f;
+    fake(&f);
+    ep_launch_frame_t frame = {.opts = EP_LAUNCH_INIT, .previous_device = -1}; /* no device to restore */
+    ep_fail(EP_ERROR_CUDA, "combine kernels: a fake launch failure");
+    TCHECK_EQ_INT(ep_launch_end(&f.g, &frame, EP_ERROR_CUDA), EP_ERROR_CUDA);
+    TCHECK_EQ_INT(f.g.failed, EP_ERROR_CUDA);
+    TCHECK_STR_CONTAINS(f.g.failed_message, "a fake launch failure");
+    fake(&f);
+    TCHECK_EQ_INT(ep_launch_end(&f.g, &frame, EP_ERROR_DEVICE_INPUT), EP_ERROR_DEVICE_INPUT);
+    TCHECK_EQ_INT(f.g.failed, EP_SUCCESS);
+}
+
 /* A tensor with no elements is given even with data NULL (an empty torch tensor's data pointer is 0): a rank
  * with no tokens passes [0, K] topk ids and [0, S] scales, and a rank that received no rows [0, K] weights; each
  * is checked as given (only NULL data with elements to read means "absent"). */
@@ -348,6 +363,7 @@ int main(void) {
     TRUN(low_latency_dispatch_bad_inputs);
     TRUN(clean_low_latency_buffer_bad_inputs);
     TRUN(first_call_of_a_mode_needs_no_barrier);
+    TRUN(cuda_error_after_begin_fails_the_group);
     TRUN(empty_tensors_are_given);
     return TDONE();
 }
