@@ -293,7 +293,7 @@ typedef struct ep_ll_handle *ep_ll_handle_t;
 
 /* Bytes of symmetric buffer (config.num_nvl_bytes) the low-latency mode needs for these sizes; 0 for sizes no
  * low-latency dispatch accepts (num_ranks in [1, 8], max_tokens_per_rank in [1, 65536], hidden a multiple of 128
- * in [128, 65536], topk in [1, 16], num_experts a multiple of num_ranks up to 4096). */
+ * in [128, 65536], topk in [1, 16], num_experts a multiple of num_ranks up to 4096; ep_last_error names which). */
 EP_API size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens_per_rank, int hidden, int topk,
                                           int num_experts);
 

@@ -108,7 +108,6 @@ ep_status_t ep_combine(ep_group_t group, const ep_combine_args_t *args, const ep
     EP_CHECK(ep_launch_begin(group, &frame));
     ep_status_t st = ep_launch_enter_mode(group, &frame, EP_DATA_HT);
     if (st == EP_SUCCESS) {
-        group->ll_window_gen++; /* the window's data region is the low-latency halves' too */
         cudaError_t err = launch_combine(group, args, &c);
         st = err == cudaSuccess ? EP_SUCCESS : ep_cuda_fail(err, "combine kernels", __FILE__, __LINE__);
     }

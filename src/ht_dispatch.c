@@ -353,8 +353,6 @@ ep_status_t ep_dispatch(ep_group_t group, const ep_dispatch_args_t *args, ep_dis
     ep_status_t st = prepare_handle(group, args, &h); /* may fail (memory) on this rank alone: before any launch */
     if (st == EP_SUCCESS)
         st = ep_launch_enter_mode(group, &frame, EP_DATA_HT);
-    if (st == EP_SUCCESS)
-        group->ll_window_gen++; /* the window's data region is the low-latency halves' too */
     if (st == EP_SUCCESS && args->cached_handle == NULL)
         st = launch_notify(group, args, h, capacity, num_scales, &seq);
     /* The send goes into the stream before the host waits for the count: it reads the routing the notify

@@ -56,7 +56,8 @@ ep_status_t ep_launch_begin(ep_group_t g, ep_launch_frame_t *frame) {
     return st;
 }
 
-ep_status_t ep_launch_enter_mode(ep_group_t g, const ep_launch_frame_t *frame, int mode) {
+/* The barrier between the modes, when `mode` is not the one the group's last calls used. */
+static ep_status_t switch_mode(ep_group_t g, const ep_launch_frame_t *frame, int mode) {
     if (g->data_mode == mode)
         return EP_SUCCESS;
     if (g->data_mode != EP_DATA_NONE) {
@@ -68,6 +69,13 @@ ep_status_t ep_launch_enter_mode(ep_group_t g, const ep_launch_frame_t *frame, i
             return ep_cuda_fail(err, "mode switch barrier", __FILE__, __LINE__);
     }
     g->data_mode = mode;
+    return EP_SUCCESS;
+}
+
+ep_status_t ep_launch_enter_mode(ep_group_t g, const ep_launch_frame_t *frame, int mode) {
+    EP_CHECK(switch_mode(g, frame, mode));
+    if (mode == EP_DATA_HT)
+        g->ll_window_gen++; /* the op overwrites the data region: low-latency handles from before are stale */
     return EP_SUCCESS;
 }
 

@@ -27,8 +27,9 @@ enum { EP_DATA_NONE = 0, EP_DATA_HT = 1, EP_DATA_LL = 2 };
  * to finish reading what the other mode left there (a rank leaving a combine may write a low-latency dispatch
  * into a peer still reducing its combine rows). So the first call of one mode after the other's starts with a
  * barrier on the op's stream, ordered after the group's and the caller's streams (where this rank's last calls
- * of the other mode ran): nothing is written to a peer until every rank has finished the other mode. Call it
- * after ep_launch_begin*, before the op's first kernel. */
+ * of the other mode ran): nothing is written to a peer until every rank has finished the other mode. Every
+ * high-throughput op also makes earlier low-latency handles stale (group.ll_window_gen): it overwrites their
+ * data. Call it after ep_launch_begin*, before the op's first kernel. */
 ep_status_t ep_launch_enter_mode(ep_group_t g, const ep_launch_frame_t *frame, int mode);
 /* Orders the caller's stream after the op (unless async_finish), records finish_event, restores the device.
  * `status` is the op's status so far: on failure the device is restored and the status returned. A CUDA error

@@ -16,27 +16,22 @@ static ep_ll_layout_t layout_for(int R, int T, int H, int K, int E) {
     return ep_ll_layout(R, T, H, K, E / R);
 }
 
-/* The sizes a low-latency dispatch accepts (check_sizes says which one is not). */
-static int sizes_valid(int R, int T, int H, int K, int E) {
-    return R >= 1 && R <= EP_MAX_NVL_RANKS && T >= 1 && T <= 1 << 16 && H >= 128 && H <= 1 << 16 && H % 128 == 0 &&
-           K >= 1 && K <= EP_LL_MAX_TOPK && E >= R && E <= 4096 && E % R == 0;
-}
-
-size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens, int hidden, int topk, int num_experts) {
-    if (!sizes_valid(num_ranks, max_tokens, hidden, topk, num_experts))
-        return 0;
-    return (size_t)(2 * layout_for(num_ranks, max_tokens, hidden, topk, num_experts).half_bytes);
-}
-
-/* The sizes a low-latency buffer is laid out for (dispatch and clean_low_latency_buffer). */
+/* The sizes a low-latency buffer is laid out for (dispatch, clean_low_latency_buffer, the buffer's size). */
 static ep_status_t check_sizes(int num_ranks, int64_t max_tokens, int64_t hidden, int hidden_multiple, int64_t topk,
                                int64_t num_experts, const char *hidden_name, const char *topk_name) {
+    EP_CHECK(ep_check_range(num_ranks, 1, EP_MAX_NVL_RANKS, "num_ranks"));
     EP_CHECK(ep_check_range(max_tokens, 1, 1 << 16, "num_max_dispatch_tokens_per_rank"));
     EP_CHECK(ep_check_multiple(hidden, hidden_multiple, hidden_name));
     EP_CHECK(ep_check_range(hidden, 128, 1 << 16, hidden_name));
     EP_CHECK(ep_check_range(topk, 1, EP_LL_MAX_TOPK, topk_name));
     EP_CHECK(ep_check_range(num_experts, num_ranks, 4096, "num_experts"));
     return ep_check_multiple(num_experts, num_ranks, "num_experts (must divide evenly over the ranks)");
+}
+
+size_t ep_low_latency_buffer_bytes(int num_ranks, int max_tokens, int hidden, int topk, int num_experts) {
+    if (check_sizes(num_ranks, max_tokens, hidden, 128, topk, num_experts, "hidden", "num_topk") != EP_SUCCESS)
+        return 0; /* ep_last_error says which size */
+    return (size_t)(2 * layout_for(num_ranks, max_tokens, hidden, topk, num_experts).half_bytes);
 }
 
 static ep_status_t check_dispatch(ep_group_t g, const ep_low_latency_dispatch_args_t *a) {

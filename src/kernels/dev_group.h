@@ -16,7 +16,7 @@
 /* Control region layout (offsets from the window base). */
 #define EP_CTRL_BARRIER_FLAGS     0     /* uint64_t[num_ranks]: epoch each peer last reached, written by it */
 #define EP_CTRL_BARRIER_WORDS     2048  /* uint64_t[2][R]: by barrier epoch parity, each rank's word at that barrier
-                                           (ep_cta_barrier: what a cached dispatch or a combine compares) */
+                                           (ep_cta_barrier: the call and, for a send, its sizes) */
 #define EP_CTRL_DESTROY_FLAGS     4096  /* uint64_t[num_ranks]: each peer's destroy vote (written once) */
 #define EP_CTRL_HT_COUNTS         8192  /* int32_t[2][R][R]: by dispatch parity, [src][dst] token counts */
 #define EP_CTRL_HT_CALLS          12288 /* uint64_t[2][R][2]: by dispatch parity, each rank's ep_ht_pack_call word and
@@ -73,8 +73,8 @@ typedef enum {
     EP_INPUT_LAYOUT_MISMATCH = 3, /* k = rank: is_token_in_rank counts `value`, num_tokens_per_rank says token */
     EP_INPUT_CALL_MISMATCH = 4,   /* k = rank: its dispatch's ep_ht_pack_call word is `value`, this rank's token */
     EP_INPUT_WORST_MISMATCH = 5,  /* k = rank: its num_worst_tokens is `value`, this rank's token */
-    EP_INPUT_SEND_MISMATCH = 6,   /* k = rank: its closing-barrier word (EP_HT_SEND_*) is `value`, this rank's
-                                     token: a cached dispatch or a combine sent with other sizes */
+    EP_INPUT_SEND_MISMATCH = 6,   /* k = rank: its barrier word is `value`, this rank's token: a cached dispatch
+                                     or a combine sent with other sizes, or the ranks at different calls */
 } ep_input_error_kind_t;
 
 typedef struct {

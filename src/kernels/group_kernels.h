@@ -11,8 +11,8 @@ extern "C" {
 #endif
 
 /* Every rank signals every peer and waits for all of them (with the group's timeout, recording a timeout
- * in the error record under `stage`). A non-zero `word` (ht_layout.h, EP_HT_SEND_*) must be every rank's: a difference
- * is recorded as bad input (EP_INPUT_SEND_MISMATCH). */
+ * in the error record under `stage`). A non-zero `word` (ht_layout.h: EP_HT_SEND_*, ep_plain_barrier_word) must be
+ * every rank's: a difference is recorded as bad input (EP_INPUT_SEND_MISMATCH). */
 cudaError_t ep_launch_barrier(const ep_dev_group_t *group, int stage, uint64_t word, cudaStream_t stream);
 
 /* Destroy handshake: writes `vote` (EP_VOTE_OK or EP_VOTE_ABORT) into this rank's slot of every peer's

@@ -121,8 +121,9 @@ EP_HD ep_ht_call_t ep_ht_unpack_call(uint64_t w) {
 /* The word the closing barrier of a cached dispatch or a combine compares across ranks (neither has a count
  * exchange before its send): a tag for the op in bit 63 (dispatch) or 62 (combine), then for a cached
  * dispatch its ep_ht_pack_call word, for a combine the hidden size in bits 0-23 and in bit 24 whether topk
- * weights are combined. 0: a barrier that compares nothing. The rows already went out when a difference is
- * seen; it is reported, and the call's results are not valid. */
+ * weights are combined. 0: a barrier that compares nothing (those of a dispatch with a count exchange, which
+ * compared the call already). The rows already went out when a difference is seen; it is reported, and the call's results are
+ * not valid. */
 #define EP_HT_SEND_DISPATCH (1ull << 63)
 #define EP_HT_SEND_COMBINE  (1ull << 62)
 /* A barrier that belongs to no op's send (the group barrier, the mode switch) leaves its stage under bit 61, so

@@ -159,8 +159,10 @@ __device__ __forceinline__ void ep_last_block_signal(const ep_dev_group_t &g, ui
  * lands before the flag (other CTAs of the same kernel are not covered: callers run one CTA). Returns false on
  * timeout (recorded).
  * Each rank also leaves `word` at every peer (slots by epoch parity: a peer can be at most one barrier ahead);
- * a non-zero word is compared with every peer's, and a difference recorded as EP_INPUT_SEND_MISMATCH. Plain
- * barriers pass 0 (they still write it, so that a peer comparing at the same barrier sees no stale word). */
+ * a non-zero word is compared with every peer's, and a difference recorded as EP_INPUT_SEND_MISMATCH. The two
+ * barriers of a dispatch with a count exchange pass 0, the exchange having compared the call (they still write
+ * it, so that a peer comparing at the same barrier sees no stale word); every other barrier names its call
+ * (ht_layout.h: EP_HT_SEND_*, EP_BARRIER_PLAIN). */
 __device__ __forceinline__ bool ep_cta_barrier(const ep_dev_group_t &g, int stage, uint64_t word) {
     __shared__ uint64_t epoch;
     __shared__ int ok;

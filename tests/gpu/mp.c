@@ -327,3 +327,14 @@ int mp_run(const char *case_name, int num_ranks, mp_rank_fn fn, void *arg, int t
     fflush(stdout);
     return failed;
 }
+
+int mp_check_timeout_message(int rank, int peer, const char *stage) {
+    int failures = 0;
+    char want[48];
+    snprintf(want, sizeof(want), "waiting for rank %d", peer);
+    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), stage))
+        MP_FAIL(rank, "timeout message: %s (wanted \"%s\" and \"%s\")", ep_last_error(), want, stage);
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    return failures;
+}

@@ -38,6 +38,10 @@ void mp_enter_device(int rank);
 int mp_malloc(void **ptr, size_t bytes);
 void mp_free(void *ptr);
 
+/* Whether the last error is a timeout naming rank `peer` and containing `stage` (rank 0 prints it): 0, or 1
+ * after reporting the message. */
+int mp_check_timeout_message(int rank, int peer, const char *stage);
+
 /* Per-process failure reporting: prints "[rank r] case: message" and counts it. */
 #define MP_FAIL(rank, ...)                                                                                             \
     do {                                                                                                               \

@@ -102,17 +102,11 @@ static int barrier_loop(int rank, int num_ranks, const ep_unique_id_t *id, void 
     return failures;
 }
 
-/* The last error is a timeout after about timeout_ms naming `peer` and `stage`; rank 0 prints it. */
+/* The last error is a timeout after about timeout_ms naming `peer` and `stage`. */
 static int check_timeout(int rank, int peer, const char *stage, double waited, int64_t timeout_ms) {
-    int failures = 0;
-    char want[64];
-    snprintf(want, sizeof(want), "waiting for rank %d", peer);
-    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), stage))
-        MP_FAIL(rank, "timeout message does not name rank %d and stage '%s': %s", peer, stage, ep_last_error());
+    int failures = mp_check_timeout_message(rank, peer, stage);
     if (waited < (double)timeout_ms * 0.9 || waited > (double)timeout_ms + 4000)
         MP_FAIL(rank, "timed out after %.0f ms, expected about %lld", waited, (long long)timeout_ms);
-    if (rank == 0)
-        printf("     rank 0 saw after %.0f ms: %s\n", waited, ep_last_error());
     return failures;
 }
 

@@ -305,18 +305,6 @@ static int events_and_async(int rank, int R, const ep_unique_id_t *id, void *arg
     return failures;
 }
 
-/* Whether the last error is a timeout naming rank `peer` and `stage` (printed on rank 0). */
-static int timeout_names(int rank, int peer, const char *stage) {
-    int failures = 0;
-    char want[48];
-    snprintf(want, sizeof(want), "waiting for rank %d", peer);
-    if (!strstr(ep_last_error(), want) || !strstr(ep_last_error(), stage))
-        MP_FAIL(rank, "timeout message does not name rank %d and the %s stage: %s", peer, stage, ep_last_error());
-    if (rank == 0)
-        printf("     rank 0 saw: %s\n", ep_last_error());
-    return failures;
-}
-
 /* The last rank never arrives: in the dispatch (arg NULL), or after a dispatch that every rank completed, in the
  * combine (arg non-NULL). The others fail with a timeout naming it and the stage; every rank destroys the group. */
 static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
@@ -347,11 +335,11 @@ static int missing_peer(int rank, int R, const ep_unique_id_t *id, void *arg) {
         ca.handle = done.handle;
         MP_EXPECT_STATUS(rank, ep_combine(g, &ca, NULL), EP_SUCCESS); /* enqueued: combine never waits on the host */
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
-        failures += timeout_names(rank, R - 1, "combine");
+        failures += mp_check_timeout_message(rank, R - 1, "combine");
     } else {
         ep_dispatch_result_t res = EP_DISPATCH_RESULT_INIT;
         MP_EXPECT_STATUS(rank, ep_dispatch(g, &a, &res, NULL), EP_ERROR_TIMEOUT);
-        failures += timeout_names(rank, R - 1, "dispatch");
+        failures += mp_check_timeout_message(rank, R - 1, "dispatch");
         if (res.handle != NULL)
             MP_FAIL(rank, "a failed dispatch returned a handle");
         MP_EXPECT_STATUS(rank, ep_group_synchronize(g, NULL), EP_ERROR_TIMEOUT);
