@@ -124,6 +124,7 @@ def test_low_latency_buffer_bytes_is_zero_for_invalid_sizes(capi):
     # what a low-latency dispatch refuses: hidden not a multiple of 128, top-k above 16, experts not a multiple
     # of the ranks or above 4096, more than 8 ranks
     assert capi.low_latency_buffer_bytes(2, 16, 100, 4, 8) == 0
+    assert "hidden: expected a multiple of 128, got 100" in capi.last_error()  # the size named
     assert capi.low_latency_buffer_bytes(2, 16, 7000, 4, 8) == 0
     assert capi.low_latency_buffer_bytes(2, 16, 512, 17, 8) == 0
     assert capi.low_latency_buffer_bytes(2, 16, 512, 4, 3) == 0

@@ -91,6 +91,8 @@ def test_static_helpers_follow_deepep():
     assert Buffer.get_combine_config(8).num_sms == Buffer.num_sms
     with pytest.raises(NotImplementedError, match="scale-out"):
         Buffer.get_dispatch_config(16)
+    with pytest.raises(ValueError, match="num_ranks: expected at least 1, got 0"):
+        Buffer.get_combine_config(0)
     with pytest.raises(NotImplementedError, match="scale-out"):
         epcomm.Config().get_nvl_buffer_size_hint(14336, 9)
     with pytest.raises(ValueError, match="invalid sizes"):  # E above the low-latency limit of 4096

@@ -72,6 +72,10 @@ static void dispatch_bad_inputs(void) {
     expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: stride 0 (12 elements = 24 bytes) is not a multiple of 16");
     a.x.strides[0] = 16; /* rows 16-byte aligned, but 24 bytes long */
     expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x: rows must be a multiple of 16 bytes");
+    a = good_dispatch(), a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 0);
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x.shape[1] (hidden): expected a value in [1, 16777215], got 0");
+    a = good_dispatch(), a.x = ep_tensor_2d(mem, EP_DTYPE_BFLOAT16, N, 1 << 24); /* beyond the call word's 24 bits */
+    expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x.shape[1] (hidden): expected a value in [1, 16777215]");
     a = good_dispatch(), a.x.strides[1] = 2;
     expect_dispatch(&f, &a, EP_ERROR_INVALID_ARGUMENT, "x:");
     a = good_dispatch(), a.x_scales = ep_tensor_2d(mem, EP_DTYPE_FLOAT32, N, H / 128);
