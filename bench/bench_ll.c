@@ -50,11 +50,18 @@ enum {
     OP_COMBINE_LOGFMT,
     OP_LOGFMT_SEND,
     OP_LOGFMT_RECV,
+    OP_COMBINE_PER_RANK, /* the combine and its send alone with EPCOMM_LL_COMBINE_PER_RANK=1 (experimental) */
+    OP_PER_RANK_SEND,
     NUM_OPS
 };
-static const char *op_names[NUM_OPS] = {"ll_dispatch",      "ll_combine",       "nccl_dispatch",   "nccl_combine",
-                                        "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send", "ll_combine_recv",
-                                        "timing_floor",     "ll_combine_logfmt", "ll_logfmt_send", "ll_logfmt_recv"};
+static const char *op_names[NUM_OPS] = {
+    "ll_dispatch",      "ll_combine",      "nccl_dispatch",       "nccl_combine",    "ll_dispatch_send",
+    "ll_dispatch_recv", "ll_combine_send", "ll_combine_recv",     "timing_floor",    "ll_combine_logfmt",
+    "ll_logfmt_send",   "ll_logfmt_recv",  "ll_combine_per_rank", "ll_per_rank_send"};
+
+static int per_rank_op(int op) {
+    return op == OP_COMBINE_PER_RANK || op == OP_PER_RANK_SEND;
+}
 
 typedef struct {
     ep_group_t g;
@@ -150,6 +157,7 @@ static int run_phase(int op, int phase, const ll_calls_t *c, const nccl_ctx_t *n
         break;
     case OP_COMBINE_SEND:
     case OP_LOGFMT_SEND:
+    case OP_PER_RANK_SEND:
         if (phase == PHASE_BEFORE)
             OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
         else if (phase == PHASE_TIMED)
@@ -166,10 +174,11 @@ static int run_phase(int op, int phase, const ll_calls_t *c, const nccl_ctx_t *n
             OK(ep_low_latency_combine_hook(g, *h, l));
         break;
     case OP_COMBINE_LOGFMT:
+    case OP_COMBINE_PER_RANK:
         if (phase == PHASE_BEFORE)
             OK(ep_low_latency_dispatch(g, c->dispatch, h, l));
         else if (phase == PHASE_TIMED)
-            OK(ep_low_latency_combine(g, c->combine_logfmt, *h, l));
+            OK(ep_low_latency_combine(g, op == OP_COMBINE_LOGFMT ? c->combine_logfmt : c->combine, *h, l));
         break;
     case OP_FLOOR:
         if (phase == PHASE_TIMED)
@@ -265,6 +274,9 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         out->bytes[ti][OP_COMBINE_SEND] = out->bytes[ti][OP_COMBINE_RECV] = out->bytes[ti][OP_COMBINE];
         out->bytes[ti][OP_COMBINE_LOGFMT] = remote_pairs * (H / 128) * (160.0 + 4.0); /* all log groups here */
         out->bytes[ti][OP_LOGFMT_SEND] = out->bytes[ti][OP_LOGFMT_RECV] = out->bytes[ti][OP_COMBINE_LOGFMT];
+        /* per-rank sums: one bf16 row per (token, rank), and the weights (T * K floats to each peer) */
+        out->bytes[ti][OP_COMBINE_PER_RANK] = remote * 2.0 * H + (double)(R - 1) * N * K * 4;
+        out->bytes[ti][OP_PER_RANK_SEND] = out->bytes[ti][OP_COMBINE_PER_RANK];
         cudaMemcpy(dx, x, (size_t)N * H * 2, cudaMemcpyHostToDevice);
         cudaMemcpy(didx, idx, (size_t)N * K * 8, cudaMemcpyHostToDevice);
         cudaMemcpy(dw, w, (size_t)N * K * 4, cudaMemcpyHostToDevice);
@@ -301,6 +313,8 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
         const ll_calls_t calls = {g, &da, &dh, &ca, &ch, &cl, &clh, &l};
         const nccl_ctx_t nc = {comm, s, R, rank, T, row, 2 * (size_t)H, per_rank, counts, nsend, nrecv, gate_dev};
         for (int op = 0; op < NUM_OPS; op++) {
+            if (per_rank_op(op)) /* this rank is a process of its own (bench_fork_ranks): no other thread reads it */
+                setenv("EPCOMM_LL_COMBINE_PER_RANK", "1", 1);
             for (int i = 0; i < LL_WARMUP + LL_ITERS; i++) {
                 ep_ll_handle_t h = NULL;
                 int bad = run_phase(op, PHASE_BEFORE, &calls, &nc, &h);
@@ -330,6 +344,7 @@ static int worker(const bench_ll_args_t *a, int rank, const ep_unique_id_t *id, 
                 }
                 cudaStreamSynchronize(s);
             }
+            unsetenv("EPCOMM_LL_COMBINE_PER_RANK");
             stats(t, LL_ITERS, &out->med[ti][op], &out->p99[ti][op]);
             double unused;
             stats(host, LL_ITERS, &out->host[ti][op], &unused);
@@ -397,11 +412,12 @@ int bench_ll_run(const bench_ll_args_t *a) {
                         "\"mode\": \"ll\", \"op\": \"%s\", \"ep\": %d, \"tokens\": %d, \"hidden\": %d, \"topk\": %d, "
                         "\"experts\": %d, \"dtype\": \"%s\", \"sms\": 0, \"time_us\": %.2f, \"p99_us\": %.2f, "
                         "\"link_gbps\": %.2f, \"correct\": null}\n",
-                        date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown", a->gpu ? a->gpu : "unknown", op_names[op],
-                        a->ranks, token_counts[ti], a->hidden, a->topk, a->experts,
-                        op >= OP_COMBINE_LOGFMT                     ? "logfmt"
-                        : op == OP_COMBINE || op == OP_NCCL_COMBINE ? "bf16"
-                                                                    : "fp8",
+                        date, a->commit ? a->commit : "unknown", a->machine ? a->machine : "unknown",
+                        a->gpu ? a->gpu : "unknown", op_names[op], a->ranks, token_counts[ti], a->hidden, a->topk,
+                        a->experts,
+                        op >= OP_COMBINE_LOGFMT && !per_rank_op(op)                    ? "logfmt"
+                        : op == OP_COMBINE || op == OP_NCCL_COMBINE || per_rank_op(op) ? "bf16"
+                                                                                       : "fp8",
                         med, p99, bytes / med / 1e3);
             }
         if (js)

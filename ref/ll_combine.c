@@ -131,9 +131,46 @@ static void combine_ll_token(int t, const uint16_t *const *expert_out, const int
         out[(size_t)t * H + h] = epref_float_to_bf16(acc[h]);
 }
 
-epref_status_t epref_ll_combine(const uint16_t *const *expert_out, const epref_ll_dispatch_result_t *recv,
-                                int num_ranks, int num_experts, int rank, int num_tokens, int topk,
-                                const int64_t *topk_idx, const float *topk_weights, int use_logfmt, uint16_t *out) {
+/* Per-rank sums: for each rank d the token reached, in the order of the first k naming d, a float32 fmaf chain
+ * from 0 over the k naming d (in k order) is rounded to bf16 and added to acc. */
+static void combine_ll_token_per_rank(int t, const uint16_t *const *expert_out, const int64_t *topk_idx,
+                                      const float *topk_weights, const int32_t *rows, const ll_combine_shape_t *sh,
+                                      float *acc, float *part, float *v, uint16_t *out) {
+    size_t H = (size_t)sh->hidden, K = (size_t)sh->topk;
+    const int64_t *ids = topk_idx + (size_t)t * K;
+    for (size_t h = 0; h < H; h++)
+        acc[h] = 0.0f;
+    for (size_t k = 0; k < K; k++) {
+        if (ids[k] < 0)
+            continue;
+        int d = (int)(ids[k] / sh->local), seen = 0;
+        for (size_t j = 0; j < k; j++)
+            seen |= ids[j] >= 0 && (int)(ids[j] / sh->local) == d;
+        if (seen)
+            continue; /* d's sum was added at its first k */
+        for (size_t h = 0; h < H; h++)
+            part[h] = 0.0f;
+        for (size_t j = k; j < K; j++) {
+            if (ids[j] < 0 || (int)(ids[j] / sh->local) != d)
+                continue;
+            int l = (int)(ids[j] % sh->local);
+            const uint16_t *row = expert_out[d] + ((size_t)l * sh->slots + (size_t)rows[(size_t)t * K + j]) * H;
+            load_row(row, sh->hidden, 0, v);
+            for (size_t h = 0; h < H; h++)
+                part[h] = fmaf(topk_weights[(size_t)t * K + j], v[h], part[h]);
+        }
+        for (size_t h = 0; h < H; h++)
+            acc[h] += epref_bf16_to_float(epref_float_to_bf16(part[h]));
+    }
+    for (size_t h = 0; h < H; h++)
+        out[(size_t)t * H + h] = epref_float_to_bf16(acc[h]);
+}
+
+/* The low-latency combine, with one row per (token, k) (per_rank = 0) or one sum per (token, rank). */
+static epref_status_t ll_combine(const uint16_t *const *expert_out, const epref_ll_dispatch_result_t *recv,
+                                 int num_ranks, int num_experts, int rank, int num_tokens, int topk,
+                                 const int64_t *topk_idx, const float *topk_weights, int use_logfmt, int per_rank,
+                                 uint16_t *out) {
     ll_combine_shape_t sh = {num_ranks, rank, 0, 0, num_tokens, topk, 0};
     if (recv != NULL && num_ranks >= 1 && num_experts >= 1) {
         sh.local = num_experts / num_ranks;
@@ -145,14 +182,34 @@ epref_status_t epref_ll_combine(const uint16_t *const *expert_out, const epref_l
         return st;
     int32_t *rows = epref_zalloc((size_t)num_tokens * (size_t)topk, sizeof(int32_t));
     float *acc = epref_zalloc((size_t)sh.hidden, sizeof(float));
+    float *part = epref_zalloc((size_t)sh.hidden, sizeof(float));
     float *v = epref_zalloc((size_t)sh.hidden, sizeof(float));
-    if (!rows || !acc || !v)
+    if (!rows || !acc || !part || !v)
         st = epref_fail(EPREF_NO_MEMORY, "ll_combine: out of memory");
     else if ((st = map_ll_rows(recv, &sh, topk_idx, rows)) == EPREF_OK)
-        for (int t = 0; t < num_tokens; t++)
-            combine_ll_token(t, expert_out, topk_idx, topk_weights, rows, &sh, use_logfmt != 0, acc, v, out);
+        for (int t = 0; t < num_tokens; t++) {
+            if (per_rank)
+                combine_ll_token_per_rank(t, expert_out, topk_idx, topk_weights, rows, &sh, acc, part, v, out);
+            else
+                combine_ll_token(t, expert_out, topk_idx, topk_weights, rows, &sh, use_logfmt != 0, acc, v, out);
+        }
     free(rows);
     free(acc);
+    free(part);
     free(v);
     return st;
+}
+
+epref_status_t epref_ll_combine(const uint16_t *const *expert_out, const epref_ll_dispatch_result_t *recv,
+                                int num_ranks, int num_experts, int rank, int num_tokens, int topk,
+                                const int64_t *topk_idx, const float *topk_weights, int use_logfmt, uint16_t *out) {
+    return ll_combine(expert_out, recv, num_ranks, num_experts, rank, num_tokens, topk, topk_idx, topk_weights,
+                      use_logfmt, 0, out);
+}
+
+epref_status_t epref_ll_combine_per_rank(const uint16_t *const *expert_out, const epref_ll_dispatch_result_t *recv,
+                                         int num_ranks, int num_experts, int rank, int num_tokens, int topk,
+                                         const int64_t *topk_idx, const float *topk_weights, uint16_t *out) {
+    return ll_combine(expert_out, recv, num_ranks, num_experts, rank, num_tokens, topk, topk_idx, topk_weights, 0, 1,
+                      out);
 }

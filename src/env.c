@@ -50,6 +50,12 @@ int ep_env_ll_fused(void) {
     return cached;
 }
 
+int ep_env_ll_combine_per_rank(void) {
+    /* Read at every call (a getenv, ~0.1 us), so that a benchmark can compare both in one process. */
+    const char *s = getenv("EPCOMM_LL_COMBINE_PER_RANK");
+    return s != NULL && strcmp(s, "1") == 0;
+}
+
 int ep_env_ht_combine_overlap(void) {
     /* Read at every call (hundreds of microseconds each), so that a benchmark can compare both in one process. */
     const char *s = getenv("EPCOMM_HT_COMBINE_OVERLAP");

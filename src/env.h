@@ -25,6 +25,11 @@ int ep_env_ll_combine_warps(void);
 #define EP_LL_FUSED_PLAIN       2
 int ep_env_ll_fused(void);
 
+/* EPCOMM_LL_COMBINE_PER_RANK: 1 makes the low-latency bf16 combine send one weighted sum per (token, rank) instead
+ * of one row per (token, k) (experimental: fewer bytes, two roundings; ll_combine.cu). Every rank must set it
+ * alike. Anything else or unset: off. Read at every call. */
+int ep_env_ll_combine_per_rank(void);
+
 /* EPCOMM_HT_COMBINE_OVERLAP=W (1..15): the high-throughput combine reduces while it transfers, W warps of each
  * block reducing (experimental); 0, unset or invalid: transfer, barrier, then reduce. Read at every call. */
 int ep_env_ht_combine_overlap(void);

@@ -47,6 +47,7 @@ const char *ep_stage_name(int stage) {
     case EP_STAGE_LL_COMBINE_RECV: return "low-latency combine (receive)";
     case EP_STAGE_LL_DISPATCH_SEND: return "low-latency dispatch (send)";
     case EP_STAGE_MODE_SWITCH: return "switch between high-throughput and low-latency mode";
+    case EP_STAGE_LL_COMBINE_WEIGHTS: return "low-latency combine send (waiting for a source's weights)";
     default: return "unknown stage";
     }
 }
@@ -113,7 +114,14 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
         ep_fail(EP_ERROR_INTERNAL, "rank %d: the device began recording an error but did not finish", g->rank);
         return ep_group_mark_failed(g, EP_ERROR_INTERNAL);
     }
-    if (status == EP_DEV_STATUS_MISMATCH && e->peer >= 0)
+    if (status == EP_DEV_STATUS_MISMATCH && e->peer >= 0 && e->stage == EP_STAGE_LL_COMBINE_RECV)
+        ep_fail((ep_status_t)status,
+                "rank %d: stage '%s': rank %d sent %s, this rank expected %s: EPCOMM_LL_COMBINE_PER_RANK must be "
+                "set alike on every rank",
+                (int)e->rank, ep_stage_name(e->stage), (int)e->peer,
+                e->detail ? "one sum per token (per-rank combine)" : "one row per (token, k)",
+                e->waited_ns ? "one sum per token" : "one row per (token, k)");
+    else if (status == EP_DEV_STATUS_MISMATCH && e->peer >= 0)
         fail_layout_mismatch(e);
     else if (status == EP_DEV_STATUS_OVERRUN && e->peer >= 0) /* ep_flag_overrun */
         ep_fail((ep_status_t)status,

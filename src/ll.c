@@ -304,6 +304,7 @@ ep_status_t ep_low_latency_combine(ep_group_t g, const ep_low_latency_combine_ar
         .out_stride = a->out.strides[0],
         .wait_cost_stats = (int64_t *)a->combine_wait_recv_cost_stats.data,
         .use_logfmt = a->use_logfmt != 0,
+        .per_rank = !a->use_logfmt && ep_env_ll_combine_per_rank(),
         .send_warps = combine_send_warps(d->max_tokens, d->topk, d->num_experts / g->num_ranks, a->use_logfmt != 0),
         .recv_slices = combine_recv_slices(d->num_tokens),
     };

@@ -4,7 +4,7 @@
 #
 #   tools/gpu-check.sh [--quick]
 # Environment: EPCOMM_RANKS ("2 4", plus 8 on an 8-GPU machine, 1 on a 1-GPU one), EPCOMM_PY_WORLDS ("2,4"),
-# EPCOMM_SKIP (any of: tests python bench variants), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
+# EPCOMM_SKIP (any of: tests python bench variants; ht-variants or ll-variants for one mode's opt-in kernels), EPCOMM_TEST_TIMEOUT (seconds per GPU test program, 180),
 # EPCOMM_LOCAL_RANKS (e.g. "2 4 8": also run every C GPU test with the ranks as threads of one process, several
 # per GPU in green contexts: the multi-rank logic on any machine, one GPU included; not NVLink),
 # EPCOMM_PY_LOCAL_WORLDS (e.g. "2,3,4": the Python GPU tests with the ranks as threads, several per GPU),
@@ -96,13 +96,14 @@ run_gpu_suite() { # ranks
   run_gpu_test test_group_gpu "$1"
   run_gpu_test test_layout_gpu "$1"
   run_gpu_test test_ht_gpu "$1" --rounds 2
-  if ! skipped variants; then # the experimental opt-in kernels
+  if ! skipped variants && ! skipped ht-variants; then # the experimental opt-in kernels
     EPCOMM_HT_DISPATCH_TMA=1 TAG=tma run_gpu_test test_ht_gpu "$1" --rounds 2
     EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_gpu "$1" --rounds 2
   fi
   run_gpu_test test_ht_modes_gpu "$1"
-  skipped variants || EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_modes_gpu "$1"
+  skipped variants || skipped ht-variants || EPCOMM_HT_COMBINE_OVERLAP=8 TAG=overlap run_gpu_test test_ht_modes_gpu "$1"
   run_gpu_test test_ll_gpu "$1"
+  skipped variants || skipped ll-variants || EPCOMM_LL_COMBINE_PER_RANK=1 TAG=per_rank run_gpu_test test_ll_gpu "$1"
   run_gpu_test test_ll_modes_gpu "$1"
 }
 for R in $RANKS; do

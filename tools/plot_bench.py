@@ -44,7 +44,7 @@ def plot_ht(rows, dst):
 
 
 LL_PANELS = (("dispatch", ("ll_dispatch", "nccl_dispatch")),
-             ("combine", ("ll_combine", "ll_combine_logfmt", "nccl_combine")))
+             ("combine", ("ll_combine", "ll_combine_logfmt", "ll_combine_per_rank", "nccl_combine")))
 
 
 def plot_ll(rows, dst):

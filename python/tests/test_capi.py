@@ -110,7 +110,9 @@ def expected_low_latency_bytes(R, T, H, K, E):
     count_off = align(combine_off + T * K * comb_row, 4096)
     srck_off = align(count_off + L * 4, 16)
     range_off = align(srck_off + L * R * T * 4, 16)
-    return 2 * align(range_off + L * R * 8, 4096)
+    rowk_off = align(range_off + L * R * 8, 16)  # per (source, token, k): the row of the expert named there
+    weights_off = align(rowk_off + R * T * K * 4, 16)  # the per-rank combine's weights from each source
+    return 2 * align(weights_off + R * T * K * 4, 4096)
 
 
 @pytest.mark.parametrize("R,T,H,K,E", [(2, 128, 2048, 8, 32), (8, 128, 7168, 8, 256), (4, 1, 128, 16, 4)])

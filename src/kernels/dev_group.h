@@ -28,6 +28,9 @@
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
 #define EP_CTRL_LL_DISPATCH_LAYOUTS 67584 /* uint64_t[2][R]: by parity, each source's (T, H, K, E) (ep_ll_pack_layout) */
 #define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by combine parity, epoch << 32, from each expert rank */
+/* uint64_t[2][R]: by combine parity, (epoch << 32) | tokens, from each source: its weights have landed (per-rank
+ * combine, EPCOMM_LL_COMBINE_PER_RANK). */
+#define EP_CTRL_LL_COMBINE_WEIGHT_FLAGS 71680
 /* uint32_t[2][R][EP_HT_COMBINE_MAX_CHUNKS]: by combine parity, for each source's run of rows in this rank's
  * combine region, the rows of each chunk that have landed (overlapped combine; zeroed after each use). */
 #define EP_CTRL_HT_COMBINE_CHUNKS 73728
@@ -47,6 +50,7 @@ typedef enum {
     EP_STAGE_LL_COMBINE_RECV = 8,
     EP_STAGE_LL_DISPATCH_SEND = 9, /* bad input found while sending (no waits there) */
     EP_STAGE_MODE_SWITCH = 10,     /* the barrier between high-throughput and low-latency use of the window */
+    EP_STAGE_LL_COMBINE_WEIGHTS = 11, /* the per-rank combine's send, waiting for a source's weights */
     EP_STAGE_COUNT
 } ep_stage_t;
 

@@ -2,7 +2,13 @@
  * into that token's slot for the k that named the expert (one row per (token, k); no reduction here, so the
  * receiver can sum in exactly the reference's order). The last block raises a flag at every rank. Receive
  * (the hook): one block per token waits for every rank's flag, then sums w[t, k] * row[t, k] with fmaf in k
- * order (a duplicated expert reads the row of its first k) and rounds once to bf16. */
+ * order (a duplicated expert reads the row of its first k) and rounds once to bf16.
+ * Per-rank sums (experimental, EPCOMM_LL_COMBINE_PER_RANK=1, bf16 only): each source first writes its weights into
+ * every rank's buffer (a small kernel, then a flag); each expert rank then sums, per token, w[t, k] * row over the
+ * k that named its experts, in k order by fmaf (the reference's chain, restarted at 0 on each rank), rounds the
+ * sum to bf16 and sends it once, into the token's staging row of the first k that named that rank. About 2.2x
+ * fewer bytes at EP4 with top-8 of 256 (3.6 ranks per token instead of 8 rows); the receive adds the ranks' sums
+ * in the order of their first k. Two roundings instead of one (ref/ll_combine.c, epref_ll_combine_per_rank). */
 #include "bf16.cuh"
 #include "copy.cuh"
 #include "ll_kernels.h"
@@ -18,6 +24,9 @@
 #define LL_LOGFMT_K_BATCH    4 /* LogFMT rows whose fetches are in flight together in the receive */
 #define LL_COMBINE_MAX_PARTS 8 /* pieces a row may be cut into between warps */
 #define LL_COMBINE_K_BATCH   8 /* rows whose loads are in flight together in the receive */
+#define LL_RANK_SUM_BATCH    4 /* per-rank sums: rows whose loads are in flight together */
+#define LL_RANK_SUM_CHUNKS   2 /* per-rank sums: 16-byte chunks per lane per step */
+#define LL_WEIGHTS_THREADS   256
 
 __device__ __forceinline__ char *ll_half_c(const ep_dev_group_t &g, int rank, int parity, uint64_t half_bytes) {
     return g.window[rank] + EP_CTRL_BYTES + (uint64_t)parity * half_bytes;
@@ -33,6 +42,18 @@ __device__ __forceinline__ void logfmt_encode_to(uint2 raw, char *dst, int64_t r
     const uint32_t word = ep_logfmt_encode_group(raw, dst + gi * 256, lane);
     if (lane == 0)
         ((uint32_t *)(dst + row_bytes))[gi] = word;
+}
+
+/* Called by every thread of a send block when its stores are issued: the block counts itself done, and the last
+ * block of the grid raises the flags, carrying the epoch and whether the rows are per-rank sums (so that a receiver
+ * expecting the other kind can tell). */
+__device__ __forceinline__ void combine_send_done(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a,
+                                                  uint32_t epoch) {
+    const int q = a.combine_parity;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        ep_last_block_signal(g, &g.ll_state[6 + q], &g.ll_state[2 + q], epoch, EP_CTRL_LL_COMBINE_FLAGS, q,
+                             (uint64_t)epoch << 32 | (uint64_t)(a.per_rank != 0));
 }
 
 /* Send block vb (of combine_send_blocks; a block beyond them sends nothing), then the block counts itself
@@ -100,16 +121,147 @@ __device__ __forceinline__ void combine_send_block(const ep_dev_group_t &g, cons
             }
         }
     }
+    combine_send_done(g, a, epoch);
+}
+
+/* Per-rank sums, step 1 (one block per rank d): this rank's weights [N, K] into d's weights array (row `me`), then
+ * d's flag for them, carrying this combine's epoch. */
+__global__ void __launch_bounds__(LL_WEIGHTS_THREADS)
+    ll_combine_weights_kernel(const __grid_constant__ ep_dev_group_t g,
+                              const __grid_constant__ ep_ll_combine_kargs_t a) {
+    const int R = g.num_ranks, me = g.rank, d = blockIdx.x, K = a.topk, q = a.combine_parity;
+    const uint32_t epoch = g.ll_state[2 + q] + 1; /* the send kernel after this one sets it */
+    const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, a.num_experts / R);
+    float *dst = (float *)(ll_half_c(g, d, q, a.half_bytes) + lay.weights_off) + (int64_t)me * a.max_tokens * K;
+    for (int64_t i = threadIdx.x; i < (int64_t)a.num_tokens * K; i += LL_WEIGHTS_THREADS)
+        dst[i] = a.weights[i / K * a.w_stride + i % K];
     __syncthreads();
-    if (tid == 0)
-        ep_last_block_signal(g, &g.ll_state[6 + q], &g.ll_state[2 + q], epoch, EP_CTRL_LL_COMBINE_FLAGS, q,
-                             (uint64_t)epoch << 32);
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        ep_store_relaxed_sys((uint64_t *)(g.window[d] + EP_CTRL_LL_COMBINE_WEIGHT_FLAGS) + q * R + me,
+                             (uint64_t)epoch << 32 | (uint32_t)a.num_tokens);
+    }
+}
+
+/* Waits for every source's weights of this combine; ok[s]: whether they came (a timeout or an overrun is
+ * recorded, naming the source, and that source's tokens are skipped). */
+__device__ __forceinline__ void wait_weights(const ep_dev_group_t &g, int q, uint32_t epoch, int *ok) {
+    const int s = threadIdx.x;
+    if (s < g.num_ranks) {
+        const uint64_t *flag =
+            (const uint64_t *)(g.window[g.rank] + EP_CTRL_LL_COMBINE_WEIGHT_FLAGS) + q * g.num_ranks + s;
+        uint64_t v = 0;
+        ok[s] = ep_wait_epoch(g, flag, epoch, EP_STAGE_LL_COMBINE_WEIGHTS, s, &v) &&
+                !ep_flag_overrun(g, v, epoch, EP_STAGE_LL_COMBINE_WEIGHTS, s);
+    }
+    __syncthreads();
+}
+
+/* dst[u0, u1) (16-byte chunks) = bf16 of the fmaf chain over the n rows in order, with their weights, from 0. */
+__device__ __forceinline__ void rank_sum_rows(uint4 *dst, const uint4 *const *rows, const float *w, int n, int64_t u0,
+                                              int64_t u1, int lane) {
+    for (int64_t c0 = u0 + lane; c0 < u1; c0 += 32 * LL_RANK_SUM_CHUNKS) {
+        float acc[LL_RANK_SUM_CHUNKS][8] = {};
+        for (int e0 = 0; e0 < n; e0 += LL_RANK_SUM_BATCH) {
+            uint4 r[LL_RANK_SUM_BATCH][LL_RANK_SUM_CHUNKS];
+#pragma unroll
+            for (int u = 0; u < LL_RANK_SUM_BATCH; u++)
+#pragma unroll
+                for (int j = 0; j < LL_RANK_SUM_CHUNKS; j++)
+                    if (e0 + u < n && c0 + j * 32 < u1)
+                        r[u][j] = rows[e0 + u][c0 + j * 32];
+#pragma unroll
+            for (int u = 0; u < LL_RANK_SUM_BATCH; u++) {
+                if (e0 + u >= n)
+                    continue;
+                const float wu = w[e0 + u];
+#pragma unroll
+                for (int j = 0; j < LL_RANK_SUM_CHUNKS; j++) {
+                    const uint32_t words[4] = {r[u][j].x, r[u][j].y, r[u][j].z, r[u][j].w};
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        acc[j][2 * i] = __fmaf_rn(wu, ep_bf16_lo(words[i]), acc[j][2 * i]);
+                        acc[j][2 * i + 1] = __fmaf_rn(wu, ep_bf16_hi(words[i]), acc[j][2 * i + 1]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < LL_RANK_SUM_CHUNKS; j++)
+            if (c0 + j * 32 < u1)
+                dst[c0 + j * 32] = ep_pack_bf16x8(acc[j]);
+    }
+}
+
+/* Per-rank sums, step 2: send block vb walks expert l's rows like combine_send_block, but only the row of a
+ * token's first k here (its "leading" row) does work: its warp finds the token's rows at every k naming an
+ * expert here (the dispatch slot's header gives the experts by k, the dispatch receive's row-by-k array the
+ * rows), sums them with the source's weights and sends the sum to the leading row's staging slot. */
+__device__ __forceinline__ void combine_send_rank_sums_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a,
+                                                             int vb, uint32_t epoch) {
+    constexpr int WARPS = LL_COMBINE_THREADS / 32;
+    __shared__ int64_t ranges[EP_MAX_NVL_RANKS];
+    __shared__ int weights_ok[EP_MAX_NVL_RANKS];
+    __shared__ const uint4 *rows[WARPS][EP_LL_MAX_TOPK];
+    __shared__ float row_w[WARPS][EP_LL_MAX_TOPK];
+    const int R = g.num_ranks, me = g.rank, L = a.num_experts / R, K = a.topk, p = a.parity, q = a.combine_parity;
+    const int l = vb % L, blk = vb / L, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int64_t T = a.max_tokens, RT = (int64_t)R * T;
+    const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
+    const char *mine = ll_half_c(g, me, p, a.half_bytes);
+    const float *weights = (const float *)(ll_half_c(g, me, q, a.half_bytes) + lay.weights_off);
+    const int32_t *rowk = (const int32_t *)(mine + lay.rowk_off);
+    const int32_t count = vb < combine_send_blocks(a, R) ? ((const int32_t *)(mine + lay.count_off))[l] : 0;
+    if (tid < R)
+        ranges[tid] = ((const int64_t *)(mine + lay.range_off))[l * R + tid];
+    wait_weights(g, q, epoch, weights_ok); /* ends with __syncthreads */
+    const int warps = a.send_warps;
+    const int parts = count > 0 && count * 8 <= warps ? min(LL_COMBINE_MAX_PARTS, warps / count) : 1;
+    const int64_t units = 2 * (int64_t)a.hidden / 16, per_part = (units + parts - 1) / parts;
+    for (int32_t item = blk * WARPS + warp; item < count * parts; item += warps) {
+        const int32_t i = item / parts;
+        int s = 0;
+        while (s + 1 < R && i >= (int32_t)(ranges[s + 1] >> 32))
+            s++;
+        const int32_t packed = ((const int32_t *)(mine + lay.srck_off))[l * RT + i];
+        const int t = packed >> 5, k = packed & 31;
+        const ep_ll_header_t *h =
+            (const ep_ll_header_t *)(mine + lay.dispatch_off + ((uint64_t)s * T + t) * lay.slot_bytes);
+        const int my_l = lane < K ? h->local_ids[lane] : -1;
+        const unsigned named = __ballot_sync(0xffffffffu, my_l >= 0);
+        if (!weights_ok[s] || __ffs(named) - 1 != k)
+            continue;  /* the same on every lane: another row of the token leads, or its weights did not come */
+        int kf = lane; /* the first k naming this lane's expert: its row is the one received */
+        for (int j = 0; j < K; j++) {
+            const int other = __shfl_sync(0xffffffffu, my_l, j);
+            if (j < kf && other == my_l)
+                kf = j;
+        }
+        if (my_l >= 0) {
+            const int pos = __popc(named & ((1u << lane) - 1));
+            const int32_t ri = rowk[((int64_t)s * T + t) * K + kf];
+            rows[warp][pos] = (const uint4 *)(a.x + my_l * a.x_stride0 + (int64_t)ri * a.x_stride1);
+            row_w[warp][pos] = weights[((int64_t)s * T + t) * K + lane];
+        }
+        __syncwarp();
+        const int64_t u0 = (item % parts) * per_part, u1 = min(units, u0 + per_part);
+        char *dst = ll_half_c(g, s, q, a.half_bytes) + lay.combine_off + ((uint64_t)t * K + k) * lay.comb_row_bytes;
+        rank_sum_rows((uint4 *)dst, rows[warp], row_w[warp], __popc(named), u0, u1, lane);
+        __syncwarp(); /* before the next item's lists */
+    }
+    combine_send_done(g, a, epoch);
 }
 
 template <bool LOGFMT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_send_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     combine_send_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.combine_parity] + 1);
+}
+
+__global__ void __launch_bounds__(LL_COMBINE_THREADS)
+    ll_combine_send_rank_sums_kernel(const __grid_constant__ ep_dev_group_t g,
+                                     const __grid_constant__ ep_ll_combine_kargs_t a) {
+    combine_send_rank_sums_block(g, a, blockIdx.x, g.ll_state[2 + a.combine_parity] + 1);
 }
 
 /* Receive block b (of num_tokens * recv_slices): token b / recv_slices, slice b % recv_slices of its 16-byte
@@ -126,25 +278,29 @@ __device__ __forceinline__ void combine_recv_block(const ep_dev_group_t &g, cons
     const ep_ll_layout_t lay = ep_ll_layout(R, a.max_tokens, a.hidden, K, L);
     /* The token's routing and weights (inputs, there from the start) are read before the wait for the flags. */
     if (tid < K) {
-        int64_t e = a.topk_idx[(int64_t)t * a.idx_stride + tid];
+        const int64_t *ids = a.topk_idx + (int64_t)t * a.idx_stride;
+        const int64_t e = ids[tid];
         int f = -1;
         if (e >= 0 && e < a.num_experts) {
+            /* The row to read for this k: the row of the first k naming the same expert; with per-rank sums, the
+             * sum of the first k naming the same rank is read once (at that k, with weight 1), later k not. */
             f = tid;
             for (int k = 0; k < tid; k++)
-                if (a.topk_idx[(int64_t)t * a.idx_stride + k] == e) {
-                    f = k;
+                if (a.per_rank ? ids[k] >= 0 && ids[k] < a.num_experts && ids[k] / L == e / L : ids[k] == e) {
+                    f = a.per_rank ? -1 : k;
                     break;
                 }
         }
         first_k[tid] = f;
-        weight[tid] = a.weights[(int64_t)t * a.w_stride + tid];
+        weight[tid] = a.per_rank ? 1.0f : a.weights[(int64_t)t * a.w_stride + tid];
     }
     if (tid < R) {
         uint64_t t0 = ep_globaltimer_ns();
         const uint64_t *flag = (const uint64_t *)(g.window[me] + EP_CTRL_LL_COMBINE_FLAGS) + q * R + tid;
         uint64_t v = 0;
-        if (ep_wait_epoch(g, flag, epoch, EP_STAGE_LL_COMBINE_RECV, tid, &v))
-            ep_flag_overrun(g, v, epoch, EP_STAGE_LL_COMBINE_RECV, tid);
+        if (ep_wait_epoch(g, flag, epoch, EP_STAGE_LL_COMBINE_RECV, tid, &v) &&
+            !ep_flag_overrun(g, v, epoch, EP_STAGE_LL_COMBINE_RECV, tid) && (int)(v & 1) != (a.per_rank != 0))
+            ep_record_error(g, EP_DEV_STATUS_MISMATCH, EP_STAGE_LL_COMBINE_RECV, tid, v & 1, a.per_rank != 0);
         if (a.wait_cost_stats && b == 0)
             atomicAdd((unsigned long long *)&a.wait_cost_stats[tid], (unsigned long long)(ep_globaltimer_ns() - t0));
     }
@@ -210,26 +366,52 @@ __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     combine_recv_block<LOGFMT>(g, a, blockIdx.x, g.ll_state[2 + a.combine_parity]); /* the send kernel set it */
 }
 
+/* The row formats of the combine's kernels: each compiled on its own, so that each keeps few registers. */
+enum { COMBINE_BF16 = 0, COMBINE_LOGFMT = 1, COMBINE_RANK_SUMS = 2 };
+
+__host__ __device__ __forceinline__ int combine_format(const ep_ll_combine_kargs_t &a) {
+    return a.use_logfmt ? COMBINE_LOGFMT : a.per_rank ? COMBINE_RANK_SUMS : COMBINE_BF16;
+}
+
 /* Send and receive in one kernel (the call without a hook): G = max(send blocks, receive blocks) blocks each
  * send, and the last ones then receive (receivers wait only after sending; send-only blocks come first). */
-template <bool LOGFMT>
+template <int FORMAT>
 __global__ void __launch_bounds__(LL_COMBINE_THREADS)
     ll_combine_fused_kernel(const __grid_constant__ ep_dev_group_t g, const __grid_constant__ ep_ll_combine_kargs_t a) {
     const uint32_t epoch = g.ll_state[2 + a.combine_parity] + 1; /* read before this block counts itself done */
-    combine_send_block<LOGFMT>(g, a, blockIdx.x, epoch);
+    if constexpr (FORMAT == COMBINE_RANK_SUMS)
+        combine_send_rank_sums_block(g, a, blockIdx.x, epoch);
+    else
+        combine_send_block<FORMAT == COMBINE_LOGFMT>(g, a, blockIdx.x, epoch);
     const int b = (int)blockIdx.x - ((int)gridDim.x - a.num_tokens * a.recv_slices);
     if (b >= 0)
-        combine_recv_block<LOGFMT>(g, a, b, epoch);
+        combine_recv_block<FORMAT == COMBINE_LOGFMT>(g, a, b, epoch);
+}
+
+/* Per-rank sums: every source's weights go out first (their own kernel, so that no send block waits for a block
+ * of its own grid that may not be resident). */
+static cudaError_t launch_weights(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s) {
+    if (!a->per_rank || a->use_logfmt)
+        return cudaSuccess;
+    ll_combine_weights_kernel<<<g->num_ranks, LL_WEIGHTS_THREADS, 0, s>>>(*g, *a);
+    return cudaGetLastError();
+}
+
+/* The send alone (the weights' kernel already launched where per-rank sums need it). */
+static cudaError_t launch_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a, cudaStream_t s) {
+    const int blocks = combine_send_blocks(*a, g->num_ranks);
+    switch (combine_format(*a)) {
+    case COMBINE_LOGFMT: ll_combine_send_kernel<true><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a); break;
+    case COMBINE_RANK_SUMS: ll_combine_send_rank_sums_kernel<<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a); break;
+    default: ll_combine_send_kernel<false><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a); break;
+    }
+    return cudaGetLastError();
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_send(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
                                                  cudaStream_t s) {
-    const int blocks = combine_send_blocks(*a, g->num_ranks);
-    if (a->use_logfmt)
-        ll_combine_send_kernel<true><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
-    else
-        ll_combine_send_kernel<false><<<blocks, LL_COMBINE_THREADS, 0, s>>>(*g, *a);
-    return cudaGetLastError();
+    cudaError_t err = launch_weights(g, a, s);
+    return err == cudaSuccess ? launch_send(g, a, s) : err;
 }
 
 extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
@@ -246,17 +428,21 @@ extern "C" cudaError_t ep_launch_ll_combine_recv(const ep_dev_group_t *g, const 
 /* The call without a hook: one fused kernel when its grid fits on the GPU at once, else send then receive. */
 extern "C" cudaError_t ep_launch_ll_combine_both(const ep_dev_group_t *g, const ep_ll_combine_kargs_t *a,
                                                  int cooperative, cudaStream_t s) {
-    static int per_sm[2];
+    static int per_sm[3];
+    void (*const kernels[3])(ep_dev_group_t, ep_ll_combine_kargs_t) = {ll_combine_fused_kernel<COMBINE_BF16>,
+                                                                       ll_combine_fused_kernel<COMBINE_LOGFMT>,
+                                                                       ll_combine_fused_kernel<COMBINE_RANK_SUMS>};
+    const int format = combine_format(*a);
     const int send = combine_send_blocks(*a, g->num_ranks), recv = a->num_tokens * a->recv_slices;
     const int blocks = recv > send ? recv : send;
-    void (*kernel)(ep_dev_group_t, ep_ll_combine_kargs_t) =
-        a->use_logfmt ? ll_combine_fused_kernel<true> : ll_combine_fused_kernel<false>;
-    if (blocks <=
-        ep_wave_capacity((const void *)kernel, LL_COMBINE_THREADS, g->num_sms, &per_sm[a->use_logfmt ? 1 : 0])) {
-        cudaError_t err = ep_launch_resident(kernel, blocks, LL_COMBINE_THREADS, cooperative, s, *g, *a);
+    cudaError_t err = launch_weights(g, a, s);
+    if (err != cudaSuccess)
+        return err;
+    if (blocks <= ep_wave_capacity((const void *)kernels[format], LL_COMBINE_THREADS, g->num_sms, &per_sm[format])) {
+        err = ep_launch_resident(kernels[format], blocks, LL_COMBINE_THREADS, cooperative, s, *g, *a);
         if (err != cudaErrorCooperativeLaunchTooLarge)
             return err;
     }
-    cudaError_t err = ep_launch_ll_combine_send(g, a, s);
+    err = launch_send(g, a, s);
     return err == cudaSuccess ? ep_launch_ll_combine_recv(g, a, s) : err;
 }

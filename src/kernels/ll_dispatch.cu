@@ -305,6 +305,7 @@ __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, con
             if (sub == 0) {
                 a.src_info[l * RT + row + pos] = j;
                 ((int32_t *)(half + lay.srck_off))[l * RT + row + pos] = (j << 5) | k_found;
+                ((int32_t *)(half + lay.rowk_off))[((int64_t)s * a.max_tokens + j) * K + k_found] = row + pos;
             }
         }
         __syncthreads();

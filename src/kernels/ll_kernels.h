@@ -58,6 +58,8 @@ typedef struct {
     int64_t out_stride;
     int64_t *wait_cost_stats; /* [R] or NULL */
     int use_logfmt;           /* rows travel in LogFMT (logfmt.cuh) */
+    int per_rank;             /* bf16 only (EPCOMM_LL_COMBINE_PER_RANK): each rank sends one weighted sum per token
+                               * (ll_combine.cu); then the receive adds the ranks' sums */
     int send_warps;           /* warps per local expert in the send (a multiple of 16) */
     int recv_slices;          /* receive blocks per token, each summing a slice of the hidden dimension */
 } ep_ll_combine_kargs_t;

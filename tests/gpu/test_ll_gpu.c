@@ -3,7 +3,9 @@
  * with the reference's cast, in the column-major scale layout, float or packed UE8M0), src_info and
  * layout_range. Combine: synthetic expert outputs, out bit-exact with the reference's fmaf-in-k-order sum,
  * plain and with LogFMT on the wire (log and raw groups, zeros, values clipped to zero).
- * Both the one-call path and the hook path (send, then hook) are run, several rounds with fresh data. */
+ * Both the one-call path and the hook path (send, then hook) are run, several rounds with fresh data.
+ * With EPCOMM_LL_COMBINE_PER_RANK=1 (tools/gpu-check.sh's variant run) the bf16 combines send per-rank sums and
+ * are compared, bit for bit, with the reference's per-rank sums (epref_ll_combine_per_rank). */
 #define _POSIX_C_SOURCE 200809L
 #include "epref.h"
 #include "mp.h"
@@ -46,6 +48,9 @@ static uint16_t synth_logfmt(uint16_t v, int64_t h) {
         f *= 1e-12f;
     return epref_float_to_bf16(f);
 }
+
+/* Read in main before the ranks start: whether the bf16 combines run as per-rank sums. */
+static int per_rank_combine;
 
 static uint16_t synth(int d, int64_t l, int64_t row, int64_t h) {
     uint32_t z = (uint32_t)(d * 7919 + l * 104729 + row * 131 + h * 17);
@@ -177,8 +182,12 @@ static int run_case(int rank, ep_group_t g, int R, const ll_case_t *c, uint64_t 
                     }
         }
         uint16_t *want_out = malloc((size_t)N * H * 2 + 16);
-        if (epref_ll_combine((const uint16_t *const *)ys, ref, R, E, rank, N, K, idx[rank], w[rank], c->logfmt,
-                             want_out) != EPREF_OK)
+        epref_status_t st = per_rank_combine && !c->logfmt
+                                ? epref_ll_combine_per_rank((const uint16_t *const *)ys, ref, R, E, rank, N, K,
+                                                            idx[rank], w[rank], want_out)
+                                : epref_ll_combine((const uint16_t *const *)ys, ref, R, E, rank, N, K, idx[rank],
+                                                   w[rank], c->logfmt, want_out);
+        if (st != EPREF_OK)
             MP_FAIL(rank, "%s: reference combine: %s", c->name, epref_last_error());
         mp_malloc(&dy, (size_t)L * RT * H * 2);
         mp_malloc(&dout, (size_t)N * H * 2 + 16);
@@ -242,7 +251,12 @@ static int ll_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, vo
 
 int main(int argc, char **argv) {
     int ranks = mp_arg_int(argc, argv, "--ranks", 2);
-    int failed = mp_run("ll.matches_reference", ranks, ll_vs_reference, NULL, 300) != 0;
+    const char *env = getenv("EPCOMM_LL_COMBINE_PER_RANK");
+    per_rank_combine = env != NULL && strcmp(env, "1") == 0;
+    if (per_rank_combine)
+        printf("     bf16 combines as per-rank sums (EPCOMM_LL_COMBINE_PER_RANK=1)\n");
+    int failed = mp_run(per_rank_combine ? "ll.matches_reference.per_rank" : "ll.matches_reference", ranks,
+                        ll_vs_reference, NULL, 300) != 0;
     printf("%d passed, %d failed\n", 1 - failed, failed);
     return failed;
 }

@@ -122,6 +122,30 @@ static void layout_mismatch_names_both_layouts(void) {
     TCHECK_EQ_INT(g.failed, EP_ERROR_INVALID_ARGUMENT);
 }
 
+/* A low-latency combine receive that found a peer's rows in the other kind (per-rank sums or one row per k): the
+ * message says which side sent what and names the setting. */
+static void combine_kind_mismatch_names_the_setting(void) {
+    ep_mapped_t mapped;
+    struct ep_group g;
+    fake_group(&g, &mapped);
+    fake_error(&mapped, EP_STAGE_LL_COMBINE_RECV, 3, 1, 0, EP_DEV_STATUS_MISMATCH);
+    TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "rank 0: stage 'low-latency combine (receive)': rank 3 sent one sum per "
+                                         "token (per-rank combine), this rank expected one row per (token, k): "
+                                         "EPCOMM_LL_COMBINE_PER_RANK must be set alike on every rank");
+    TCHECK_EQ_INT(g.failed, EP_ERROR_INVALID_ARGUMENT);
+    fake_group(&g, &mapped);
+    fake_error(&mapped, EP_STAGE_LL_COMBINE_RECV, 1, 0, 1, EP_DEV_STATUS_MISMATCH);
+    TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "rank 1 sent one row per (token, k), this rank expected one sum per token");
+    /* and the stage the per-rank send waits in has a name */
+    fake_group(&g, &mapped);
+    fake_error(&mapped, EP_STAGE_LL_COMBINE_WEIGHTS, 2, 7, 31000000, EP_ERROR_TIMEOUT);
+    TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_TIMEOUT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency combine send (waiting for a source's weights)' waiting "
+                                         "for rank 2");
+}
+
 /* The packed layout round-trips at the limits the checks allow (T up to 2^16, H up to 2^16, K up to 16, E up to
  * 4096, every format), and any one size or format bit differing changes the word. */
 static void layout_words_round_trip(void) {
@@ -294,6 +318,7 @@ int main(void) {
     TRUN(record_never_published_is_an_internal_error);
     TRUN(overrun_record_is_reported_as_such);
     TRUN(layout_mismatch_names_both_layouts);
+    TRUN(combine_kind_mismatch_names_the_setting);
     TRUN(layout_words_round_trip);
     TRUN(call_mismatch_names_both_calls);
     TRUN(call_words_round_trip);

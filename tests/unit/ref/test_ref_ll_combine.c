@@ -1,5 +1,5 @@
 /* Low-latency combine on the reference: fmaf in k order, -1 entries skipped, a token with no expert is zero,
- * a duplicated expert's row counts once per entry, LogFMT, handle checks, and the properties
+ * a duplicated expert's row counts once per entry, LogFMT, handle checks, per-rank sums, and the properties
  * dispatch(BF16 / FP8) -> identity experts -> combine == x * sum of weights (within the format's error). */
 #include "reftest.h"
 
@@ -308,6 +308,78 @@ static void ll_combine_of_fp8_identity_experts_is_within_fp8_error(void) {
     ll_world_free(&w);
 }
 
+static epref_status_t ll_world_combine_per_rank(ll_world_t *w, int rank, uint16_t *out) {
+    return epref_ll_combine_per_rank((const uint16_t *const *)w->y, w->recv, w->R, w->E, rank, w->n[rank], w->K,
+                                     w->ranks[rank].topk_idx, w->ranks[rank].topk_weights, out);
+}
+
+static void ll_combine_per_rank_rounds_each_ranks_sum_in_first_k_order(void) {
+    const float one[2] = {1, 1};
+    ll_world_t w = {0};
+    w.n[0] = 3, w.n[1] = 1;
+    ll_world_make(&w, 87, 2, 4, 4, 128, 4, 0.0f, 1.0f);
+    /* experts 0, 1 on rank 0 and 2, 3 on rank 1. Token 0: rank 1 (k 0, 3), then rank 0 (k 1, with a -1 at k 2);
+     * token 1: nowhere; token 2: expert 1 twice and expert 0 (rank 0 only). */
+    int64_t r0[12] = {2, 0, -1, 3, -1, -1, -1, -1, 1, 1, -1, 0};
+    memcpy(w.ranks[0].topk_idx, r0, sizeof(r0));
+    float wts[12] = {0.75f, 1.25f, 5.0f, -0.5f, 1, 1, 1, 1, 0.3f, 0.6f, 7.0f, 1.1f};
+    memcpy(w.ranks[0].topk_weights, wts, sizeof(wts));
+    ll_world_dispatch(&w, 0, one); /* identity experts: every row is x */
+    uint16_t out[3 * 128];
+    TCHECK_EQ_INT(ll_world_combine_per_rank(&w, 0, out), EPREF_OK);
+    for (int h = 0; h < 128; h++) {
+        float x0 = epref_bf16_to_float(test_x(&w.in[0], 0, h)), x2 = epref_bf16_to_float(test_x(&w.in[0], 2, h));
+        float rank1 = epref_bf16_to_float(epref_float_to_bf16(fmaf(-0.5f, x0, fmaf(0.75f, x0, 0.0f))));
+        float rank0 = epref_bf16_to_float(epref_float_to_bf16(fmaf(1.25f, x0, 0.0f)));
+        uint16_t want0 = epref_float_to_bf16((0.0f + rank1) + rank0);
+        float only = epref_bf16_to_float(epref_float_to_bf16(fmaf(1.1f, x2, fmaf(0.6f, x2, fmaf(0.3f, x2, 0.0f)))));
+        uint16_t want2 = epref_float_to_bf16(0.0f + only);
+        TCHECK(out[h] == want0, "token 0 h %d: 0x%04X, expected 0x%04X", h, out[h], want0);
+        TCHECK(out[128 + h] == 0, "token 1 h %d: 0x%04X, expected +0", h, out[128 + h]);
+        TCHECK(out[256 + h] == want2, "token 2 h %d: 0x%04X, expected 0x%04X", h, out[256 + h], want2);
+    }
+    ll_world_free(&w);
+}
+
+/* Against the one-rounding combine: within three bf16 roundings (each rank's sum, the total, the exact
+ * combine's own; 2^-8 each) of the sum of |w * v| over the token's k. */
+static void ll_combine_per_rank_is_within_two_roundings_of_the_exact_combine(void) {
+    const float scale[4] = {1.0f, -0.37f, 1.91f, 0.613f};
+    ll_world_t w = {0};
+    for (int s = 0; s < 4; s++)
+        w.n[s] = 9 + 2 * s;
+    ll_world_make(&w, 88, 4, 32, 16, 512, 8, 0.15f, 1.0f);
+    for (int t = 0; t < w.n[0]; t += 5) /* duplicates */
+        w.ranks[0].topk_idx[t * 8 + 2] = w.ranks[0].topk_idx[t * 8];
+    ll_world_dispatch(&w, 0, scale);
+    int differs = 0;
+    for (int rank = 0; rank < 4; rank++) {
+        int n = w.n[rank], H = w.H, K = w.K;
+        uint16_t *out = malloc((size_t)n * H * 2), *exact = malloc((size_t)n * H * 2);
+        TCHECK_EQ_INT(ll_world_combine_per_rank(&w, rank, out), EPREF_OK);
+        TCHECK_EQ_INT(ll_world_combine(&w, rank, 0, exact), EPREF_OK);
+        int ok = 1;
+        for (int t = 0; t < n && ok; t++)
+            for (int h = 0; h < H && ok; h++) {
+                double mag = 0;
+                for (int k = 0; k < K; k++) {
+                    int64_t e = w.ranks[rank].topk_idx[t * K + k];
+                    if (e >= 0)
+                        mag += fabs(w.ranks[rank].topk_weights[t * K + k] *
+                                    epref_bf16_to_float(expert_row(&w, rank, t, e)[h]));
+                }
+                double got = epref_bf16_to_float(out[(size_t)t * H + h]);
+                double want = epref_bf16_to_float(exact[(size_t)t * H + h]);
+                differs += got != want;
+                ok = fabs(got - want) <= mag * (3 * 0x1p-8 + 0x1p-16); /* bf16: unit roundoff 2^-8 */
+                TCHECK(ok, "rank %d token %d h %d: %g, exact combine %g, sum of |w v| %g", rank, t, h, got, want, mag);
+            }
+        free(out), free(exact);
+    }
+    TCHECK(differs > 0, "the per-rank sums never differed from the exact combine: the test does not tell them apart");
+    ll_world_free(&w);
+}
+
 int main(void) {
     TRUN(ll_combine_is_fmaf_in_k_order_over_expert_rows);
     TRUN(ll_combine_token_with_no_expert_is_zero_and_duplicates_count_per_entry);
@@ -315,5 +387,7 @@ int main(void) {
     TRUN(ll_combine_of_identity_experts_gives_x_times_weight_sum);
     TRUN(ll_combine_with_logfmt_decodes_each_group_and_stays_within_its_bound);
     TRUN(ll_combine_of_fp8_identity_experts_is_within_fp8_error);
+    TRUN(ll_combine_per_rank_rounds_each_ranks_sum_in_first_k_order);
+    TRUN(ll_combine_per_rank_is_within_two_roundings_of_the_exact_combine);
     return TDONE();
 }
