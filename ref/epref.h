@@ -181,10 +181,10 @@ epref_status_t epref_ll_combine(const uint16_t *const *expert_out, const epref_l
 
 /* Per-rank sums (the experimental EPCOMM_LL_COMBINE_PER_RANK combine): for each rank d that token t reached, in
  * the order of the first k naming d: part = 0.0f; for the k naming d, in k order: part = fmaf(w[t,k], v, part);
- * acc += float(bf16(part)). out = bf16(acc). Two roundings instead of one: out is within 2^-7 of the sum of
- * |w * v| over the token's k from the exact sum (each part's rounding and the total's, 2^-8 each; the one-rounding
- * combine: 2^-8 of |sum|), not bit-exact with epref_ll_combine. Same arguments and errors as epref_ll_combine
- * (bf16 rows only). */
+ * acc += float(bf16(part)). out = bf16(acc). Two roundings instead of one: out is within (2^-7 + float32's
+ * error) of the sum of |w * v| over the token's k from the exact sum (each part's rounding and the total's, 2^-8
+ * each; the one-rounding combine: 2^-8 of |sum|), not bit-exact with epref_ll_combine. Same arguments and errors
+ * as epref_ll_combine (bf16 rows only). */
 epref_status_t epref_ll_combine_per_rank(const uint16_t *const *expert_out, const epref_ll_dispatch_result_t *recv,
                                          int num_ranks, int num_experts, int rank, int num_tokens, int topk,
                                          const int64_t *topk_idx, const float *topk_weights, uint16_t *out);

@@ -114,7 +114,8 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
         ep_fail(EP_ERROR_INTERNAL, "rank %d: the device began recording an error but did not finish", g->rank);
         return ep_group_mark_failed(g, EP_ERROR_INTERNAL);
     }
-    if (status == EP_DEV_STATUS_MISMATCH && e->peer >= 0 && e->stage == EP_STAGE_LL_COMBINE_RECV)
+    if (status == EP_DEV_STATUS_MISMATCH && e->peer >= 0 &&
+        (e->stage == EP_STAGE_LL_COMBINE_RECV || e->stage == EP_STAGE_LL_COMBINE_WEIGHTS))
         ep_fail((ep_status_t)status,
                 "rank %d: stage '%s': rank %d sent %s, this rank expected %s: EPCOMM_LL_COMBINE_PER_RANK must be "
                 "set alike on every rank",
@@ -126,7 +127,7 @@ ep_status_t ep_group_take_device_error(ep_group_t g) {
     else if (status == EP_DEV_STATUS_OVERRUN && e->peer >= 0) /* ep_flag_overrun */
         ep_fail((ep_status_t)status,
                 "rank %d: stage '%s': rank %d had already sent a later call's data (epoch %llu, this call's %llu) "
-                "into the buffer half this call reads, overwriting this call's: the call's receive ran after a "
+                "into the buffer half this call reads, overwriting this call's: this rank read it only after a "
                 "peer's next call on the same half (more than two low-latency results alive across the group)",
                 (int)e->rank, ep_stage_name(e->stage), (int)e->peer, (unsigned long long)(e->detail >> 32),
                 (unsigned long long)(e->detail & 0xffffffffu));

@@ -105,6 +105,7 @@ run_gpu_suite() { # ranks
   run_gpu_test test_ll_gpu "$1"
   skipped variants || skipped ll-variants || EPCOMM_LL_COMBINE_PER_RANK=1 TAG=per_rank run_gpu_test test_ll_gpu "$1"
   run_gpu_test test_ll_modes_gpu "$1"
+  skipped variants || skipped ll-variants || EPCOMM_LL_COMBINE_PER_RANK=1 TAG=per_rank run_gpu_test test_ll_modes_gpu "$1"
 }
 for R in $RANKS; do
   skipped tests && break

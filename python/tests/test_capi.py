@@ -111,7 +111,8 @@ def expected_low_latency_bytes(R, T, H, K, E):
     srck_off = align(count_off + L * 4, 16)
     range_off = align(srck_off + L * R * T * 4, 16)
     rowk_off = align(range_off + L * R * 8, 16)  # per (source, token, k): the row of the expert named there
-    weights_off = align(rowk_off + R * T * K * 4, 16)  # the per-rank combine's weights from each source
+    heads_off = align(rowk_off + R * T * K * 4, 16)  # per (source, token): a copy of the slot's 64-byte header
+    weights_off = align(heads_off + R * T * 64, 16)  # the per-rank combine's weights from each source
     return 2 * align(weights_off + R * T * K * 4, 4096)
 
 

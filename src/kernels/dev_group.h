@@ -27,7 +27,7 @@
 #define EP_MAX_EXPERTS            6144
 #define EP_CTRL_LL_DISPATCH_FLAGS 65536 /* uint64_t[2][R]: by parity, (epoch << 32) | tokens, from each source */
 #define EP_CTRL_LL_DISPATCH_LAYOUTS 67584 /* uint64_t[2][R]: by parity, each source's (T, H, K, E) (ep_ll_pack_layout) */
-#define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by combine parity, epoch << 32, from each expert rank */
+#define EP_CTRL_LL_COMBINE_FLAGS  69632 /* uint64_t[2][R]: by combine parity, epoch << 32 | per-rank sums (0/1) */
 /* uint64_t[2][R]: by combine parity, (epoch << 32) | tokens, from each source: its weights have landed (per-rank
  * combine, EPCOMM_LL_COMBINE_PER_RANK). */
 #define EP_CTRL_LL_COMBINE_WEIGHT_FLAGS 71680
@@ -65,8 +65,9 @@ typedef struct {
     int32_t rank;    /* the rank that recorded it */
     int32_t peer;    /* the peer waited on, -1 if none */
     uint64_t detail; /* stage-specific: for barriers and low-latency timeouts the epoch waited for; for an
-                        overrun the epoch seen << 32 | this call's epoch; for a mismatch the peer's packed layout */
-    uint64_t waited_ns; /* for a timeout; for a mismatch this rank's packed layout */
+                        overrun the epoch seen << 32 | this call's epoch; for a mismatch the peer's packed layout
+                        (low-latency combine stages: the peer's kind, 1 for per-rank sums) */
+    uint64_t waited_ns; /* for a timeout; for a mismatch this rank's packed layout (or kind) */
 } ep_dev_error_t;
 
 /* Bad input data found by a kernel. Not sticky: the op completes without the bad entries (or, for a

@@ -143,17 +143,36 @@ __global__ void __launch_bounds__(LL_WEIGHTS_THREADS)
     }
 }
 
-/* Waits for every source's weights of this combine; ok[s]: whether they came (a timeout or an overrun is
- * recorded, naming the source, and that source's tokens are skipped). */
-__device__ __forceinline__ void wait_weights(const ep_dev_group_t &g, int q, uint32_t epoch, int *ok) {
-    const int s = threadIdx.x;
-    if (s < g.num_ranks) {
-        const uint64_t *flag =
-            (const uint64_t *)(g.window[g.rank] + EP_CTRL_LL_COMBINE_WEIGHT_FLAGS) + q * g.num_ranks + s;
-        uint64_t v = 0;
-        ok[s] = ep_wait_epoch(g, flag, epoch, EP_STAGE_LL_COMBINE_WEIGHTS, s, &v) &&
-                !ep_flag_overrun(g, v, epoch, EP_STAGE_LL_COMBINE_WEIGHTS, s);
+/* Waits for source s's weights of this combine; false if they did not come. A combine flag of this epoch from s
+ * marked as rows per (token, k) means s combines the other way (EPCOMM_LL_COMBINE_PER_RANK differs): recorded at
+ * once as a mismatch naming s, rather than after the timeout. Timeouts and overruns are recorded too. */
+__device__ __forceinline__ bool wait_source_weights(const ep_dev_group_t &g, int q, uint32_t epoch, int s) {
+    const uint64_t *weights_flag =
+        (const uint64_t *)(g.window[g.rank] + EP_CTRL_LL_COMBINE_WEIGHT_FLAGS) + q * g.num_ranks + s;
+    const uint64_t *combine_flag =
+        (const uint64_t *)(g.window[g.rank] + EP_CTRL_LL_COMBINE_FLAGS) + q * g.num_ranks + s;
+    const uint64_t start = ep_globaltimer_ns();
+    uint32_t spins = 0;
+    for (;;) {
+        const uint64_t v = ep_load_acquire_sys(weights_flag);
+        if (ep_epoch_reached((uint32_t)(v >> 32), epoch))
+            return !ep_flag_overrun(g, v, epoch, EP_STAGE_LL_COMBINE_WEIGHTS, s);
+        const uint64_t c = ep_load_acquire_sys(combine_flag);
+        if ((uint32_t)(c >> 32) == epoch && (c & 1) == 0) {
+            ep_record_error(g, EP_DEV_STATUS_MISMATCH, EP_STAGE_LL_COMBINE_WEIGHTS, s, 0, 1);
+            return false;
+        }
+        if (!ep_keep_waiting(g, spins, start, EP_STAGE_LL_COMBINE_WEIGHTS, s, epoch))
+            return false;
     }
+}
+
+/* Thread s < R waits for source s's weights if `range` (this block's expert's rows from s) is not empty; ok[s]:
+ * whether they are there (or not needed). That source's tokens are skipped otherwise. */
+__device__ __forceinline__ void wait_weights(const ep_dev_group_t &g, int q, uint32_t epoch, int64_t range, int *ok) {
+    const int s = threadIdx.x;
+    if (s < g.num_ranks)
+        ok[s] = (range & 0xffffffff) == 0 || wait_source_weights(g, q, epoch, s);
     __syncthreads();
 }
 
@@ -195,8 +214,9 @@ __device__ __forceinline__ void rank_sum_rows(uint4 *dst, const uint4 *const *ro
 
 /* Per-rank sums, step 2: send block vb walks expert l's rows like combine_send_block, but only the row of a
  * token's first k here (its "leading" row) does work: its warp finds the token's rows at every k naming an
- * expert here (the dispatch slot's header gives the experts by k, the dispatch receive's row-by-k array the
- * rows), sums them with the source's weights and sends the sum to the leading row's staging slot. */
+ * expert here (the dispatch receive's copy of the slot header gives the experts by k, its row-by-k array the
+ * rows), sums them with the source's weights and sends the sum to the leading row's staging slot. Waits only
+ * for the weights of sources with rows at this expert. */
 __device__ __forceinline__ void combine_send_rank_sums_block(const ep_dev_group_t &g, const ep_ll_combine_kargs_t &a,
                                                              int vb, uint32_t epoch) {
     constexpr int WARPS = LL_COMBINE_THREADS / 32;
@@ -214,7 +234,7 @@ __device__ __forceinline__ void combine_send_rank_sums_block(const ep_dev_group_
     const int32_t count = vb < combine_send_blocks(a, R) ? ((const int32_t *)(mine + lay.count_off))[l] : 0;
     if (tid < R)
         ranges[tid] = ((const int64_t *)(mine + lay.range_off))[l * R + tid];
-    wait_weights(g, q, epoch, weights_ok); /* ends with __syncthreads */
+    wait_weights(g, q, epoch, count > 0 && tid < R ? ranges[tid] : 0, weights_ok); /* ends with __syncthreads */
     const int warps = a.send_warps;
     const int parts = count > 0 && count * 8 <= warps ? min(LL_COMBINE_MAX_PARTS, warps / count) : 1;
     const int64_t units = 2 * (int64_t)a.hidden / 16, per_part = (units + parts - 1) / parts;
@@ -226,7 +246,7 @@ __device__ __forceinline__ void combine_send_rank_sums_block(const ep_dev_group_
         const int32_t packed = ((const int32_t *)(mine + lay.srck_off))[l * RT + i];
         const int t = packed >> 5, k = packed & 31;
         const ep_ll_header_t *h =
-            (const ep_ll_header_t *)(mine + lay.dispatch_off + ((uint64_t)s * T + t) * lay.slot_bytes);
+            (const ep_ll_header_t *)(mine + lay.heads_off + ((uint64_t)s * T + t) * EP_LL_HEADER_BYTES);
         const int my_l = lane < K ? h->local_ids[lane] : -1;
         const unsigned named = __ballot_sync(0xffffffffu, my_l >= 0);
         if (!weights_ok[s] || __ffs(named) - 1 != k)

@@ -215,8 +215,11 @@ __device__ __forceinline__ int block_scan(int valid, int *total) {
 }
 
 /* The k by which slot header `h` names local expert l, or -1. The 64-byte header is read with four vector
- * loads issued together (one memory latency), the ids by constant indices (registers, not local memory). */
-__device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, int l, int K) {
+ * loads issued together (one memory latency), the ids by constant indices (registers, not local memory).
+ * With `lead_copy`, a header naming l is also copied there (by each of the token's experts here: the same bytes):
+ * the per-rank combine reads the token's experts from that copy, which only this rank writes (a peer's later
+ * dispatch may rewrite the slot while a hooked combine of this one still runs). */
+__device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, int l, int K, char *lead_copy) {
     union {
         uint4 v[4];
         ep_ll_header_t h;
@@ -226,11 +229,16 @@ __device__ __forceinline__ int slot_names_expert(const char *h, uint64_t tag, in
         u.v[i] = ((const uint4 *)h)[i];
     if (u.h.tag != tag)
         return -1;
+    int found = -1;
 #pragma unroll
-    for (int k = 0; k < EP_LL_MAX_TOPK; k++)
+    for (int k = EP_LL_MAX_TOPK - 1; k >= 0; k--)
         if (k < K && u.h.local_ids[k] == l)
-            return k;
-    return -1;
+            found = k;
+    if (lead_copy != nullptr && found >= 0) /* by every expert the token names here: the same bytes */
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            ((uint4 *)lead_copy)[i] = u.v[i];
+    return found;
 }
 
 /* Whether source `src` (whose flag for this call has been seen) dispatched with other (T, H, K, E) or row format
@@ -292,8 +300,9 @@ __device__ __forceinline__ void dispatch_recv_block(const ep_dev_group_t &g, con
             while (f >= first[s + 1])
                 s++;
             const int j = f - first[s];
-            k_found = slot_names_expert(half + lay.dispatch_off + ((uint64_t)s * a.max_tokens + j) * lay.slot_bytes,
-                                        tag, l, K);
+            const uint64_t sj = (uint64_t)s * a.max_tokens + j;
+            k_found = slot_names_expert(half + lay.dispatch_off + sj * lay.slot_bytes, tag, l, K,
+                                        sub == 0 ? (char *)half + lay.heads_off + sj * EP_LL_HEADER_BYTES : nullptr);
             if (k_found >= 0)
                 atomicAdd(&per_src[s], 1);
         }

@@ -7,9 +7,10 @@
  *    Combines take turns between the halves on their own count, not their dispatch's half, so that two
  *    combines of one handle can be alive at once;
  *  - local bookkeeping of the receive (never read by peers): per local expert the count, the (source token,
- *    k) of each row and the per-source ranges, which the combine reuses; and per (source, token, k) the row
- *    of the local expert the token names at k (set for the first k naming each expert), which the per-rank
- *    combine (EPCOMM_LL_COMBINE_PER_RANK) uses to find a token's rows;
+ *    k) of each row and the per-source ranges, which the combine reuses; and, for the per-rank combine
+ *    (EPCOMM_LL_COMBINE_PER_RANK), per (source, token, k) the row of the local expert the token names at k (set
+ *    for the first k naming each expert) and per (source, token) a copy of the slot's header (the token's local
+ *    experts by k; copied because a peer's later dispatch may rewrite the slot while a hooked combine runs);
  *  - the per-rank combine's weights: [R sources][T][K] float, written by each source at the start of its
  *    combine (combine half, like the staging rows). */
 #ifndef EP_LL_LAYOUT_H
@@ -78,7 +79,7 @@ typedef struct {
     uint64_t slot_bytes, data_off, scales_off;                          /* within a slot */
     uint64_t comb_row_bytes;                                            /* a combine staging row */
     uint64_t dispatch_off, combine_off, count_off, srck_off, range_off; /* within a half */
-    uint64_t rowk_off, weights_off;                                     /* within a half (per-rank combine) */
+    uint64_t rowk_off, heads_off, weights_off;                          /* within a half (per-rank combine) */
     uint64_t half_bytes;
 } ep_ll_layout_t;
 
@@ -100,7 +101,8 @@ EP_LL_HD ep_ll_layout_t ep_ll_layout(int num_ranks, int max_tokens, int hidden, 
     l.srck_off = ep_ll_align(l.count_off + L * 4, 16);
     l.range_off = ep_ll_align(l.srck_off + L * R * T * 4, 16);
     l.rowk_off = ep_ll_align(l.range_off + L * R * 8, 16);
-    l.weights_off = ep_ll_align(l.rowk_off + R * T * (uint64_t)topk * 4, 16);
+    l.heads_off = ep_ll_align(l.rowk_off + R * T * (uint64_t)topk * 4, 16);
+    l.weights_off = ep_ll_align(l.heads_off + R * T * EP_LL_HEADER_BYTES, 16);
     l.half_bytes = ep_ll_align(l.weights_off + R * T * (uint64_t)topk * 4, 4096);
     return l;
 }

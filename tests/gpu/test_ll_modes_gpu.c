@@ -11,7 +11,11 @@
  *  - missing_peer_times_out: a rank that never dispatches: the receive times out naming it;
  *  - overrun_is_reported: a rank whose receive comes after its peers' next dispatch into the same half gets an
  *    error naming a peer that ran ahead, not another call's rows;
- *  - argument errors: N > T, K > 16, H not a multiple of 128, UE8M0 without round_scale, too small a buffer. */
+ *  - argument errors: N > T, K > 16, H not a multiple of 128, UE8M0 without round_scale, too small a buffer;
+ *  - per_rank_setting_differs (ranks as processes only): one rank combines with per-rank sums, the others not:
+ *    every rank fails with a message naming the setting, not a timeout.
+ * With EPCOMM_LL_COMBINE_PER_RANK=1 (tools/gpu-check.sh's variant run) every combine sends per-rank sums and is
+ * checked against epref_ll_combine_per_rank. */
 #define _POSIX_C_SOURCE 200809L
 #include "epref.h"
 #include "mp.h"
@@ -27,6 +31,7 @@
 #define H 2048
 #define K 8
 static int E = 64; /* experts: 64 rounded up to a multiple of the rank count (main) */
+static int per_rank_combine; /* EPCOMM_LL_COMBINE_PER_RANK=1, read in main before the ranks start */
 
 typedef struct {
     epref_rank_input_t in[8];
@@ -126,7 +131,10 @@ static int check_combined(int rank, int R, const inputs_t *in, const pair_t *p, 
         if (rc[l] != ref[rank].recv_count[l])
             MP_FAIL(rank, "%s: recv_count[%d] = %d, want %d", what, l, rc[l], ref[rank].recv_count[l]);
     uint16_t *want = malloc((size_t)n * H * 2 + 16), *got = malloc((size_t)n * H * 2 + 16);
-    epref_ll_combine(ys, ref, R, E, rank, n, K, in->idx[rank], in->w[rank], 0, want);
+    if (per_rank_combine) /* doubled rows double each rank's sum and the total exactly too */
+        epref_ll_combine_per_rank(ys, ref, R, E, rank, n, K, in->idx[rank], in->w[rank], want);
+    else
+        epref_ll_combine(ys, ref, R, E, rank, n, K, in->idx[rank], in->w[rank], 0, want);
     for (size_t i = 0; factor != 1.0f && i < (size_t)n * H; i++)
         want[i] = epref_float_to_bf16(epref_bf16_to_float(want[i]) * factor);
     cudaMemcpy(got, out, (size_t)n * H * 2, cudaMemcpyDeviceToHost);
@@ -531,9 +539,43 @@ static int argument_errors(int rank, int R, const ep_unique_id_t *id, void *arg)
     return failures + fixture_free(&f, rank, R);
 }
 
+/* Ranks as processes: the last rank flips EPCOMM_LL_COMBINE_PER_RANK in its own environment, so its combine and
+ * the others' send different kinds of rows. Each side notices (the per-rank rank when a peer's flag arrives
+ * before its weights, the others when the per-rank rank's flag arrives): every rank fails with a message naming
+ * the setting, well before the timeout. */
+static int per_rank_setting_differs(int rank, int R, const ep_unique_id_t *id, void *arg) {
+    int failures = 0;
+    fixture_t f;
+    if (fixture_init(&f, rank, R, id, 20000, 80, 0))
+        return 1;
+    ep_ll_handle_t h = NULL;
+    MP_EXPECT_STATUS(rank, ep_low_latency_dispatch(f.g, &f.p.da, &h, NULL), EP_SUCCESS);
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_SUCCESS);
+    if (rank == R - 1)
+        setenv("EPCOMM_LL_COMBINE_PER_RANK", per_rank_combine ? "0" : "1", 1);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    MP_EXPECT_STATUS(rank, ep_low_latency_combine(f.g, &f.p.ca, h, NULL), EP_SUCCESS); /* enqueued */
+    MP_EXPECT_STATUS(rank, ep_group_synchronize(f.g, NULL), EP_ERROR_INVALID_ARGUMENT);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (!strstr(ep_last_error(), "EPCOMM_LL_COMBINE_PER_RANK must be set alike on every rank"))
+        MP_FAIL(rank, "per-rank setting differing: unexpected message: %s", ep_last_error());
+    const double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    if (s > 10.0)
+        MP_FAIL(rank, "the mismatch took %.1f s to report (timeout 20 s): it should not wait for a timeout", s);
+    if (rank == 0)
+        printf("     rank 0 saw: %s\n", ep_last_error());
+    ep_ll_handle_destroy(h);
+    return failures + fixture_free(&f, rank, R);
+}
+
 int main(int argc, char **argv) {
     int ranks = mp_arg_int(argc, argv, "--ranks", 2);
     E = mp_experts(E, ranks);
+    const char *env = getenv("EPCOMM_LL_COMBINE_PER_RANK");
+    per_rank_combine = env != NULL && strcmp(env, "1") == 0;
+    if (per_rank_combine)
+        printf("     combines as per-rank sums (EPCOMM_LL_COMBINE_PER_RANK=1)\n");
     int failed = 0;
     failed += mp_run("ll.double_buffering", ranks, double_buffering, NULL, 120) != 0;
     failed += mp_run("ll.graph_replay", ranks, graph_replay, NULL, 120) != 0;
@@ -545,6 +587,11 @@ int main(int argc, char **argv) {
     failed += mp_run("ll.overrun_is_reported", ranks, overrun_is_reported, NULL, 60) != 0;
     failed += mp_run("ll.mismatched_sizes_are_reported", ranks, mismatched_sizes_are_reported, NULL, 60) != 0;
     failed += mp_run("ll.argument_errors", ranks, argument_errors, NULL, 60) != 0;
-    printf("%d passed, %d failed\n", 9 - failed, failed);
+    int cases = 9;
+    if (!mp_local()) { /* a rank's own environment needs ranks as processes */
+        failed += mp_run("ll.per_rank_setting_differs", ranks, per_rank_setting_differs, NULL, 60) != 0;
+        cases++;
+    }
+    printf("%d passed, %d failed\n", cases - failed, failed);
     return failed;
 }

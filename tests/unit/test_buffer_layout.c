@@ -66,16 +66,18 @@ static void low_latency_hint_holds_every_slot(void) {
                     TCHECK(l.data_off + 2 * (uint64_t)H <= l.slot_bytes, "bf16 row overflows the slot");
                     TCHECK(2 * (uint64_t)H + 4 * (uint64_t)(H / 128) <= l.comb_row_bytes && l.comb_row_bytes % 16 == 0,
                            "combine row (payload + LogFMT words) overflows or is unaligned");
-                    span_t s[7] = {{l.dispatch_off, l.dispatch_off + (uint64_t)R * T * l.slot_bytes},
+                    span_t s[8] = {{l.dispatch_off, l.dispatch_off + (uint64_t)R * T * l.slot_bytes},
                                    {l.combine_off, l.combine_off + (uint64_t)T * K * l.comb_row_bytes},
                                    {l.count_off, l.count_off + (uint64_t)L * 4},
                                    {l.srck_off, l.srck_off + (uint64_t)L * R * T * 4},
                                    {l.range_off, l.range_off + (uint64_t)L * R * 8},
                                    {l.rowk_off, l.rowk_off + (uint64_t)R * T * K * 4},
+                                   {l.heads_off, l.heads_off + (uint64_t)R * T * EP_LL_HEADER_BYTES},
                                    {l.weights_off, l.weights_off + (uint64_t)R * T * K * 4}};
-                    TCHECK(spans_disjoint_and_inside(s, 7, l.half_bytes), "low-latency arrays overlap (R=%d T=%d)", R,
+                    TCHECK(spans_disjoint_and_inside(s, 8, l.half_bytes), "low-latency arrays overlap (R=%d T=%d)", R,
                            T);
-                    TCHECK(l.rowk_off % 16 == 0 && l.weights_off % 16 == 0, "per-rank combine arrays not aligned");
+                    TCHECK(l.rowk_off % 16 == 0 && l.heads_off % 16 == 0 && l.weights_off % 16 == 0,
+                           "per-rank combine arrays not aligned");
                     TCHECK(l.slot_bytes % 16 == 0 && l.combine_off % 16 == 0, "low-latency arrays not aligned");
                 }
 }

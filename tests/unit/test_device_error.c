@@ -138,6 +138,12 @@ static void combine_kind_mismatch_names_the_setting(void) {
     fake_error(&mapped, EP_STAGE_LL_COMBINE_RECV, 1, 0, 1, EP_DEV_STATUS_MISMATCH);
     TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_INVALID_ARGUMENT);
     TCHECK_STR_CONTAINS(ep_last_error(), "rank 1 sent one row per (token, k), this rank expected one sum per token");
+    /* a per-rank send that saw the peer's combine flag (rows per k) before any weights from it */
+    fake_group(&g, &mapped);
+    fake_error(&mapped, EP_STAGE_LL_COMBINE_WEIGHTS, 2, 0, 1, EP_DEV_STATUS_MISMATCH);
+    TCHECK_EQ_INT(ep_group_take_device_error(&g), EP_ERROR_INVALID_ARGUMENT);
+    TCHECK_STR_CONTAINS(ep_last_error(), "stage 'low-latency combine send (waiting for a source's weights)': rank 2 "
+                                         "sent one row per (token, k), this rank expected one sum per token");
     /* and the stage the per-rank send waits in has a name */
     fake_group(&g, &mapped);
     fake_error(&mapped, EP_STAGE_LL_COMBINE_WEIGHTS, 2, 7, 31000000, EP_ERROR_TIMEOUT);
