@@ -7,9 +7,9 @@
 
 #define EP_COPY_UNROLL 8
 
-/* The warp copies `chunks` 16-byte chunks; `lane` is the caller's lane (0..31). */
-__device__ __forceinline__ void ep_warp_copy16(uint4 *__restrict__ dst, const uint4 *__restrict__ src, int64_t chunks,
-                                               int lane) {
+/* The warp copies `chunks` 16-byte chunks; `lane` is the caller's lane (0..31). No __restrict__: sources may be
+ * slots that peers write (a read-only, non-coherent load of them would be wrong). */
+__device__ __forceinline__ void ep_warp_copy16(uint4 *dst, const uint4 *src, int64_t chunks, int lane) {
     for (int64_t c0 = lane; c0 < chunks; c0 += 32 * EP_COPY_UNROLL) {
         uint4 v[EP_COPY_UNROLL];
 #pragma unroll
