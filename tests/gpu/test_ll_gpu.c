@@ -7,6 +7,7 @@
  * With EPCOMM_LL_COMBINE_PER_RANK=1 (tools/gpu-check.sh's variant run) the bf16 combines send per-rank sums and
  * are compared, bit for bit, with the reference's per-rank sums (epref_ll_combine_per_rank). */
 #define _POSIX_C_SOURCE 200809L
+#include "env.h"
 #include "epref.h"
 #include "mp.h"
 
@@ -251,8 +252,7 @@ static int ll_vs_reference(int rank, int num_ranks, const ep_unique_id_t *id, vo
 
 int main(int argc, char **argv) {
     int ranks = mp_arg_int(argc, argv, "--ranks", 2);
-    const char *env = getenv("EPCOMM_LL_COMBINE_PER_RANK");
-    per_rank_combine = env != NULL && strcmp(env, "1") == 0;
+    per_rank_combine = ep_env_ll_combine_per_rank(); /* as the library reads it */
     if (per_rank_combine)
         printf("     bf16 combines as per-rank sums (EPCOMM_LL_COMBINE_PER_RANK=1)\n");
     int failed = mp_run(per_rank_combine ? "ll.matches_reference.per_rank" : "ll.matches_reference", ranks,

@@ -17,6 +17,7 @@
  * With EPCOMM_LL_COMBINE_PER_RANK=1 (tools/gpu-check.sh's variant run) every combine sends per-rank sums and is
  * checked against epref_ll_combine_per_rank. */
 #define _POSIX_C_SOURCE 200809L
+#include "env.h"
 #include "epref.h"
 #include "mp.h"
 #include "pattern.h"
@@ -572,8 +573,7 @@ static int per_rank_setting_differs(int rank, int R, const ep_unique_id_t *id, v
 int main(int argc, char **argv) {
     int ranks = mp_arg_int(argc, argv, "--ranks", 2);
     E = mp_experts(E, ranks);
-    const char *env = getenv("EPCOMM_LL_COMBINE_PER_RANK");
-    per_rank_combine = env != NULL && strcmp(env, "1") == 0;
+    per_rank_combine = ep_env_ll_combine_per_rank(); /* as the library reads it */
     if (per_rank_combine)
         printf("     combines as per-rank sums (EPCOMM_LL_COMBINE_PER_RANK=1)\n");
     int failed = 0;
